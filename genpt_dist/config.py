@@ -1,0 +1,233 @@
+"""Typed, validated configuration for every stage.
+
+One pydantic model per component, nested under `Config`. A recipe is a YAML file under `configs/`;
+`--set a.b=c` overrides are applied to the raw mapping before validation, so unknown keys and bad
+values fail once, here, before any Ray worker starts, with the dotted path of the offending key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from genpt_dist.errors import UserError
+
+NUM_SPECIAL_TOKENS = 3  # <pad>, <bos>, <eos>
+BYTE_ALPHABET = 256
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class DataConfig(_Strict):
+    """How `prepare` turns raw text into shards."""
+
+    tokenizer: Literal["bpe", "byte"] = Field("bpe", description="byte-level BPE trained on the corpus, or raw bytes")
+    vocab_size: int = Field(8192, description="BPE vocabulary size including the 3 special tokens")
+    seq_len: int = Field(256, ge=2, description="tokens a model sees per sample; a sample stores seq_len + 1")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share of documents (hash) or tokens (tail) for val")
+    split: Literal["hash", "tail"] = Field("hash", description="hash: by document hash; tail: last tokens are val")
+    shard_samples: int = Field(2048, ge=1, description="samples per WebDataset shard")
+    text_field: str = Field("text", description="JSONL field holding a document's text")
+    extensions: list[str] = Field(
+        default_factory=lambda: [".txt", ".md", ".py", ".jsonl"],
+        description="file types taken from folders and globs (a .gz suffix is also accepted)",
+    )
+    tokenizer_train_bytes: int = Field(64 << 20, ge=1, description="corpus bytes sampled to train the BPE")
+    parallel_min_bytes: int = Field(32 << 20, ge=0, description="corpora above this are tokenised by Ray tasks")
+    seed: int = Field(0, description="seed of the segment shuffle across shards")
+
+    @model_validator(mode="after")
+    def _check_vocab(self) -> "DataConfig":
+        need = BYTE_ALPHABET + NUM_SPECIAL_TOKENS
+        if self.tokenizer == "bpe" and self.vocab_size < need:
+            raise ValueError(
+                f"vocab_size={self.vocab_size} is smaller than the {BYTE_ALPHABET} byte symbols + "
+                f"{NUM_SPECIAL_TOKENS} special tokens a byte-level BPE needs ({need})"
+            )
+        return self
+
+
+class ModelConfig(_Strict):
+    """The decoder-only GPT (GPT-2 layout)."""
+
+    n_layer: int = Field(4, ge=1, description="transformer blocks")
+    n_head: int = Field(4, ge=1, description="attention heads per block")
+    d_model: int = Field(128, ge=1, description="embedding width")
+    block_size: int | None = Field(None, ge=2, description="context length; defaults to data.seq_len")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and MLP")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        return self
+
+
+class LoaderConfig(_Strict):
+    """The streaming WebDataset loader."""
+
+    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (0 = in-process)")
+    max_bad_shard_fraction: float = Field(0.1, ge=0.0, le=1.0, description="stop when more shards than this are bad")
+    seed: int = Field(0, description="seed of the per-epoch shard and sample shuffle")
+
+
+class OptimConfig(_Strict):
+    """AdamW with linear warmup and cosine decay."""
+
+    lr: float = Field(6e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final LR as a fraction of the peak")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.1, ge=0, description="decoupled weight decay on matrices")
+    beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1")
+    beta2: float = Field(0.95, gt=0, lt=1, description="Adam beta2")
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip (0 = off)")
+
+
+class DeepSpeedConfig(_Strict):
+    """What each worker's DeepSpeed engine does."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage")
+    offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="keep parameters on the CPU (ZeRO 3)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 where supported")
+    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step")
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class ScalingConfig(_Strict):
+    """How many Ray Train workers and what each gets."""
+
+    num_workers: int | tuple[int, int] = Field(2, description="workers, or [min, max] for elastic training")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker (also its torch threads)")
+    use_gpu: bool = Field(False, description="one GPU per worker, nccl backend")
+    timeout_s: int = Field(1800, ge=10, description="collective timeout")
+    max_failures: int = Field(3, ge=-1, description="worker-group restarts before the run fails (-1 = forever)")
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> "ScalingConfig":
+        lo, hi = self.worker_range
+        if lo < 1:
+            raise ValueError(f"num_workers must be >= 1, got {lo}")
+        if lo > hi:
+            raise ValueError(f"num_workers min {lo} > max {hi}")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+class TrainConfig(_Strict):
+    """The MLE loop shared by pretrain and finetune."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    micro_batch_size: int = Field(8, ge=1, description="samples per rank per micro step")
+    eval_every: int = Field(50, ge=1, description="steps between val evaluations")
+    eval_batches: int = Field(4, ge=1, description="val batches per rank per evaluation")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="checkpoints kept in the run's storage")
+    log_every: int = Field(10, ge=1, description="steps between progress lines")
+    seed: int = Field(1337, description="model init and dropout seed")
+
+
+class SamplingConfig(_Strict):
+    """Defaults for `generate` and for rollouts."""
+
+    max_new_tokens: int = Field(128, ge=1, description="tokens generated per prompt")
+    top_k: int | None = Field(50, ge=1, description="sample among the k most likely tokens (the seed's strategy)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature")
+
+
+class Config(_Strict):
+    """A whole recipe."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @model_validator(mode="after")
+    def _check_context(self) -> "Config":
+        block = self.model.block_size
+        if block is not None and block < self.data.seq_len:
+            raise ValueError(f"model.block_size={block} is shorter than data.seq_len={self.data.seq_len}")
+        return self
+
+    @property
+    def block_size(self) -> int:
+        return self.model.block_size or self.data.seq_len
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise UserError(f"config error at {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=c` -> ("a.b", yaml-parsed c)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"bad --set {text!r}: expected key=value, e.g. train.steps=100")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise UserError(f"bad --set {text!r}: value is not valid YAML ({exc.__class__.__name__})") from None
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"]) or "<root>"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    more = f" (+{len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"config error at {path}: {msg}{more}"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML recipe (or the defaults), apply `--set` overrides, validate once."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise UserError(f"config {path} is not valid YAML{where}") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"config {path} must be a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(_format_validation_error(exc)) from None

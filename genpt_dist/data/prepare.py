@@ -1,0 +1,407 @@
+"""`prepare`: raw text -> tokenizer.json + WebDataset shards + manifest.json.
+
+Algorithm:
+1. Resolve the inputs (files, folders, globs, s3:// prefixes) to a sorted list of source files and
+   hash their contents; the hash of (sources, data config) is the dataset's fingerprint.
+2. If the output already holds a manifest with the same fingerprint and every shard verifies
+   (size and sha256), re-use it. A different dataset there is refused unless `--overwrite`.
+3. Read and normalise each file: gunzip `.gz`, skip binary files (a NUL in the first 8 KiB), decode
+   UTF-8 replacing invalid bytes (counted), strip a BOM, CRLF and lone CR -> LF. A `.jsonl` file
+   holds one document per line in `data.text_field`; any other file is one document.
+4. Train the byte-level BPE on a sample of the documents (or take the byte tokenizer).
+5. Tokenise (Ray tasks when the corpus is larger than `data.parallel_min_bytes`), wrap each document
+   in <bos> ... <eos>, assign it to a split (by the hash of its text, so duplicates never straddle
+   the split; or `split: tail`, the last tokens of the stream), concatenate per split.
+6. Cut each split's stream into samples of seq_len + 1 tokens with stride seq_len, so every token
+   is a prediction target exactly once; the final partial sample is right-padded with <pad> (the
+   loss ignores pad targets). Train samples are permuted (data.seed) so each shard is a random
+   sample of the corpus; val keeps stream order.
+7. Write shards with `webdataset.ShardWriter` (`__key__`, `tokens.npy`), uploading each as it
+   closes; write manifest.json last, through `storage.publish`.
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from genpt_dist import storage
+from genpt_dist.config import DataConfig
+from genpt_dist.data.manifest import FORMAT, MANIFEST, load_manifest
+from genpt_dist.errors import UserError
+from genpt_dist.tokenizer import Tokenizer, byte_tokenizer, iter_chunks, train_bpe
+
+log = logging.getLogger(__name__)
+TOKENIZER_FILE = "tokenizer.json"
+SPLITS = ("train", "val")
+
+
+# ---------------------------------------------------------------- sources
+
+def _accepted(path: str, extensions: list[str]) -> bool:
+    name = path.removesuffix(".gz")
+    return any(name.endswith(ext) for ext in extensions)
+
+
+def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
+    """Inputs -> sorted, de-duplicated file URLs. Explicit files are taken whatever their suffix;
+    folders, globs and prefixes contribute files with one of `extensions`."""
+    found: set[str] = set()
+    for src in inputs:
+        if storage.is_s3(src):
+            storage.check_bucket(src)
+            if storage.exists(src):
+                found.add(src)
+            else:
+                found.update(u for u in storage.list_files(src) if _accepted(u, extensions))
+            continue
+        if any(ch in src for ch in "*?["):
+            matches = glob.glob(src, recursive=True)
+            found.update(str(Path(m).resolve()) for m in matches if Path(m).is_file() and _accepted(m, extensions))
+            for m in matches:
+                if Path(m).is_dir():
+                    found.update(u for u in storage.list_files(m) if _accepted(u, extensions))
+        elif Path(src).is_file():
+            found.add(str(Path(src).resolve()))
+        elif Path(src).is_dir():
+            found.update(u for u in storage.list_files(str(Path(src).resolve())) if _accepted(u, extensions))
+    if not found:
+        raise UserError(f"no input files match {' '.join(inputs)} (looked for {', '.join(extensions)})")
+    return sorted(found)
+
+
+# ---------------------------------------------------------------- normalisation
+
+@dataclass
+class ReadStats:
+    files: int = 0
+    binary_skipped: int = 0
+    replacement_chars: int = 0
+    documents: int = 0
+    empty_skipped: int = 0
+
+    def add(self, other: "ReadStats") -> None:
+        for key in self.__dataclass_fields__:
+            setattr(self, key, getattr(self, key) + getattr(other, key))
+
+
+def _count_replacements(exc: UnicodeDecodeError) -> tuple[str, int]:
+    _count_replacements.n += 1  # type: ignore[attr-defined]
+    return "\ufffd", exc.end
+
+
+_count_replacements.n = 0  # type: ignore[attr-defined]
+codecs.register_error("genpt_count_replace", _count_replacements)
+
+
+def normalise(data: bytes) -> tuple[str | None, int]:
+    """bytes -> (text, replaced) or (None, 0) for a binary file."""
+    if b"\x00" in data[:8192]:
+        return None, 0
+    before = _count_replacements.n  # type: ignore[attr-defined]
+    text = data.decode("utf-8", errors="genpt_count_replace")
+    replaced = _count_replacements.n - before  # type: ignore[attr-defined]
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return text, replaced
+
+
+def read_documents(url: str, text_field: str, stats: ReadStats) -> list[str]:
+    """One source file -> its documents (normalised, non-empty)."""
+    data = storage.read_bytes(url)
+    if url.endswith(".gz"):
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError):
+            raise UserError(f"{url} is not a valid gzip file") from None
+    stats.files += 1
+    text, replaced = normalise(data)
+    if text is None:
+        stats.binary_skipped += 1
+        return []
+    stats.replacement_chars += replaced
+    if url.removesuffix(".gz").endswith(".jsonl"):
+        docs = []
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UserError(f"{url}:{lineno}: not valid JSON") from None
+            value = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(value, str):
+                raise UserError(f"{url}:{lineno}: no string field {text_field!r} (set data.text_field)")
+            docs.append(value)
+    else:
+        docs = [text]
+    kept = [d for d in docs if d.strip()]
+    stats.empty_skipped += len(docs) - len(kept)
+    stats.documents += len(kept)
+    return kept
+
+
+# ---------------------------------------------------------------- tokenising
+
+def doc_in_val(text: str, val_fraction: float) -> bool:
+    """Deterministic document-level split by the hash of the text."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+@dataclass
+class TokenisedPart:
+    """What one tokenising task returns: per split, the documents' tokens wrapped in <bos>/<eos>."""
+
+    streams: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    documents: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    stats: ReadStats = field(default_factory=ReadStats)
+
+
+def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) -> TokenisedPart:
+    """Read, normalise and tokenise `urls` (runs in the driver or in a Ray task)."""
+    data_cfg = DataConfig.model_validate(cfg)
+    tok = Tokenizer.from_json(tokenizer_json)
+    dtype = token_dtype(tok.vocab_size)
+    part = TokenisedPart()
+    for url in urls:
+        docs = read_documents(url, data_cfg.text_field, part.stats)
+        for text, ids in zip(docs, tok.encode_batch(docs)):
+            split = "val" if data_cfg.split == "hash" and doc_in_val(text, data_cfg.val_fraction) else "train"
+            part.streams[split].append(np.array([tok.bos_id, *ids, tok.eos_id], dtype=dtype))
+            part.documents[split] += 1
+    return part
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+
+
+def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
+    """UTF-8 bytes each token stands for (specials: 0). Byte-level tokens spell one byte per char."""
+    lengths = np.zeros(tok.vocab_size, dtype=np.int64)
+    special = {tok.pad_id, tok.bos_id, tok.eos_id}
+    for token, idx in tok.hf.get_vocab().items():
+        if idx not in special:
+            lengths[idx] = len(token)
+    return lengths
+
+
+def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
+    """(L,) token stream -> (n, seq_len + 1) samples with stride seq_len, last one right-padded."""
+    if len(stream) < 2:
+        return np.zeros((0, seq_len + 1), dtype=stream.dtype)
+    n = -(-(len(stream) - 1) // seq_len)  # ceil((L - 1) / T)
+    padded = np.full(n * seq_len + 1, pad_id, dtype=stream.dtype)
+    padded[: len(stream)] = stream
+    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # (n, T+1)
+    return padded[idx]
+
+
+# ---------------------------------------------------------------- shards
+
+def _sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[dict]:
+    """Write `samples` as `<split>-NNNNNN.tar` shards, each uploaded (then deleted locally) as it closes."""
+    shards: list[dict] = []
+
+    def upload(fname: str) -> None:
+        name = Path(fname).name
+        info = {"name": name, "samples": 0, "bytes": Path(fname).stat().st_size, "sha256": _sha256_file(fname)}
+        storage.upload_file(fname, storage.join(out_url, name))
+        Path(fname).unlink()
+        shards.append(info)
+
+    pattern = str(Path(tmpdir) / f"{split}-%06d.tar")
+    with wds.ShardWriter(pattern, maxcount=shard_samples, maxsize=float("inf"), post=upload, verbose=0, mtime=0.0) as sink:
+        for i, row in enumerate(samples):
+            sink.write({"__key__": f"{split}-{i:09d}", "tokens.npy": row})
+    for i, info in enumerate(shards):
+        info["samples"] = min(shard_samples, len(samples) - i * shard_samples)
+    return shards
+
+
+# ---------------------------------------------------------------- the command
+
+def _fingerprint(sources: list[dict], cfg: DataConfig) -> str:
+    payload = json.dumps({"sources": [(s["url"], s["sha256"]) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _verify_existing(out_url: str, fingerprint: str) -> dict | None:
+    """The existing manifest if it is this very dataset and all its shards verify, else None."""
+    manifest = load_manifest(out_url)
+    if manifest.sha256 != fingerprint:
+        return None
+    for split in SPLITS:
+        for shard in manifest.shards(split):
+            data = storage.read_bytes(manifest.shard_url(shard))
+            if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+                log.warning("shard %s does not verify; preparing again", shard.name)
+                return None
+    return manifest.raw
+
+
+def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int) -> TokenisedPart:
+    """Tokenise every source, in Ray tasks when the corpus is large; merge in source order."""
+    tok_json, cfg_dict = tok.to_json(), cfg.model_dump()
+    chunk = max(1, len(sources) // 64)
+    groups = [sources[i:i + chunk] for i in range(0, len(sources), chunk)]
+    bar = tqdm(total=len(groups), desc="tokenise", unit="chunk", leave=False)
+    parts: list[TokenisedPart]
+    if total_bytes >= cfg.parallel_min_bytes and len(groups) > 1:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(tokenise_files)
+        refs = [remote.remote(g, tok_json, cfg_dict) for g in groups]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            bar.update(len(done))
+        parts = ray.get(refs)
+    else:
+        parts = []
+        for g in groups:
+            parts.append(tokenise_files(g, tok_json, cfg_dict))
+            bar.update(1)
+    bar.close()
+    merged = TokenisedPart()
+    for part in parts:
+        for split in SPLITS:
+            merged.streams[split].extend(part.streams[split])
+            merged.documents[split] += part.documents[split]
+        merged.stats.add(part.stats)
+    return merged
+
+
+def _tail_split(merged: TokenisedPart, val_fraction: float, dtype: np.dtype) -> dict[str, np.ndarray]:
+    stream = np.concatenate(merged.streams["train"]) if merged.streams["train"] else np.zeros(0, dtype)
+    cut = len(stream) - int(len(stream) * val_fraction)
+    return {"train": stream[:cut], "val": stream[cut:]}
+
+
+def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Run the whole `prepare` command; returns the JSON summary."""
+    t0 = time.time()
+    output = storage.normalize(output)
+    storage.check_bucket(output)
+    urls = resolve_sources(inputs, cfg.extensions)
+    sources = []
+    for url in tqdm(urls, desc="hash sources", unit="file", leave=False):
+        data = storage.read_bytes(url)
+        sources.append({"url": url, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+    total_bytes = sum(s["bytes"] for s in sources)
+    fingerprint = _fingerprint(sources, cfg)
+    manifest_url = storage.join(output, MANIFEST)
+
+    if storage.exists(manifest_url):
+        reused = _verify_existing(output, fingerprint)
+        if reused is not None:
+            log.info("re-using the verified dataset at %s", output)
+            return _summary(output, reused, reused=True, seconds=time.time() - t0, mb=total_bytes / 1e6)
+        if load_manifest(output).sha256 != fingerprint and not overwrite:
+            raise UserError(f"{output} already holds a different dataset (pass --overwrite to replace it)")
+    storage.delete(manifest_url)  # from here on the output is incomplete until the new manifest lands
+    storage.delete_prefix(output)
+
+    stats = ReadStats()
+    if cfg.tokenizer == "byte":
+        tok = byte_tokenizer()
+    else:
+        def sample_texts():
+            for url in urls:
+                yield from read_documents(url, cfg.text_field, ReadStats())
+        log.info("training a %d-token byte-level BPE", cfg.vocab_size)
+        tok = train_bpe(iter_chunks(sample_texts(), cfg.tokenizer_train_bytes), cfg.vocab_size)
+    merged = _tokenise_all(urls, tok, cfg, total_bytes)
+    stats = merged.stats
+    if stats.files and stats.binary_skipped == stats.files:
+        raise UserError(f"only binary files in the input ({stats.files} skipped)")
+    if stats.documents == 0:
+        raise UserError(f"empty corpus: {stats.files} file(s) hold no text")
+
+    dtype = token_dtype(tok.vocab_size)
+    if cfg.split == "tail":
+        streams = _tail_split(merged, cfg.val_fraction, dtype)
+    else:
+        streams = {s: np.concatenate(merged.streams[s]) if merged.streams[s] else np.zeros(0, dtype) for s in SPLITS}
+    byte_len = token_byte_lengths(tok)
+    split_info: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="genpt-prepare-") as tmpdir:
+        for split in SPLITS:
+            samples = pack(streams[split], cfg.seq_len, tok.pad_id)
+            if len(samples) == 0 and (split == "train" or cfg.val_fraction > 0):
+                hint = " (few documents: try --set data.split=tail)" if cfg.split == "hash" else ""
+                raise UserError(f"the {split} split is empty{hint}")
+            if split == "train":
+                samples = samples[np.random.default_rng(cfg.seed).permutation(len(samples))]
+            shards = write_shards(samples, split, output, cfg.shard_samples, tmpdir)
+            split_info[split] = {
+                "shards": shards,
+                "samples": int(len(samples)),
+                "documents": merged.documents[split] if cfg.split == "hash" else None,
+                "tokens": int(len(streams[split])),
+                "targets": int(max(len(streams[split]) - 1, 0)),
+                "bytes": int(byte_len[streams[split]].sum()),
+            }
+    tok.save(storage.join(output, TOKENIZER_FILE))
+    manifest = {
+        "format": FORMAT,
+        "fingerprint": fingerprint,
+        "seq_len": cfg.seq_len,
+        "sample_tokens": cfg.seq_len + 1,
+        "token_dtype": dtype.name,
+        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "kind": cfg.tokenizer, "vocab_size": tok.vocab_size,
+                      "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
+        "splits": split_info,
+        "documents": stats.documents,
+        "sources": sources,
+        "stats": stats.__dict__,
+        "config": cfg.model_dump(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    required = [TOKENIZER_FILE] + [s["name"] for split in SPLITS for s in split_info[split]["shards"]]
+    storage.publish(output, MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), required)
+    return _summary(output, manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
+
+
+def _summary(output: str, manifest: dict, reused: bool, seconds: float, mb: float) -> dict[str, Any]:
+    splits = manifest["splits"]
+    return {
+        "command": "prepare",
+        "output": output,
+        "manifest": storage.join(output, MANIFEST),
+        "reused": reused,
+        "train_samples": splits["train"]["samples"],
+        "val_samples": splits["val"]["samples"],
+        "train_tokens": splits["train"]["tokens"],
+        "val_tokens": splits["val"]["tokens"],
+        "shards": sum(len(splits[s]["shards"]) for s in SPLITS),
+        "documents": manifest["documents"],
+        "vocab_size": manifest["tokenizer"]["vocab_size"],
+        "binary_skipped": manifest["stats"]["binary_skipped"],
+        "replacement_chars": manifest["stats"]["replacement_chars"],
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(mb / max(seconds, 1e-9), 2),
+    }

@@ -1,0 +1,1 @@
+"""Plain-PyTorch models: the GPT policy (``gpt``), its sampler (``sampling``) and the discriminator."""
