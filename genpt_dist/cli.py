@@ -37,6 +37,14 @@ def _cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     return prepare(args.input, args.output, cfg.data, overwrite=args.overwrite)
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.config import load_config
+    from genpt_dist.train.pretrain import pretrain
+
+    cfg = load_config(args.config, args.overrides)
+    return pretrain(args.data, args.run, cfg, init=args.init, address=args.address)
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.demo import run_demo
 
@@ -47,6 +55,10 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
 
     return run_bench(args.name, args.output, quick=args.quick)
+
+
+def _address_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="join an existing Ray cluster: auto or ray://host:10001 (default: local Ray)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already at --output")
     _config_args(p)
     p.set_defaults(fn=_cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="maximum likelihood on prepared shards (Ray Train x DeepSpeed ZeRO)")
+    p.add_argument("--data", required=True, metavar="URL", help="a prepared dataset (its manifest.json)")
+    p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
+    p.add_argument("--init", metavar="CKPT", help="warm-start weights from a checkpoint, run or export")
+    _config_args(p)
+    _address_arg(p)
+    p.set_defaults(fn=_cmd_pretrain)
 
     p = sub.add_parser("demo", help="the pipeline on the embedded corpus, local Ray, under ./runs/demo")
     p.add_argument("--run", default="runs/demo", metavar="URL", help="where the demo writes (default runs/demo)")

@@ -1,0 +1,177 @@
+"""Checkpoints: where they live, which one is the latest valid one, and how to read weights back.
+
+A checkpoint is a folder (in a run's storage, local or s3://) that explains itself:
+    meta.json          format, stage, step, tokens seen, world size, ZeRO stage, precision, model config,
+                       run config, tokenizer hash, dataset fingerprint, loader state, metrics, and the size
+                       of every file below (written last, by rank 0, after all ranks' files are listed)
+    tokenizer.json     the tokenizer the model was trained with
+    ds/state/...       DeepSpeed's checkpoint: module states and each rank's ZeRO optimizer shard
+    rng/rank_<r>.pt    each rank's RNG states
+An export folder (see `export`) holds model.safetensors + config.json + tokenizer.json + meta.json.
+
+`resolve` takes a run URL (its newest complete checkpoint), a checkpoint folder or an export folder.
+A checkpoint whose files are missing or have the wrong size is skipped with a warning, so a truncated
+newest checkpoint falls back to the previous valid one. DeepSpeed's optimizer files are pickles: load
+only checkpoints you wrote (weights are read with `weights_only=True` where torch allows it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from genpt_dist import storage
+from genpt_dist.errors import UserError
+from genpt_dist.model.gpt import GPT, GPTConfig
+from genpt_dist.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "genpt-dist/checkpoint-v1"
+EXPORT_FORMAT = "genpt-dist/export-v1"
+META = "meta.json"
+TOKENIZER = "tokenizer.json"
+CHECKPOINTS_DIR = "checkpoints"  # Ray Train's run name under the stage's run URL
+DS_DIR = "ds"
+DS_TAG = "state"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    url: str  # the checkpoint (or export) folder
+    meta: dict[str, Any]  # its meta.json
+
+    @property
+    def is_export(self) -> bool:
+        return self.meta.get("format") == EXPORT_FORMAT
+
+    @property
+    def step(self) -> int:
+        return int(self.meta.get("step", 0))
+
+    @property
+    def model_config(self) -> GPTConfig:
+        return GPTConfig(**self.meta["model"])
+
+
+def _read_meta(folder: str) -> dict[str, Any] | None:
+    url = storage.join(folder, META)
+    if not storage.exists(url):
+        return None
+    try:
+        meta = storage.read_json(url)
+    except ValueError:
+        return None
+    return meta if meta.get("format") in (CHECKPOINT_FORMAT, EXPORT_FORMAT) else None
+
+
+def is_complete(folder: str, meta: dict[str, Any]) -> bool:
+    """Every file meta.json lists is there with its recorded size."""
+    for rel, size in meta.get("files", {}).items():
+        url = storage.join(folder, rel)
+        try:
+            if storage.size(url) != size:
+                return False
+        except (FileNotFoundError, OSError, UserError):
+            return False
+        except Exception as exc:  # noqa: BLE001 - an S3 404 on head_object
+            if "404" in str(exc) or "Not Found" in str(exc):
+                return False
+            raise
+    return True
+
+
+def list_checkpoints(run_url: str) -> list[CheckpointRef]:
+    """Complete checkpoints under a stage's run URL, oldest first (incomplete ones warned about)."""
+    root = storage.join(storage.normalize(run_url), CHECKPOINTS_DIR)
+    folders = sorted({m.group(1) for f in storage.list_files(root)
+                      if (m := re.match(rf"(.*/checkpoint_[^/]+)/{META}$", f))})
+    refs = []
+    for folder in folders:
+        meta = _read_meta(folder)
+        if meta is None:
+            continue
+        if not is_complete(folder, meta):
+            log.warning("checkpoint %s is incomplete or corrupt; skipping it", folder)
+            continue
+        refs.append(CheckpointRef(folder, meta))
+    return sorted(refs, key=lambda r: (r.step, r.url))
+
+
+def latest_checkpoint(run_url: str) -> CheckpointRef | None:
+    refs = list_checkpoints(run_url)
+    return refs[-1] if refs else None
+
+
+def resolve(url: str) -> CheckpointRef:
+    """A run URL, a checkpoint folder or an export folder -> the checkpoint to load."""
+    url = storage.normalize(url)
+    meta = _read_meta(url)
+    if meta is not None:
+        if not is_complete(url, meta):
+            raise UserError(f"checkpoint {url} is incomplete: files listed in {META} are missing or truncated")
+        return CheckpointRef(url, meta)
+    ref = latest_checkpoint(url)
+    if ref is None:
+        raise UserError(f"no checkpoint at {url}: not a run with a complete checkpoint, a checkpoint or an export")
+    return ref
+
+
+def load_tokenizer(ref: CheckpointRef) -> Tokenizer:
+    tok = Tokenizer.load(storage.join(ref.url, TOKENIZER))
+    if tok.sha256 != ref.meta["tokenizer_sha256"]:
+        raise UserError(f"{ref.url}: tokenizer.json does not match the hash in {META}")
+    if tok.vocab_size > ref.model_config.vocab_size:
+        raise UserError(f"{ref.url}: tokenizer has {tok.vocab_size} tokens, model only {ref.model_config.vocab_size}")
+    return tok
+
+
+def download(ref: CheckpointRef, local_dir: str | Path) -> Path:
+    storage.download_dir(ref.url, local_dir)
+    return Path(local_dir)
+
+
+def consolidate_local(folder: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage and world size."""
+    ds_dir = Path(folder) / DS_DIR
+    if int(meta["zero_stage"]) == 0:
+        states = torch.load(ds_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+    return {k: v.float() for k, v in state.items()}
+
+
+def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """fp32 weights of a checkpoint (consolidated from its ZeRO shards) or of an export."""
+    if ref.is_export:
+        from safetensors.torch import load as load_safetensors
+
+        return load_safetensors(storage.read_bytes(storage.join(ref.url, "model.safetensors")))
+    with tempfile.TemporaryDirectory(prefix="genpt-ckpt-") as tmp:
+        storage.download_dir(storage.join(ref.url, DS_DIR), Path(tmp) / DS_DIR)
+        try:
+            return consolidate_local(tmp, ref.meta)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            raise UserError(f"cannot consolidate {ref.url}: {exc}".splitlines()[0]) from None
+
+
+def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, CheckpointRef]:
+    """A ready-to-use model (eval mode, fp32) and its tokenizer from any checkpoint or export URL."""
+    ref = resolve(url)
+    tok = load_tokenizer(ref)
+    model = GPT(ref.model_config)
+    state = load_state_dict(ref)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    real_missing = [k for k in missing if k != "lm_head.weight"]
+    if real_missing or unexpected:
+        raise UserError(f"{ref.url}: weights do not match the model config (missing {real_missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return model.to(device).eval(), tok, ref

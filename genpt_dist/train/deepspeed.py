@@ -1,0 +1,95 @@
+"""The one place distribution is applied: typed config -> DeepSpeed config -> engine.
+
+Imported only inside Ray Train workers (and by checkpoint consolidation), never by the model code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from genpt_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+
+
+def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
+    """`auto` -> bf16 where the device supports it (every recent CPU here: ~3-4x fp32), else fp16 on
+    GPUs without bf16, else fp32."""
+    if ds.precision != "auto":
+        return ds.precision
+    if use_gpu and torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"
+
+
+def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON config, built from the typed config in one function."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if ds.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": ds.grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        conf["fp16"] = {"enabled": True, "initial_scale_power": 12, "loss_scale_window": 200}
+    return conf
+
+
+def lr_lambda(optim: OptimConfig, total_steps: int):
+    """Linear warmup to the peak, then cosine decay to `min_lr_ratio` of it at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / (optim.warmup_steps + 1)
+        progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int):
+    """torch AdamW (decay on matrices only) and its warmup + cosine LambdaLR."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(optim, total_steps))
+    return opt, sched
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, scheduler):
+    """Wrap a built model in a DeepSpeed engine (the process group already exists)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    return engine
+
+
+def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Full fp32 weights on every rank (ZeRO-3 parameters are gathered; rank-local otherwise)."""
+    import deepspeed
+
+    module = engine.module
+    params = list(module.parameters())
+    if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,59 @@
+"""Stage drivers hand a worker function to `fit`, which owns the Ray Train set-up.
+
+`TorchTrainer` with `ScalingConfig` (workers, CPUs/GPUs each), `TorchConfig` (gloo on CPU, nccl on GPU,
+timeout), `RunConfig(storage_path=<run URL>, name="checkpoints")` with the storage seam's pyarrow
+filesystem for s3://, `CheckpointConfig(num_to_keep)` and `FailureConfig(max_failures)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from datetime import timedelta
+from typing import Any, Callable
+
+from genpt_dist import storage
+from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+from genpt_dist.config import Config
+from genpt_dist.raycluster import check_fits, init_ray, worker_env
+from genpt_dist.train.loop import Job
+
+log = logging.getLogger(__name__)
+
+
+def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | None = None, **worker_kwargs: Any) -> dict[str, Any]:
+    """Run `worker_fn(job_dict, **worker_kwargs)` on N Ray Train workers; returns the final metrics."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray(address)
+    lo, hi = cfg.scaling.worker_range
+    check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+    job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
+    fs, path = storage.pyarrow_filesystem(job.run)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        functools.partial(worker_fn, **worker_kwargs),
+        train_loop_config=dataclasses.asdict(job),
+        scaling_config=ray.train.ScalingConfig(num_workers=hi if lo == hi else (lo, hi),
+                                               use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                 timeout_s=cfg.scaling.timeout_s),
+        run_config=ray.train.RunConfig(
+            name=CHECKPOINTS_DIR,
+            storage_path=path,
+            storage_filesystem=fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    ref = latest_checkpoint(job.run)
+    metrics["checkpoint"] = ref.url if ref else None
+    return metrics

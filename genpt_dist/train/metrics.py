@@ -1,0 +1,89 @@
+"""Progress, metrics.jsonl, TensorBoard and the machine's matmul limit (for MFU), on rank 0."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from genpt_dist import storage
+
+log = logging.getLogger(__name__)
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int = 1024, seconds: float = 0.5,
+                         device: str = "cpu") -> float:
+    """Sustained FLOP/s of an n x n matmul in `dtype` with this process's threads: the MFU denominator."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2):
+        a @ b
+    iters, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        iters += 1
+    if device != "cpu":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
+
+
+class MetricsLog:
+    """Appends records to `<run>/metrics.jsonl` (rewritten whole: S3 has no append) and TensorBoard."""
+
+    def __init__(self, run_url: str, resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.url = storage.join(run_url, "metrics.jsonl")
+        self.tb_url = storage.join(run_url, "tensorboard")
+        self.records: list[dict[str, Any]] = []
+        self._tb = None
+        self._tb_dir = None
+        if not enabled:
+            return
+        if storage.exists(self.url):
+            lines = storage.read_text(self.url).splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r.get("step", 0) <= resume_step]
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_dir = tempfile.mkdtemp(prefix="genpt-tb-")
+            self._tb = SummaryWriter(self._tb_dir)
+        except ImportError:  # tensorboard is optional
+            self._tb = None
+
+    def add(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.records.append(record)
+        if self._tb is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def flush(self) -> None:
+        if not self.enabled:
+            return
+        storage.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self._tb is not None:
+            self._tb.flush()
+            storage.upload_dir(self._tb_dir, self.tb_url)
+
+    def close(self) -> None:
+        self.flush()
+        if self._tb is not None:
+            self._tb.close()
+            shutil.rmtree(self._tb_dir, ignore_errors=True)
+
+
+def progress_line(stage: str, step: int, total: int, loss: float, tokens_per_s: float, mfu: float,
+                  elapsed: float, done_before: int) -> None:
+    rate = (step - done_before) / max(elapsed, 1e-9)
+    eta = (total - step) / rate if rate > 0 else float("inf")
+    print(f"[{stage}] step {step}/{total} loss {loss:.4f} tok/s {tokens_per_s:,.0f} mfu {mfu:.1%} "
+          f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
