@@ -152,6 +152,64 @@ class SamplingConfig(_Strict):
     temperature: float = Field(1.0, gt=0, description="softmax temperature")
 
 
+class RolloutConfig(_Strict):
+    """The pool of Ray rollout actors of the adversarial stage."""
+
+    num_actors: int = Field(2, ge=1, description="rollout actors (R)")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPUs Ray reserves per actor")
+    gpus_per_actor: float = Field(0.0, ge=0, description="GPUs Ray reserves per actor")
+    threads: int = Field(1, ge=1, description="torch threads per actor")
+    max_restarts: int = Field(3, ge=-1, description="restarts of a dead actor (-1 = forever)")
+    prompt_len: int = Field(0, ge=0, description="real-text prefix tokens per prompt after <bos> (0 = from <bos>)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens sampled per rollout")
+    top_k: int | None = Field(50, ge=1, description="top-k of the sampling distribution")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass of the sampling distribution")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    samples_per_prompt: int = Field(4, ge=1, description="rollouts per prompt (the group of group/RLOO baselines)")
+    max_staleness: int = Field(0, ge=0, description="policy versions a rollout may lag (0 = strictly on-policy)")
+
+
+class DiscriminatorTrainConfig(_Strict):
+    """The Transformer-encoder discriminator (real vs generated) and its training schedule."""
+
+    n_layer: int = Field(2, ge=1, description="encoder blocks")
+    n_head: int = Field(4, ge=1, description="attention heads")
+    d_model: int = Field(128, ge=1, description="width")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
+    pretrain_steps: int = Field(20, ge=0, description="D updates on real vs initial-policy samples before RL")
+    d_steps: int = Field(1, ge=1, description="D updates per generator update")
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "DiscriminatorTrainConfig":
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
+        return self
+
+
+class AdversarialConfig(_Strict):
+    """SeqGAN-style REINFORCE against an online discriminator, with a KL guard to the pretrained model."""
+
+    steps: int = Field(50, ge=1, description="policy updates")
+    prompts_per_step: int = Field(8, ge=1, description="prompts per update, over all workers")
+    lr: float = Field(2e-5, gt=0, description="policy learning rate (constant after warmup)")
+    warmup_steps: int = Field(0, ge=0, description="policy LR warmup")
+    reward: Literal["prob", "log"] = Field("prob", description="sequence reward D(x) or log D(x)")
+    baseline: Literal["ema", "group", "rloo", "none"] = Field("rloo", description="REINFORCE baseline")
+    ema_decay: float = Field(0.9, ge=0, lt=1, description="moving-average baseline decay")
+    normalize_advantages: bool = Field(True, description="divide advantages by their batch std")
+    kl_coef: float = Field(0.05, ge=0, description="weight of KL(policy || pretrained)")
+    kl_mode: Literal["reward", "loss"] = Field("loss", description="KL as a per-token reward penalty or a loss term")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
+    mc_rollouts: int = Field(0, ge=0, description="SeqGAN Monte Carlo completions per prefix (0 = sequence reward)")
+    mc_stride: int = Field(8, ge=1, description="token positions between Monte Carlo prefixes")
+    log_every: int = Field(5, ge=1, description="steps between progress lines")
+    eval_every: int = Field(25, ge=1, description="steps between val evaluations")
+    checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)
+
+
 class Config(_Strict):
     """A whole recipe."""
 
@@ -163,6 +221,7 @@ class Config(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
 
     @model_validator(mode="after")
     def _check_context(self) -> "Config":
