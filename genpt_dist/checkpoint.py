@@ -17,8 +17,11 @@ only checkpoints you wrote (weights are read with `weights_only=True` where torc
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +43,7 @@ TOKENIZER = "tokenizer.json"
 CHECKPOINTS_DIR = "checkpoints"  # Ray Train's run name under the stage's run URL
 DS_DIR = "ds"
 DS_TAG = "state"
+FROZEN = "frozen.safetensors"
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,14 @@ def consolidate_local(folder: str | Path, meta: dict[str, Any]) -> dict[str, tor
     if int(meta["zero_stage"]) == 0:
         states = torch.load(ds_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "Setting accelerator to CPU" warning
+    # DeepSpeed prints its progress (and binds its logger, on first import) to stdout, which belongs
+    # to the command's output (generate's text, the final JSON line): send it to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -154,13 +163,24 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if ref.is_export:
         from safetensors.torch import load as load_safetensors
 
-        return load_safetensors(storage.read_bytes(storage.join(ref.url, "model.safetensors")))
+        state = load_safetensors(storage.read_bytes(storage.join(ref.url, ref.meta.get("weights", "model.safetensors"))))
+        if ref.meta.get("weights_layout") == "hf":  # an `export --format hf` folder: HF names and Conv1D layout
+            from genpt_dist.hf_compat import from_hf_state_dict
+
+            state = from_hf_state_dict(state)
+        return state
     with tempfile.TemporaryDirectory(prefix="genpt-ckpt-") as tmp:
         storage.download_dir(storage.join(ref.url, DS_DIR), Path(tmp) / DS_DIR)
         try:
-            return consolidate_local(tmp, ref.meta)
+            state = consolidate_local(tmp, ref.meta)
         except (FileNotFoundError, ValueError, RuntimeError) as exc:
             raise UserError(f"cannot consolidate {ref.url}: {exc}".splitlines()[0]) from None
+    frozen = storage.join(ref.url, FROZEN)
+    if storage.exists(frozen):  # parameters a fine-tune held fixed, exactly (the engine may hold bf16 copies)
+        from safetensors.torch import load as load_safetensors
+
+        state.update(load_safetensors(storage.read_bytes(frozen)))
+    return state
 
 
 def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, CheckpointRef]:

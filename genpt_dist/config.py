@@ -210,6 +210,27 @@ class AdversarialConfig(_Strict):
     discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)
 
 
+class FinetuneConfig(_Strict):
+    """Supervised fine-tuning on a downstream task, with parts of the model held fixed."""
+
+    steps: int = Field(200, ge=1, description="optimizer steps at most (early stopping may end sooner)")
+    micro_batch_size: int = Field(8, ge=1, description="examples per rank per step")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate (warmup + cosine)")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out (by hash) for val")
+    eval_every: int = Field(25, ge=1, description="steps between val evaluations (each saves a checkpoint)")
+    eval_batches: int = Field(8, ge=1, description="val batches per rank per evaluation")
+    patience: int = Field(4, ge=0, description="evaluations without improvement before stopping (0 = never)")
+    log_every: int = Field(10, ge=1, description="steps between progress lines")
+    prompt_field: str = Field("prompt", description="JSONL field of the prompt")
+    completion_field: str = Field("completion", description="JSONL field of the completion (the loss is on it)")
+    text_field: str = Field("text", description="JSONL field of plain text examples (loss everywhere)")
+    too_long: Literal["truncate", "refuse"] = Field("truncate", description="examples longer than the context")
+    freeze_embeddings: bool = Field(False, description="hold token/position embeddings (and the tied head) fixed")
+    freeze_first_blocks: int = Field(0, ge=0, description="hold the first N transformer blocks fixed")
+    train_last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks and ln_f")
+
+
 class Config(_Strict):
     """A whole recipe."""
 
@@ -222,6 +243,7 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
     @model_validator(mode="after")
     def _check_context(self) -> "Config":

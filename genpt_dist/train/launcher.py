@@ -22,14 +22,19 @@ from genpt_dist.train.loop import Job
 log = logging.getLogger(__name__)
 
 
-def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | None = None, **worker_kwargs: Any) -> dict[str, Any]:
-    """Run `worker_fn(job_dict, **worker_kwargs)` on N Ray Train workers; returns the final metrics."""
+def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | None = None, *,
+        also_needs: tuple[float, float, str] = (0.0, 0.0, ""), **worker_kwargs: Any) -> dict[str, Any]:
+    """Run `worker_fn(job_dict, **worker_kwargs)` on N Ray Train workers; returns the final metrics.
+
+    `also_needs` = (CPUs, GPUs, what) the stage holds besides the workers (e.g. rollout actors)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray(address)
     lo, hi = cfg.scaling.worker_range
-    check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu)
+    extra_cpus, extra_gpus, extra_what = also_needs
+    check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus,
+               extra_what=extra_what)
     job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
     fs, path = storage.pyarrow_filesystem(job.run)
     resources = {"CPU": cfg.scaling.cpus_per_worker}

@@ -139,8 +139,12 @@ class Trainer:
         opt, sched = build_optimizer(model, self.cfg.optim, self.cfg.train.steps)
         self.engine = build_engine(model, ds_config, opt, sched)
         self.device = self.engine.device
+        self.build_extra()
         if resume is not None:
             self._restore(resume, full=same_world)
+
+    def build_extra(self) -> None:
+        """Hook for stages with more engines than the policy's (built before a resume restores them)."""
 
     def before_engine(self, model: GPT) -> None:
         """Hook for stages that change the model before DeepSpeed wraps it (e.g. freezing)."""
@@ -156,18 +160,24 @@ class Trainer:
         self.metrics = dict(meta.get("metrics", {}))
         if full:
             with tempfile.TemporaryDirectory(prefix=f"genpt-restore-r{self.rank}-") as tmp:
-                storage.download_dir(storage.join(ref.url, DS_DIR), Path(tmp) / DS_DIR)
-                storage.download_dir(storage.join(ref.url, "rng"), Path(tmp) / "rng")
+                storage.download_dir(ref.url, tmp)
                 self.engine.load_checkpoint(str(Path(tmp) / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
                 rng = Path(tmp) / "rng" / f"rank_{self.rank}.pt"
                 if rng.exists():
                     torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+                self.restore_extra(Path(tmp), meta)
         else:
             for _ in range(self.step):  # the LR schedule continues where it was
                 self.engine.lr_scheduler.step()
         self.source.load_state_dict(meta["loader"])
         log.info("rank %d: resumed %s at step %d", self.rank, ref.url, self.step)
+
+    def restore_extra(self, folder: Path, meta: dict[str, Any]) -> None:
+        """Hook: stages with more state than the policy engine read it back from the local copy."""
+
+    def save_extra(self, folder: Path) -> None:
+        """Hook: stages with more state than the policy engine write it into this rank's folder."""
 
     # ------------------------------------------------------------------ steps
     def forward_loss(self, batch: Batch) -> torch.Tensor:
@@ -207,7 +217,7 @@ class Trainer:
         batches = self.source.train_batches()
         start_step, t_start = self.step, time.time()
         window_loss, window_steps, t_window = 0.0, 0, time.time()
-        while self.step < train_cfg.steps:
+        while self.step < train_cfg.steps and not self.should_stop():
             for _ in range(accum):
                 loss = self.forward_loss(next(batches))
                 self.engine.backward(loss)
@@ -241,9 +251,7 @@ class Trainer:
             if self.step % train_cfg.checkpoint_every == 0 or last:
                 mlog.flush()
                 self.save_and_report()
-            if self.should_stop():
-                break
-        if start_step >= train_cfg.steps:  # nothing left to do: report the finished state once
+        if self.step == start_step:  # nothing left to do: report the finished state once
             ray.train.report(dict(self.metrics))
         mlog.close()
 
@@ -282,6 +290,7 @@ class Trainer:
             self.engine.save_checkpoint(str(tmp / DS_DIR), tag=DS_TAG)
             (tmp / "rng").mkdir()
             torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank_{self.rank}.pt")
+            self.save_extra(tmp)
             if self.rank == 0:
                 (tmp / TOKENIZER).write_text(self.tok.to_json())
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
