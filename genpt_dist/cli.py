@@ -20,12 +20,13 @@ log = logging.getLogger("genpt_dist")
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other bad input
-        raise UserError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix("genpt-dist").strip()
+        raise UserError(f"{command}: {message}" if command else message)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults if omitted")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path, e.g. train.steps=100 (repeatable)")
 
 
@@ -45,6 +46,22 @@ def _cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     return pretrain(args.data, args.run, cfg, init=args.init, address=args.address)
 
 
+def _cmd_adversarial(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.config import load_config
+    from genpt_dist.rl.stage import adversarial
+
+    cfg = load_config(args.config, args.overrides)
+    return adversarial(args.data, args.init, args.run, cfg, address=args.address)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.config import load_config
+    from genpt_dist.train.finetune import finetune
+
+    cfg = load_config(args.config, args.overrides)
+    return finetune(args.task, args.init, args.run, cfg, address=args.address)
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.demo import run_demo
 
@@ -55,6 +72,27 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
 
     return run_bench(args.name, args.output, quick=args.quick)
+
+
+def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.generate import generate, read_prompts
+
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    return generate(args.model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
+                    temperature=args.temperature, num_samples=args.num_samples, seed=args.seed, fmt=args.format,
+                    batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.evaluate import evaluate
+
+    return evaluate(args.model, args.data, split=args.split, batch_size=args.batch_size, device=args.device)
+
+
+def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.export import export
+
+    return export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:
@@ -81,11 +119,59 @@ def build_parser() -> argparse.ArgumentParser:
     _address_arg(p)
     p.set_defaults(fn=_cmd_pretrain)
 
+    p = sub.add_parser("adversarial", help="SeqGAN-style REINFORCE against an online discriminator")
+    p.add_argument("--data", required=True, metavar="URL", help="the prepared dataset (real text for D and prompts)")
+    p.add_argument("--init", required=True, metavar="CKPT", help="the pretrained generator (also the KL reference)")
+    p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
+    _config_args(p)
+    _address_arg(p)
+    p.set_defaults(fn=_cmd_adversarial)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning of a checkpoint on a downstream task")
+    p.add_argument("--task", required=True, metavar="SRC",
+                   help="prompt/completion JSONL, text/JSONL 'text', or a prepared dataset folder")
+    p.add_argument("--init", required=True, metavar="CKPT", help="checkpoint, run or export to start from")
+    p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
+    _config_args(p)
+    _address_arg(p)
+    p.set_defaults(fn=_cmd_finetune)
+
     p = sub.add_parser("demo", help="the pipeline on the embedded corpus, local Ray, under ./runs/demo")
     p.add_argument("--run", default="runs/demo", metavar="URL", help="where the demo writes (default runs/demo)")
     p.add_argument("--config", default=None, help="recipe (default configs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     p.set_defaults(fn=_cmd_demo)
+
+    p = sub.add_parser("generate", help="sample continuations of prompts from a checkpoint or export")
+    p.add_argument("--model", required=True, metavar="CKPT", help="a run (its latest checkpoint), checkpoint or export")
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable); - reads one per stdin line")
+    p.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the checkpoint's sampling config")
+    p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely (0 = off)")
+    p.add_argument("--top-p", type=float, metavar="P", help="nucleus mass (1 = off)")
+    p.add_argument("--temperature", type=float, metavar="T")
+    p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt")
+    p.add_argument("--seed", type=int, metavar="S", help="same seed, same tokens (default: drawn and reported)")
+    p.add_argument("--format", choices=["text", "jsonl"], default="text", help="stdout: text blocks or one JSON per sample")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows sampled together")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype while sampling")
+    p.set_defaults(fn=_cmd_generate)
+
+    p = sub.add_parser("evaluate", help="loss, perplexity and bits-per-byte on a dataset's split or a text file")
+    p.add_argument("--model", required=True, metavar="CKPT", help="a run (its latest checkpoint), checkpoint or export")
+    p.add_argument("--data", required=True, metavar="URL|FILE", help="a prepared dataset or a raw text file")
+    p.add_argument("--split", default="val", choices=["val", "train"], help="dataset split (default val)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(fn=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="consolidate a checkpoint into safetensors or a Hugging Face GPT-2 folder")
+    p.add_argument("--model", required=True, metavar="CKPT", help="a run (its latest checkpoint), checkpoint or export")
+    p.add_argument("--output", required=True, metavar="URL", help="export folder or s3://bucket/prefix")
+    p.add_argument("--format", choices=["safetensors", "hf"], default="safetensors")
+    p.add_argument("--overwrite", action="store_true", help="replace what is at --output")
+    p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: ours vs the peer, same run")
     p.add_argument("name", help="loader | prepare")
