@@ -11,6 +11,7 @@ meta file) last, and readers treat a folder without its marker as absent.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,8 +70,16 @@ def s3_settings() -> dict[str, Any]:
 
 
 @lru_cache(maxsize=4)
-def _client_for(pid: int, settings_key: str):  # noqa: ARG001  (pid: a fresh client after fork)
+def _session_for(region: str, credentials_key: str):  # noqa: ARG001  (a new session when the keys change)
     import boto3
+
+    # Shared across fork: a session holds no connections, and its loaded service model makes the
+    # clients of forked DataLoader workers ~70 ms cheaper each.
+    return boto3.session.Session(region_name=region)
+
+
+@lru_cache(maxsize=4)
+def _client_for(pid: int, settings_key: str):  # noqa: ARG001  (pid: a fresh client after fork)
     from botocore.config import Config as BotoConfig
 
     s = json.loads(settings_key)
@@ -80,13 +89,27 @@ def _client_for(pid: int, settings_key: str):  # noqa: ARG001  (pid: a fresh cli
         read_timeout=60,
         max_pool_connections=32,
     )
-    session = boto3.session.Session(region_name=s["region"])
+    session = _session_for(s["region"], s["credentials"])
     return session.client("s3", endpoint_url=s["endpoint_url"], config=cfg)
+
+
+def reset_clients() -> None:
+    """Forget cached sessions and clients (after changing the S3 settings in this process)."""
+    _client_for.cache_clear()
+    _session_for.cache_clear()
+
+
+def _credentials_key() -> str:
+    """Which credentials the environment names (hashed): a changed key or profile gets a new client."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    raw = "\0".join(os.environ.get(n, "") for n in names)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 def s3_client():
     """A boto3 S3 client for this process, built lazily (safe across fork and Ray workers)."""
-    return _client_for(os.getpid(), json.dumps(s3_settings(), sort_keys=True))
+    key = json.dumps({**s3_settings(), "credentials": _credentials_key()}, sort_keys=True)
+    return _client_for(os.getpid(), key)
 
 
 def pyarrow_filesystem(url: str):
@@ -190,9 +213,25 @@ def list_files(url: str) -> list[str]:
 
 def check_bucket(url: str) -> None:
     """Fail early with a clear message if an S3 URL's bucket is missing or unreadable."""
-    if is_s3(url):
-        bucket, _ = split_s3(url)
-        _call(url, s3_client().head_bucket, Bucket=bucket)
+    if not is_s3(url):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, _ = split_s3(url)
+    client = s3_client()
+    try:
+        client.head_bucket(Bucket=bucket)
+        return
+    except BotoCoreError as exc:
+        raise _s3_error(exc, url) from exc
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            raise UserError(f"S3 bucket {bucket!r} does not exist ({url})") from None
+        if code not in ("403", "AccessDenied"):
+            raise _s3_error(exc, url) from exc
+    # HEAD answers a bare 403 for both bad keys and a bucket we may not read; a GET says which.
+    _call(url, client.list_objects_v2, Bucket=bucket, MaxKeys=1)
 
 
 # ---------------------------------------------------------------- reads

@@ -9,20 +9,28 @@ worker count):
    the N % world_size samples at the end of the sequence, a different few each epoch, wait for the
    next epoch.
 3. The rank's ceil(n / B) batches are cut from its slice in order (only the last may be short) and
-   split into contiguous runs, one per DataLoader worker. torch's DataLoader yields worker outputs
-   round-robin, so the yield order is a fixed function of the per-worker batch counts, and resuming
-   after k batches means each worker skips its share of those k (whole shards are skipped unread).
+   split into contiguous runs, one per DataLoader worker (lengths differ by at most one, longer
+   first). Every worker emits the same number of items per epoch, M = the longest run: its batches,
+   then empty tensors (dropped by the consumer) for a shorter run. torch's DataLoader takes items
+   from its workers in a fixed cycle, so the batch order is the runs interleaved round-robin, the
+   same in every epoch, and one DataLoader (one set of worker processes) serves epoch after epoch.
+   Resuming after k batches of an epoch: items before k are all real batches, so the worker that
+   plays run w has emitted ceil((k - w) / W) of them; the runs are rotated by k across the worker
+   processes so that the run whose turn is next sits in worker 0, where the DataLoader starts.
 
-Shards are read through `webdataset` (tar parsing and the `s3://` opener registered here, backed by
-the storage seam). A shard that fails to read, or holds a different sample count than the manifest
-says, is counted and warned about once per process; its samples become all-<pad> rows, which the loss
+A shard is fetched whole through the storage seam, checked against the manifest's size and sha256,
+and decoded in bulk by `data.shards.decode_shard` (one fancy index, not a `tarfile` + `np.load` per
+sample; foreign tars fall back to webdataset's tar iterator). Importing this module also registers an
+`s3://` opener with webdataset, so plain `wds.WebDataset(urls)` pipelines read the same shards.
+A shard that fails to read or verify, or holds a different sample count than the manifest says, is
+counted once and warned about once per process; its samples become all-<pad> rows, which the loss
 ignores, so batch shapes and counts stay the same on every rank. Past `max_bad_shard_fraction` of the
 split's shards the loader stops with an error.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -34,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from genpt_dist import storage
 from genpt_dist.data.manifest import Manifest, ShardInfo
+from genpt_dist.data.shards import decode_shard
 from genpt_dist.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,22 +87,6 @@ def split_evenly(total: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def round_robin_skips(counts: list[int], consumed: int) -> list[int]:
-    """How many of each worker's batches are among the first `consumed` yielded round-robin."""
-    skips = [0] * len(counts)
-    left = consumed
-    while left > 0:
-        progressed = False
-        for w, c in enumerate(counts):
-            if left and skips[w] < c:
-                skips[w] += 1
-                left -= 1
-                progressed = True
-        if not progressed:
-            break
-    return skips
-
-
 def pieces_for_span(counts: list[int], order: np.ndarray, start: int, end: int) -> list[Piece]:
     """Global sample span [start, end) of the epoch sequence -> per-shard pieces, in order."""
     pieces, offset = [], 0
@@ -108,16 +101,20 @@ def pieces_for_span(counts: list[int], order: np.ndarray, start: int, end: int) 
     return pieces
 
 
-class _EpochStream(IterableDataset):
-    """One rank's batches for one epoch, starting after `consumed` batches (runs in loader workers)."""
+def _as_is(item):
+    return item
 
-    def __init__(self, loader: "ShardLoader", epoch: int, consumed: int):
-        self.loader, self.epoch, self.consumed = loader, epoch, consumed
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+class _Stream(IterableDataset):
+    """One rank's items from (epoch, batch `consumed`) on: this epoch only, or forever (runs in workers)."""
+
+    def __init__(self, loader: "ShardLoader", epoch: int, consumed: int, forever: bool):
+        self.loader, self.epoch, self.consumed, self.forever = loader, epoch, consumed, forever
+
+    def __iter__(self) -> Iterator[np.ndarray]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        yield from self.loader._worker_batches(self.epoch, self.consumed, worker, n_workers)
+        yield from self.loader._worker_items(self.epoch, self.consumed, worker, n_workers, self.forever)
 
 
 class ShardLoader:
@@ -149,7 +146,7 @@ class ShardLoader:
             )
         self.batches_per_epoch = -(-self.per_rank // batch_size)
         self.epoch, self.batch_in_epoch = 0, 0
-        self.bad_shards = 0
+        self._bad: set[int] = set()  # indices of shards found bad in this process
 
     # -------------------------------------------------------------- state
     def state_dict(self) -> dict[str, int]:
@@ -160,63 +157,110 @@ class ShardLoader:
 
     # -------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[torch.Tensor]:
-        """Batches forever, epoch after epoch, from the current position."""
-        while True:
-            yield from self.iter_epoch()
+        """Batches forever, epoch after epoch, from the current position (one set of worker processes)."""
+        return self._iterate(forever=True)
 
     def iter_epoch(self) -> Iterator[torch.Tensor]:
         """The rest of the current epoch; the position advances as batches are taken."""
-        stream = _EpochStream(self, self.epoch, self.batch_in_epoch)
+        return self._iterate(forever=False)
+
+    def _iterate(self, forever: bool) -> Iterator[torch.Tensor]:
+        if self.batch_in_epoch >= self.batches_per_epoch:  # a state saved right after an epoch's last batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        stream = _Stream(self, self.epoch, self.batch_in_epoch, forever)
         workers = min(self.num_workers, self.batches_per_epoch)
-        if workers > 0:
-            batches = DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4)
-        else:
-            batches = stream
-        for batch in batches:
+        # Workers hand over compact numpy arrays (pickled, a few KiB); a torch tensor would travel
+        # through a fresh shared-memory segment per batch, which costs more than the batch itself.
+        items = (DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4, collate_fn=_as_is)
+                 if workers else stream)
+        for rows in items:
+            if rows.size == 0:  # the filler of a shorter worker run
+                continue
+            if self.batch_in_epoch == self.batches_per_epoch:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
             self.batch_in_epoch += 1
-            yield batch
-        self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            yield torch.from_numpy(rows.astype(np.int64))
+            if not forever and self.batch_in_epoch == self.batches_per_epoch:
+                break
+        if not forever:
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _worker_batch_ranges(self, n_workers: int) -> list[tuple[int, int]]:
-        return split_evenly(self.batches_per_epoch, n_workers)
+    def _worker_items(self, epoch: int, consumed: int, worker: int, n_workers: int,
+                      forever: bool) -> Iterator[np.ndarray]:
+        """What DataLoader worker `worker` emits: its run's batches then fillers, M items an epoch."""
+        ranges = split_evenly(self.batches_per_epoch, n_workers)
+        longest = ranges[0][1] - ranges[0][0]
+        run = (worker + consumed) % n_workers  # rotated so that the next batch comes from worker 0
+        done = max(0, -(-(consumed - run) // n_workers))  # items this run emitted before the resume
+        filler = np.zeros((0, self.manifest.seq_len + 1), dtype=np.int64)
+        while True:
+            lo, hi = ranges[run]
+            yield from self._batches(epoch, min(lo + done, hi), hi)
+            for _ in range(longest - (hi - lo) - max(0, done - (hi - lo))):
+                yield filler
+            if not forever:
+                return
+            epoch, done = epoch + 1, 0
 
-    def _worker_batches(self, epoch: int, consumed: int, worker: int, n_workers: int) -> Iterator[torch.Tensor]:
-        ranges = self._worker_batch_ranges(n_workers)
-        skip = round_robin_skips([hi - lo for lo, hi in ranges], consumed)[worker]
-        b0, b1 = ranges[worker][0] + skip, ranges[worker][1]
+    def _batches(self, epoch: int, b0: int, b1: int) -> Iterator[np.ndarray]:
+        """Batches [b0, b1) of this rank's epoch as (B, T+1) token arrays (shards before b0 are not read)."""
         if b0 >= b1:
             return
         base = self.rank * self.per_rank
         start, end = base + b0 * self.batch_size, base + min(b1 * self.batch_size, self.per_rank)
         order = shard_order(len(self.shards), self.seed, epoch, self.shuffle)
-        rows: list[np.ndarray] = []
+        pending: list[np.ndarray] = []  # sample blocks not yet cut into batches, in order
+        have, B = 0, self.batch_size
         for piece in pieces_for_span(self.counts, order, start, end):
             samples = self._read_shard(piece.shard)
             perm = sample_order(self.counts[piece.shard], self.seed, epoch, piece.shard, self.shuffle)
-            rows.extend(samples[perm[piece.lo:piece.hi]])
-            while len(rows) >= self.batch_size:
-                yield torch.from_numpy(np.stack(rows[: self.batch_size]).astype(np.int64))
-                rows = rows[self.batch_size:]
-        if rows:
-            yield torch.from_numpy(np.stack(rows).astype(np.int64))
+            pending.append(samples[perm[piece.lo:piece.hi]])
+            have += piece.hi - piece.lo
+            if have >= B:
+                block = np.concatenate(pending) if len(pending) > 1 else pending[0]  # (have, T+1)
+                full = have - have % B
+                for i in range(0, full, B):
+                    yield block[i:i + B]
+                pending, have = ([block[full:]] if full < have else []), have - full
+        if have:
+            yield np.concatenate(pending)
 
     def _read_shard(self, index: int) -> np.ndarray:
         """(count, seq_len + 1) tokens of one shard; all-pad rows if it is corrupt."""
         shard = self.shards[index]
         url = self.manifest.shard_url(shard)
+        if index in self._bad:
+            return np.full((shard.samples, self.manifest.seq_len + 1), self.manifest.raw["tokenizer"]["pad_id"], np.int64)
         try:
-            rows = [np.load(io.BytesIO(s["tokens.npy"])) for s in wds.tarfile_samples([{"url": url}])]
+            data = storage.read_bytes(url)
+            if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+                raise ValueError(f"{len(data)} bytes that do not match the manifest's size and sha256")
+            rows = decode_shard(data, self.manifest.seq_len + 1)
             if len(rows) != shard.samples:
                 raise ValueError(f"{len(rows)} samples, manifest says {shard.samples}")
-            return np.stack(rows)
+            return rows
+        except UserError:
+            raise  # storage problems the user must fix (credentials, bucket): not a bad shard
         except Exception as exc:  # noqa: BLE001 - any read or parse failure marks the shard bad
-            self.bad_shards += 1
-            if self.bad_shards == 1:
-                log.warning("skipping corrupt shard %s (%s); further bad shards are counted silently", url, exc)
-            if self.bad_shards > self.max_bad_shard_fraction * len(self.shards):
-                raise UserError(
-                    f"{self.bad_shards} of {len(self.shards)} {self.split} shards of {self.manifest.url} are "
-                    f"unreadable (limit loader.max_bad_shard_fraction={self.max_bad_shard_fraction}); prepare again"
-                ) from None
+            self._mark_bad(index, url, exc)
             pad = self.manifest.raw["tokenizer"]["pad_id"]
             return np.full((shard.samples, self.manifest.seq_len + 1), pad, dtype=np.int64)
+
+    def _mark_bad(self, index: int, url: str, exc: Exception) -> None:
+        """Count a bad shard once (it stays bad for later epochs); warn on the first; stop past the limit."""
+        if index in self._bad:
+            return
+        self._bad.add(index)
+        if len(self._bad) == 1:
+            log.warning("skipping corrupt shard %s (%s); its samples become <pad> rows, further bad shards "
+                        "are counted silently", url, exc)
+        if len(self._bad) > self.max_bad_shard_fraction * len(self.shards):
+            raise UserError(
+                f"{len(self._bad)} of {len(self.shards)} {self.split} shards of {self.manifest.url} are "
+                f"unreadable (limit loader.max_bad_shard_fraction={self.max_bad_shard_fraction}); prepare again"
+            ) from None
+
+    @property
+    def bad_shards(self) -> int:
+        """Bad shards this process has met (with loader workers, each worker keeps its own count)."""
+        return len(self._bad)

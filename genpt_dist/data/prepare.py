@@ -16,8 +16,8 @@ Algorithm:
    is a prediction target exactly once; the final partial sample is right-padded with <pad> (the
    loss ignores pad targets). Train samples are permuted (data.seed) so each shard is a random
    sample of the corpus; val keeps stream order.
-7. Write shards with `webdataset.ShardWriter` (`__key__`, `tokens.npy`), uploading each as it
-   closes; write manifest.json last, through `storage.publish`.
+7. Write WebDataset shards (`<key>.tokens.npy` members, built in bulk by `data.shards`), each
+   uploaded as it is built; write manifest.json last, through `storage.publish`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ import codecs
 import glob
 import gzip
 import hashlib
+import itertools
 import json
 import logging
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,18 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import webdataset as wds
 from tqdm import tqdm
 
 from genpt_dist import storage
 from genpt_dist.config import DataConfig
 from genpt_dist.data.manifest import FORMAT, MANIFEST, load_manifest
+from genpt_dist.data.shards import encode_shard
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer, byte_tokenizer, iter_chunks, train_bpe
 
 log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
+OUTPUT_FILE = re.compile(r"tokenizer\.json|(train|val)-\d{6,}\.tar")  # what prepare writes besides the manifest
 
 
 # ---------------------------------------------------------------- sources
@@ -178,9 +181,10 @@ def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) ->
     part = TokenisedPart()
     for url in urls:
         docs = read_documents(url, data_cfg.text_field, part.stats)
-        for text, ids in zip(docs, tok.encode_batch(docs)):
+        bos, eos = np.array([tok.bos_id], dtype=dtype), np.array([tok.eos_id], dtype=dtype)
+        for text, ids in zip(docs, tok.encode_arrays(docs, dtype)):
             split = "val" if data_cfg.split == "hash" and doc_in_val(text, data_cfg.val_fraction) else "train"
-            part.streams[split].append(np.array([tok.bos_id, *ids, tok.eos_id], dtype=dtype))
+            part.streams[split].append(np.concatenate([bos, ids, eos]))
             part.documents[split] += 1
     return part
 
@@ -212,31 +216,23 @@ def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- shards
 
-def _sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[dict]:
-    """Write `samples` as `<split>-NNNNNN.tar` shards, each uploaded (then deleted locally) as it closes."""
+    """Write `samples` as `<split>-NNNNNN.tar` shards (keys `<split>-<row index>`), in order."""
     shards: list[dict] = []
-
-    def upload(fname: str) -> None:
-        name = Path(fname).name
-        info = {"name": name, "samples": 0, "bytes": Path(fname).stat().st_size, "sha256": _sha256_file(fname)}
-        storage.upload_file(fname, storage.join(out_url, name))
-        Path(fname).unlink()
-        shards.append(info)
-
-    pattern = str(Path(tmpdir) / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_samples, maxsize=float("inf"), post=upload, verbose=0, mtime=0.0) as sink:
-        for i, row in enumerate(samples):
-            sink.write({"__key__": f"{split}-{i:09d}", "tokens.npy": row})
-    for i, info in enumerate(shards):
-        info["samples"] = min(shard_samples, len(samples) - i * shard_samples)
+    for i, lo in enumerate(range(0, len(samples), shard_samples)):
+        rows = samples[lo:lo + shard_samples]
+        data = encode_shard([f"{split}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
+        name = f"{split}-{i:06d}.tar"
+        url = storage.join(out_url, name)
+        if len(data) <= storage.MULTIPART_THRESHOLD:
+            storage.write_bytes(url, data)
+        else:  # big shards go up in parallel parts
+            local = Path(tmpdir) / name
+            local.write_bytes(data)
+            storage.upload_file(local, url)
+            local.unlink()
+        shards.append({"name": name, "samples": int(len(rows)), "bytes": len(data),
+                       "sha256": hashlib.sha256(data).hexdigest()})
     return shards
 
 
@@ -266,7 +262,7 @@ def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_byt
     tok_json, cfg_dict = tok.to_json(), cfg.model_dump()
     chunk = max(1, len(sources) // 64)
     groups = [sources[i:i + chunk] for i in range(0, len(sources), chunk)]
-    bar = tqdm(total=len(groups), desc="tokenise", unit="chunk", leave=False)
+    bar = tqdm(total=len(groups), desc="tokenise", unit="chunk", leave=False, disable=None)
     parts: list[TokenisedPart]
     if total_bytes >= cfg.parallel_min_bytes and len(groups) > 1:
         import ray
@@ -279,7 +275,12 @@ def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_byt
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             bar.update(len(done))
-        parts = ray.get(refs)
+        try:
+            parts = ray.get(refs)
+        except ray.exceptions.RayTaskError as exc:  # a bad input found in a task: still one line
+            if isinstance(exc.cause, UserError):
+                raise UserError(str(exc.cause)) from None
+            raise
     else:
         parts = []
         for g in groups:
@@ -308,7 +309,7 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
     storage.check_bucket(output)
     urls = resolve_sources(inputs, cfg.extensions)
     sources = []
-    for url in tqdm(urls, desc="hash sources", unit="file", leave=False):
+    for url in tqdm(urls, desc="hash sources", unit="file", leave=False, disable=None):
         data = storage.read_bytes(url)
         sources.append({"url": url, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
     total_bytes = sum(s["bytes"] for s in sources)
@@ -323,23 +324,28 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
         if load_manifest(output).sha256 != fingerprint and not overwrite:
             raise UserError(f"{output} already holds a different dataset (pass --overwrite to replace it)")
     storage.delete(manifest_url)  # from here on the output is incomplete until the new manifest lands
-    storage.delete_prefix(output)
+    for url in storage.list_files(output):  # only what an earlier prepare wrote; other files stay
+        if OUTPUT_FILE.fullmatch(url[len(output) + 1:]):
+            storage.delete(url)
 
-    stats = ReadStats()
     if cfg.tokenizer == "byte":
         tok = byte_tokenizer()
     else:
+        sample_stats = ReadStats()
+
         def sample_texts():
             for url in urls:
-                yield from read_documents(url, cfg.text_field, ReadStats())
+                yield from read_documents(url, cfg.text_field, sample_stats)
+        sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
+        first = next(sample, None)
+        if first is None:  # the sampler read every file and found no text
+            _refuse_empty(sample_stats)
         log.info("training a %d-token byte-level BPE", cfg.vocab_size)
-        tok = train_bpe(iter_chunks(sample_texts(), cfg.tokenizer_train_bytes), cfg.vocab_size)
+        tok = train_bpe(itertools.chain([first], sample), cfg.vocab_size)
     merged = _tokenise_all(urls, tok, cfg, total_bytes)
     stats = merged.stats
-    if stats.files and stats.binary_skipped == stats.files:
-        raise UserError(f"only binary files in the input ({stats.files} skipped)")
     if stats.documents == 0:
-        raise UserError(f"empty corpus: {stats.files} file(s) hold no text")
+        _refuse_empty(stats)
 
     dtype = token_dtype(tok.vocab_size)
     if cfg.split == "tail":
@@ -384,6 +390,12 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
     required = [TOKENIZER_FILE] + [s["name"] for split in SPLITS for s in split_info[split]["shards"]]
     storage.publish(output, MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), required)
     return _summary(output, manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
+
+
+def _refuse_empty(stats: ReadStats) -> None:
+    if stats.files and stats.binary_skipped == stats.files:
+        raise UserError(f"only binary files in the input ({stats.files} skipped)")
+    raise UserError(f"empty corpus: {stats.files} file(s) hold no text")
 
 
 def _summary(output: str, manifest: dict, reused: bool, seconds: float, mb: float) -> dict[str, Any]:

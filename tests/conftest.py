@@ -1,0 +1,114 @@
+"""Shared fixtures: a real S3 endpoint (moto_server over HTTP), fresh buckets, one Ray session, corpora.
+
+The S3 settings are put into `os.environ` for the whole session, before Ray starts, so that Ray
+workers, DataLoader workers and `python launch.py` subprocesses all see the same endpoint and keys.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# The package is used from the checkout (CI runs in a fresh clone): make it importable here, in Ray
+# workers and in subprocesses alike.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+
+S3_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def _forget_s3_clients() -> None:
+    from genpt_dist import storage
+
+    storage.reset_clients()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1; its endpoint and test keys are set process-wide."""
+    from genpt_dist.testing import MotoS3Server
+
+    saved = {k: os.environ.get(k) for k in (*S3_TEST_ENV, "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    with MotoS3Server() as server:
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.pop("AWS_PROFILE", None)
+        os.environ.update(S3_TEST_ENV, AWS_ENDPOINT_URL_S3=server.endpoint)
+        _forget_s3_clients()
+        yield server
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _forget_s3_clients()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(s3_server):
+    """A second moto server that checks credentials: the session's test keys are unknown to it."""
+    from genpt_dist.testing import MotoS3Server
+
+    with MotoS3Server(enforce_auth=True) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def make_bucket(s3_server):
+    """A factory: each call creates a fresh, empty bucket and returns `s3://<name>` (for wider scopes)."""
+    from genpt_dist import storage
+
+    def make() -> str:
+        name = f"test-{uuid.uuid4().hex[:12]}"
+        storage.s3_client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    return make
+
+
+@pytest.fixture
+def bucket(make_bucket) -> str:
+    """A fresh, empty bucket on the session's server, as `s3://<name>`."""
+    return make_bucket()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_server):
+    """One local Ray instance for the session (4 logical CPUs), started after the S3 env is set."""
+    import ray
+
+    # Ray 2.60 turns token authentication on for new local clusters and writes the token itself;
+    # nothing is needed for a local ray.init. Keep whatever the caller set.
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    """tinyshakespeare.txt (1.1 MB) from the shared data folder beside the checkout."""
+    path = SHARED_DATA / "tinyshakespeare.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: the shared/ data folder must sit beside the checkout")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(shakespeare, tmp_path_factory) -> Path:
+    """The first 64 KiB of tinyshakespeare (cut at a line end): a corpus that prepares in well under a second."""
+    data = shakespeare.read_bytes()[: 64 << 10]
+    data = data[: data.rfind(b"\n") + 1]
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_bytes(data)
+    return path
