@@ -231,6 +231,15 @@ class FinetuneConfig(_Strict):
     train_last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks and ln_f")
 
 
+class PipelineConfig(_Strict):
+    """Which stages `pipeline` (and `demo`) run, and what they leave behind."""
+
+    adversarial: bool = Field(True, description="run the adversarial REINFORCE stage after pretraining")
+    finetune: bool = Field(True, description="fine-tune on --task when one is given")
+    export_format: Literal["safetensors", "hf"] = Field("hf", description="format of <run>/export")
+    report_samples: int = Field(3, ge=0, description="sample generations shown in report.md")
+
+
 class Config(_Strict):
     """A whole recipe."""
 
@@ -244,6 +253,7 @@ class Config(_Strict):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
     def _check_context(self) -> "Config":

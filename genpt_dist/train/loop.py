@@ -210,37 +210,38 @@ class Trainer:
         from genpt_dist.train.metrics import MetricsLog, measure_matmul_flops, progress_line
 
         train_cfg, accum = self.cfg.train, self.cfg.deepspeed.grad_accum
-        B, T = train_cfg.micro_batch_size, self.cfg.data.seq_len
-        tokens_per_step = B * T * accum * self.world
         peak = measure_matmul_flops(torch.bfloat16 if self.precision != "fp32" else torch.float32)
         mlog = MetricsLog(self.job.run, self.step, enabled=self.rank == 0)
         batches = self.source.train_batches()
         start_step, t_start = self.step, time.time()
-        window_loss, window_steps, t_window = 0.0, 0, time.time()
+        window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.time()
         while self.step < train_cfg.steps and not self.should_stop():
             for _ in range(accum):
-                loss = self.forward_loss(next(batches))
+                batch = next(batches)
+                loss = self.forward_loss(batch)
                 self.engine.backward(loss)
                 self.engine.step()
                 window_loss += loss.item() / accum
+                window_tokens += batch.idx.numel()
             self.step += 1
-            self.tokens_seen += tokens_per_step
             window_steps += 1
             _maybe_crash(self.step, self.rank)
             last = self.step == train_cfg.steps
-            if self.step % train_cfg.log_every == 0 or last:
-                (mean_loss,) = _all_reduce_sum([window_loss / window_steps / self.world])
-                dt = time.time() - t_window
-                tok_s = tokens_per_step * window_steps / dt
+            log_now = self.step % train_cfg.log_every == 0 or last
+            if log_now or self.step % train_cfg.checkpoint_every == 0:  # the same steps on every rank
+                loss_sum, tokens = _all_reduce_sum([window_loss / window_steps, window_tokens])
+                mean_loss, dt = loss_sum / self.world, time.time() - t_window
+                self.tokens_seen += int(tokens)
+                tok_s = tokens / dt
                 mfu = self.flops_per_token * tok_s / self.world / peak
                 self.metrics.update(step=self.step, train_loss=mean_loss, tokens_per_s=tok_s, mfu=mfu,
                                     lr=self.engine.get_lr()[0], tokens_seen=self.tokens_seen)
-                if self.rank == 0:
+                if self.rank == 0 and log_now:
                     progress_line(self.job.stage, self.step, train_cfg.steps, mean_loss, tok_s, mfu,
                                   time.time() - t_start, start_step)
                 mlog.add({k: self.metrics[k] for k in ("step", "train_loss", "tokens_per_s", "mfu", "lr",
                                                        "tokens_seen")})
-                window_loss, window_steps, t_window = 0.0, 0, time.time()
+                window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.time()
             if self.step % train_cfg.eval_every == 0 or last:
                 self.metrics.update(self.evaluate())
                 mlog.add({"step": self.step, **{k: self.metrics[k] for k in ("val_loss", "val_ppl", "val_bpb")}})

@@ -1,0 +1,123 @@
+"""`pipeline`: prepare -> pretrain -> adversarial -> finetune (with a task) -> export -> report.
+
+All stages live under one run URL (`<run>/data`, `<run>/pretrain`, `<run>/adversarial`,
+`<run>/finetune`, `<run>/export`), each handed the previous stage's checkpoint. A stage whose
+newest checkpoint already reached its step count (or stopped early) is skipped; an unfinished one
+resumes, because every stage resumes from its own run folder. `<run>/pipeline.json` records each
+stage's output, figures and wall time.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from genpt_dist import storage
+from genpt_dist.checkpoint import CheckpointRef, latest_checkpoint
+from genpt_dist.config import Config
+from genpt_dist.data.prepare import prepare
+
+log = logging.getLogger(__name__)
+
+
+def finished(run: str, steps: int) -> CheckpointRef | None:
+    """The stage's final checkpoint if it is done (all steps, or stopped early), else None."""
+    ref = latest_checkpoint(run)
+    if ref is not None and (ref.step >= steps or ref.meta.get("finetune", {}).get("stopped")):
+        return ref
+    return None
+
+
+def _timed(summary: dict[str, Any], stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    t0 = time.time()
+    out = fn()
+    summary[stage] = {**out, "minutes": round((time.time() - t0) / 60, 2)}
+    return out
+
+
+def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
+             address: str | None = None) -> dict[str, Any]:
+    from genpt_dist.export import export
+    from genpt_dist.report import write_report
+    from genpt_dist.rl.stage import adversarial
+    from genpt_dist.train.finetune import best_checkpoint, finetune
+    from genpt_dist.train.pretrain import pretrain
+
+    run = storage.normalize(run)
+    summary_url = storage.join(run, "pipeline.json")
+    summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}
+    data = storage.join(run, "data")
+    _timed(summary, "prepare", lambda: prepare(inputs, data, cfg.data))
+    storage.write_json(summary_url, summary)
+
+    def stage(name: str, steps: int, go: Callable[[], dict[str, Any]], pick=latest_checkpoint) -> str:
+        stage_run = storage.join(run, name)
+        done = finished(stage_run, steps)
+        if done is not None:
+            log.info("pipeline: %s is finished (step %d); skipping it", name, done.step)
+        else:
+            _timed(summary, name, go)
+            storage.write_json(summary_url, summary)
+        ref = pick(stage_run)
+        return ref.url
+
+    current = stage("pretrain", cfg.train.steps, lambda: pretrain(data, storage.join(run, "pretrain"), cfg,
+                                                                   address=address))
+    if cfg.pipeline.adversarial:
+        init = current
+        current = stage("adversarial", cfg.adversarial.steps,
+                        lambda: adversarial(data, init, storage.join(run, "adversarial"), cfg, address=address))
+    generator = current  # the last model trained on the corpus itself
+    if task and cfg.pipeline.finetune:
+        init = current
+        current = stage("finetune", cfg.finetune.steps,
+                        lambda: finetune(task, init, storage.join(run, "finetune"), cfg, address=address),
+                        pick=best_checkpoint)
+
+    export_url = storage.join(run, "export")
+    exported = storage.join(export_url, "meta.json")
+    if not (storage.exists(exported) and storage.read_json(exported).get("source", {}).get("checkpoint") == current):
+        _timed(summary, "export", lambda: export(current, export_url, cfg.pipeline.export_format, overwrite=True))
+    summary["final_model"] = export_url
+    storage.write_json(summary_url, summary)
+    n = cfg.pipeline.report_samples
+    samples = sample_texts(generator, [""] * n, cfg)
+    if task and cfg.pipeline.finetune and n:
+        samples += task_completions(export_url, task, n, cfg)
+    report = write_report(run, samples=samples, extra={k: summary[k].get("minutes") for k in summary
+                                                       if isinstance(summary[k], dict)})
+    return {"command": "pipeline", "run": run, "model": export_url, "report": report["report"],
+            "stages": report["stages"], "samples": samples}
+
+
+def sample_texts(model: str, prompts: list[str], cfg: Config, greedy: bool = False) -> list[str]:
+    """Top-k samples (the seed's sampling strategy; greedy: top-1) continuing each prompt after <bos>."""
+    if not prompts:
+        return []
+    from genpt_dist.checkpoint import load_model
+    from genpt_dist.model.sampling import sample
+
+    gpt, tok, _ = load_model(model)
+    s = cfg.sampling
+    texts = []
+    for prompt in prompts:
+        ids = [tok.bos_id, *tok.encode(prompt)]
+        new = min(s.max_new_tokens, gpt.config.block_size - len(ids))
+        out = sample(gpt, [ids], max_new_tokens=new, top_k=1 if greedy else s.top_k, top_p=s.top_p,
+                     temperature=s.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=len(texts))
+        texts.append(prompt + tok.decode(out.tokens[0, out.prompt_width:].tolist()))
+    return texts
+
+
+def task_completions(model: str, task: str, n: int, cfg: Config) -> list[str]:
+    """Greedy completions of the first `n` held-back (val) prompts of a prompt/completion task."""
+    from genpt_dist.checkpoint import load_model
+    from genpt_dist.data.task import load_task
+
+    _, tok, ref = load_model(model)
+    data = load_task(task, tok, cfg.finetune, ref.model_config.block_size)
+    if data.kind != "prompt-completion":
+        return []
+    prompts = [tok.decode(e.tokens[1:1 + e.loss_from]) for e in data.val[:n]]
+    return sample_texts(model, prompts, cfg, greedy=True)
