@@ -178,7 +178,7 @@ class DiscriminatorTrainConfig(_Strict):
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
     pretrain_steps: int = Field(20, ge=0, description="D updates on real vs initial-policy samples before RL")
-    d_steps: int = Field(1, ge=1, description="D updates per generator update")
+    d_steps: int = Field(1, ge=0, description="D updates per generator update (0 = D fixed after pre-training)")
 
     @model_validator(mode="after")
     def _check_heads(self) -> "DiscriminatorTrainConfig":

@@ -116,9 +116,12 @@ class AdversarialTrainer(Trainer):
         r, adv = self.cfg.adversarial.rollout, self.cfg.adversarial
         prompts = [w[: 1 + r.prompt_len] for w in windows for _ in range(r.samples_per_prompt)]
         seeds = [rollout_seed(self.cfg.train.seed, step, i) for i in range(len(prompts))]
+        # Rows are sampled in batched calls of whole prompt groups, one per actor where possible; tokens
+        # depend on this grouping (fixed by the config), never on which actor serves a call.
+        per_actor = max(1, adv.prompts_per_step // r.num_actors) * r.samples_per_prompt
         return RolloutRequest(prompts=prompts, seeds=seeds, max_new_tokens=r.max_new_tokens, top_k=r.top_k,
                               top_p=r.top_p, temperature=r.temperature, mc_rollouts=adv.mc_rollouts,
-                              mc_stride=adv.mc_stride, reward_kind=adv.reward)
+                              mc_stride=adv.mc_stride, reward_kind=adv.reward, rows_per_call=per_actor)
 
     def _gather_windows(self, windows: torch.Tensor) -> list[list[int]] | None:
         import torch.distributed as dist
@@ -153,18 +156,21 @@ class AdversarialTrainer(Trainer):
             self.group.publish(self.policy_version, policy, self.disc_version, disc)
         return time.perf_counter() - t0
 
-    def disc_update(self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor) -> dict[str, float]:
-        """One BCE step: real windows labelled 1, samples labelled 0."""
+    def disc_update(self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor,
+                    update: bool = True) -> dict[str, float]:
+        """One BCE step (or, with update=False, only its accuracy): real windows 1, samples 0."""
         pad = self.tok.pad_id
         width = max(real.shape[1], fake.shape[1])
         real = F.pad(real, (0, width - real.shape[1]), value=pad)
         fake = F.pad(fake * fake_mask + pad * (1 - fake_mask), (0, width - fake.shape[1]), value=pad)
         x = torch.cat([real, fake]).to(self.device)
         y = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(self.device)
-        logits = self.disc(x, (x != pad).long()).float()
-        loss = F.binary_cross_entropy_with_logits(logits, y)
-        self.disc.backward(loss)
-        self.disc.step()
+        with torch.set_grad_enabled(update):
+            logits = self.disc(x, (x != pad).long()).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        if update:
+            self.disc.backward(loss)
+            self.disc.step()
         pred = (logits.detach() > 0).float()
         return {"d_loss": loss.item(), "d_acc_real": (pred[: len(real)] == 1).float().mean().item(),
                 "d_acc_fake": (pred[len(real):] == 0).float().mean().item()}
@@ -182,10 +188,13 @@ class AdversarialTrainer(Trainer):
         seq_adv, self.baseline = advantages(rb.rewards.to(self.device), kind=adv_cfg.baseline,
                                             group_size=adv_cfg.rollout.samples_per_prompt, state=self.baseline,
                                             ema_decay=adv_cfg.ema_decay)
-        kl = kl_per_token(logp, rb.ref_logprobs.to(self.device), mask)
+        # k3 as a loss term pulls towards the reference (k1's gradient averages to zero under pi);
+        # k1 as a reward penalty is the unbiased per-token estimate.
+        kl = kl_per_token(logp, rb.ref_logprobs.to(self.device), mask,
+                          estimator="k3" if adv_cfg.kl_mode == "loss" else "k1")
         token_rewards = rb.token_rewards.to(self.device) if rb.token_rewards is not None else None
-        adv = token_advantages(seq_adv, mask, token_rewards=token_rewards, kl=kl.detach(),
-                               kl_coef=adv_cfg.kl_coef, kl_mode=adv_cfg.kl_mode)
+        adv = token_advantages(seq_adv, mask, token_rewards=token_rewards, rewards=rb.rewards.to(self.device),
+                               kl=kl.detach(), kl_coef=adv_cfg.kl_coef, kl_mode=adv_cfg.kl_mode)
         if adv_cfg.normalize_advantages:
             from genpt_dist.rl.reward import normalize
 
@@ -221,7 +230,7 @@ class AdversarialTrainer(Trainer):
             windows = self._real_windows()
             batch = self._broadcast(rollouts(-1 - self.d_pretrained, windows))
             mine = self._my_rows(batch)
-            d_stats = self.disc_update(windows.repeat_interleave(adv.rollout.samples_per_prompt, 0)[: len(mine.tokens)],
+            d_stats = self.disc_update(windows.repeat_interleave(adv.rollout.samples_per_prompt, 0),
                                        mine.tokens, mine.attention_mask)
             self.d_pretrained += 1
             if self.rank == 0 and self.d_pretrained % adv.log_every == 0:
@@ -237,12 +246,13 @@ class AdversarialTrainer(Trainer):
             mine = self._my_rows(batch)
             rollout_s = time.time() - t0
             stats = self.policy_update(mine)
-            for _ in range(adv.discriminator.d_steps):
-                d_stats = self.disc_update(windows.repeat_interleave(adv.rollout.samples_per_prompt, 0),
-                                           mine.tokens, mine.attention_mask)
+            real = windows.repeat_interleave(adv.rollout.samples_per_prompt, 0)
+            d_stats = self.disc_update(real, mine.tokens, mine.attention_mask, update=adv.discriminator.d_steps > 0)
+            for _ in range(adv.discriminator.d_steps - 1):
+                self.disc_update(real, mine.tokens, mine.attention_mask)
             self.step += 1
             self.policy_version += 1
-            self.disc_version += 1
+            self.disc_version += adv.discriminator.d_steps > 0
             self.tokens_seen += int(batch.gen_mask.sum())
             publish_s = self.publish()
             local = [mine.rewards.mean().item(), mine.rewards.std().item() if len(mine.rewards) > 1 else 0.0,

@@ -1,0 +1,229 @@
+"""REINFORCE with a baseline, a KL guard to the pretrained model and an entropy bonus (pure tensor math).
+
+The algorithm
+-------------
+The policy pi_theta generates ``a_1..a_T`` after a prompt; the discriminator scores the sequence
+(``rl.reward``). The score-function (REINFORCE) estimator of the gradient of the expected reward is
+
+    grad J = E[ sum_t A_t * grad log pi(a_t | s_<t) ]
+
+estimated on a batch of rollouts by the loss ``-mean_t(A_t * log pi(a_t | s_<t))`` with ``A_t``
+detached. The mean runs over every generated token of the batch (token-level mean, eos included,
+padding after the stop excluded), so long sequences weigh more than short ones.
+
+``A_t`` is the sequence reward minus a baseline (``advantages``), the same for every token of a row,
+unless SeqGAN Monte Carlo token rewards are given, in which case ``A_t = Q_t - b`` with the row's
+baseline b (``token_advantages``). Baselines (none of them depends on the row's own action, so the
+estimator stays unbiased, except ``group``, which includes the row itself and shrinks A by
+(g-1)/g):
+
+* ``none``:  A = r.
+* ``ema``:   A = r - b with b an exponential moving average of past batch-mean rewards; the first
+  batch uses its own mean. The average is updated *after* the advantages are computed.
+* ``group``: A_i = r_i - mean of the g rows that share the prompt (GRPO-style, without the std).
+* ``rloo``:  A_i = r_i - mean of the *other* g-1 rows of the prompt (leave-one-out; unbiased).
+  ``group`` and ``rloo`` expect the rows of a prompt to be contiguous, ``group_size`` rows each.
+
+KL to the frozen reference pi_ref (the pretrained model) keeps the policy from collapsing onto what
+fools the discriminator. Per token, with the sampled token's log-probs under both models,
+``k1 = log pi - log pi_ref`` (unbiased for KL(pi || pi_ref), can be negative) or
+``k3 = exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` (>= 0, lower variance; Schulman 2020).
+Two ways to apply it (``kl_mode``):
+
+* ``loss``:   add ``kl_coef * mean_t(kl_t)`` to the loss, with kl computed from log-probs that carry
+  the gradient. Use k3 here: its gradient ``(1 - pi_ref/pi) grad log pi`` has expectation
+  ``grad KL(pi_ref || pi)``, a proper pull towards the reference. With k1 the term's gradient is
+  ``grad log pi(a_t)``, whose expectation under pi is zero: k1 in the loss only adds noise.
+* ``reward``: treat ``-kl_coef * kl_t`` as a per-token reward (detached), so token t is charged the
+  reward-to-go ``kl_coef * sum_{t' >= t} kl_t'`` of the KL it and its successors incur, as in
+  RLHF PPO. Subtracted from A_t before the loss.
+
+An entropy bonus ``-entropy_coef * mean_t(H(pi(. | s_<t)))`` can be added to counter early collapse.
+
+Left out, and why: no PPO importance ratio or clipping and no value network. The stage takes one
+optimizer step per rollout batch, so with ``rollout.max_staleness = 0`` the samples come from the
+policy being updated (on-policy) and the plain estimator is exact in expectation. With
+``max_staleness > 0`` rollouts may come from a policy up to that many versions old: the update is
+then mildly off-policy and *uncorrected* (no importance weights), which biases it towards the
+older policy; keep the staleness small. Rollouts are sampled with temperature / top-k / top-p, so
+strictly the behaviour distribution is the filtered one; the loss uses log-probs of the unfiltered
+policy at temperature 1 (the distribution being trained), the usual approximation.
+
+Seeds: each rollout row is sampled with its own generator, seeded with
+``rollout_seed(base_seed, step, sample_index)``: a 63-bit hash (BLAKE2b) of the run's seed, the
+policy step and the row's index within the step (``prompt_index * samples_per_prompt + j``). It
+depends on nothing else (not the actor, not the split of rows across actors, not restarts), so a
+rollout batch is reproducible and a re-issued chunk gives the same tokens. Further streams (Monte
+Carlo completions) are derived with ``derive_seed(row_seed, ...)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_SEED_BITS = 63
+
+
+def derive_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from any integers (BLAKE2b of their decimal form); order matters."""
+    text = ",".join(str(int(p)) for p in parts).encode()
+    digest = hashlib.blake2b(text, digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << _SEED_BITS) - 1)
+
+
+def rollout_seed(base_seed: int, step: int, sample_index: int) -> int:
+    """The seed of rollout row ``sample_index`` of policy step ``step`` in a run seeded ``base_seed``."""
+    return derive_seed(base_seed, step, sample_index)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``x`` over the entries where ``mask`` is 1 (0 when the mask is empty); differentiable."""
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ------------------------------------------------------------------------------------- baselines
+
+
+@dataclass
+class BaselineState:
+    """What a baseline carries across steps (checkpointed with the stage's counters)."""
+
+    ema: float | None = None  # moving average of batch-mean rewards; None before the first batch
+
+
+def advantages(rewards: Tensor, *, kind: Literal["ema", "group", "rloo", "none"], group_size: int = 1,
+               state: BaselineState | None = None, ema_decay: float = 0.9) -> tuple[Tensor, BaselineState]:
+    """Sequence advantages (B,) = reward - baseline, and the updated baseline state; see the docstring.
+
+    rewards: (B,) one per row; for ``group``/``rloo`` rows ``[k*g, (k+1)*g)`` share a prompt.
+    The state is not mutated; a new one is returned.
+    """
+    state = state or BaselineState()
+    r = rewards.detach().float()  # (B,)
+    B = r.numel()
+    if kind == "none":
+        return r.clone(), state
+    if kind == "ema":
+        batch_mean = float(r.mean())
+        base = batch_mean if state.ema is None else state.ema
+        new_ema = batch_mean if state.ema is None else ema_decay * state.ema + (1.0 - ema_decay) * batch_mean
+        return r - base, BaselineState(ema=new_ema)
+    if kind not in ("group", "rloo"):
+        raise ValueError(f"baseline kind must be ema, group, rloo or none, got {kind!r}")
+    g = group_size
+    if g < 1 or B % g:
+        raise ValueError(f"{B} rewards do not split into groups of group_size={g}")
+    if kind == "rloo" and g < 2:
+        raise ValueError("the rloo baseline needs group_size >= 2 (samples_per_prompt)")
+    grouped = r.view(B // g, g)  # (G, g)
+    total = grouped.sum(dim=1, keepdim=True)  # (G, 1)
+    if kind == "group":
+        base = total / g  # (G, 1)
+    else:
+        base = (total - grouped) / (g - 1)  # (G, g) mean of the other members
+    return (grouped - base).reshape(B), state
+
+
+# ------------------------------------------------------------------------------------------ KL
+
+
+def kl_per_token(logp: Tensor, ref_logp: Tensor, mask: Tensor,
+                 estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+    """Per-token KL(pi || pi_ref) estimate (B, N) from sampled-token log-probs; 0 where mask is 0.
+
+    Differentiable through ``logp``. k1 = logp - ref_logp; k3 = exp(-d) + d - 1 with d = logp - ref_logp.
+    """
+    d = logp - ref_logp  # (B, N)
+    if estimator == "k1":
+        kl = d
+    elif estimator == "k3":
+        kl = torch.expm1(-d) + d  # (B, N) = exp(-d) - 1 + d >= 0
+    else:
+        raise ValueError(f"KL estimator must be k1 or k3, got {estimator!r}")
+    return kl.masked_fill(~mask.bool(), 0.0)  # (B, N)
+
+
+def reward_to_go(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, N) suffix sums ``sum_{t' >= t} x_t'`` over masked entries; 0 where mask is 0."""
+    m = mask.bool()
+    x = x.masked_fill(~m, 0.0)  # (B, N)
+    rtg = x.flip(-1).cumsum(-1).flip(-1)  # (B, N)
+    return rtg.masked_fill(~m, 0.0)
+
+
+def token_advantages(seq_adv: Tensor, mask: Tensor, *, token_rewards: Tensor | None = None,
+                     rewards: Tensor | None = None, kl: Tensor | None = None, kl_coef: float = 0.0,
+                     kl_mode: Literal["loss", "reward"] = "loss") -> Tensor:
+    """Per-token advantages (B, N), detached, 0 where ``mask`` is 0.
+
+    * Without ``token_rewards``: ``A_t = seq_adv`` on every generated token.
+    * With MC ``token_rewards`` (B, N): ``A_t = token_rewards_t - b`` where ``b = rewards - seq_adv`` is
+      the baseline ``advantages`` subtracted; ``rewards`` (B,) is then required.
+    * ``kl_mode="reward"`` with ``kl`` (B, N) and ``kl_coef > 0``: additionally
+      ``A_t -= kl_coef * sum_{t' >= t} kl_t'`` (the KL reward-to-go). In ``loss`` mode kl is ignored here.
+
+    Normalise afterwards if wanted: ``rl.reward.normalize(adv, mask)``.
+    """
+    m = mask.bool()
+    B, N = m.shape
+    if token_rewards is None:
+        adv = seq_adv.detach().float()[:, None].expand(B, N).clone()  # (B, N)
+    else:
+        if rewards is None:
+            raise ValueError("token_advantages with token_rewards needs the sequence rewards (for the baseline)")
+        baseline = (rewards.detach().float() - seq_adv.detach().float())[:, None]  # (B, 1)
+        adv = token_rewards.detach().float() - baseline  # (B, N)
+    if kl_mode not in ("loss", "reward"):
+        raise ValueError(f"kl_mode must be loss or reward, got {kl_mode!r}")
+    if kl_mode == "reward" and kl is not None and kl_coef != 0.0:
+        adv = adv - kl_coef * reward_to_go(kl.detach().float(), m)  # (B, N)
+    return adv.masked_fill(~m, 0.0)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy (...,) of softmax(logits) over the last dim, float32; differentiable."""
+    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
+    return -(logp.exp() * logp).sum(dim=-1)  # (...,)
+
+
+# ---------------------------------------------------------------------------------------- loss
+
+
+def reinforce_loss(logp: Tensor, adv: Tensor, mask: Tensor, *, kl: Tensor | None = None, kl_coef: float = 0.0,
+                   kl_mode: Literal["loss", "reward"] = "loss", entropy: Tensor | None = None,
+                   entropy_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+    """The REINFORCE loss (scalar, differentiable) and its stats; token-level means over ``mask``.
+
+    logp: (B, N) log pi(a_t | s_<t) of the sampled tokens, with grad. adv: (B, N) advantages
+    (detached here). mask: (B, N) 1 for generated tokens. kl: (B, N) per-token KL with grad
+    (``kl_per_token(logp, ref_logp, mask)``), added as ``kl_coef * mean(kl)`` when kl_mode is "loss"
+    (in "reward" mode it is reported only; it belongs in ``token_advantages``). entropy: (B, N)
+    per-token policy entropy with grad, subtracted as ``entropy_coef * mean(entropy)``.
+
+    loss = mean(-adv * logp) [+ kl_coef * mean(kl)] [- entropy_coef * mean(entropy)].
+    Stats: loss, pg_loss, kl, entropy, adv_mean, adv_std (plain floats; kl/entropy 0 when not given).
+    """
+    m = mask.bool()
+    a = adv.detach().float()  # (B, N)
+    pg = masked_mean(-a * logp.float(), m)
+    loss = pg
+    stats = {"pg_loss": float(pg.detach())}
+    kl_mean = masked_mean(kl.float(), m) if kl is not None else None
+    if kl_mean is not None and kl_mode == "loss" and kl_coef != 0.0:
+        loss = loss + kl_coef * kl_mean
+    ent_mean = masked_mean(entropy.float(), m) if entropy is not None else None
+    if ent_mean is not None and entropy_coef != 0.0:
+        loss = loss - entropy_coef * ent_mean
+    a_mean = masked_mean(a, m)
+    a_std = masked_mean((a - a_mean) ** 2, m).sqrt()
+    stats.update(loss=float(loss.detach()), kl=float(kl_mean.detach()) if kl_mean is not None else 0.0,
+                 entropy=float(ent_mean.detach()) if ent_mean is not None else 0.0,
+                 adv_mean=float(a_mean), adv_std=float(a_std))
+    return loss, stats

@@ -1,0 +1,177 @@
+"""Pure tensor math of the adversarial stage: rewards, baselines, KL, token advantages, the loss, seeds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from genpt_dist.rl.reinforce import (BaselineState, advantages, derive_seed, kl_per_token, reinforce_loss,
+                                     reward_to_go, rollout_seed, token_advantages, token_entropy)
+from genpt_dist.rl.reward import mc_token_rewards, normalize, sequence_reward
+
+
+def close(actual, expected, atol=1e-6):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- rewards
+
+
+def test_sequence_reward_prob_and_log():
+    logits = torch.tensor([0.0, math.log(3.0), -2.0])
+    close(sequence_reward(logits, "prob"), [0.5, 0.75, 1 / (1 + math.e ** 2)])
+    close(sequence_reward(logits, "log"), [math.log(0.5), math.log(0.75), -math.log(1 + math.e ** 2)])
+    assert torch.isfinite(sequence_reward(torch.tensor([-200.0]), "log")).all()  # no log(0)
+    with pytest.raises(ValueError, match="prob"):
+        sequence_reward(logits, "logit")
+
+
+def test_mc_token_rewards_backward_fill():
+    scores = torch.tensor([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]])
+    positions = torch.tensor([1, 4])
+    final = torch.tensor([0.9, 0.8, 0.7])
+    lengths = torch.tensor([8, 4, 5])
+    gen_mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    out = mc_token_rewards(scores, positions, final, gen_mask)
+    close(out, [
+        [0.1, 0.1, 0.2, 0.2, 0.2, 0.9, 0.9, 0.9],  # tokens after the last prefix take the final reward
+        [0.3, 0.3, 0.8, 0.8, 0.0, 0.0, 0.0, 0.0],  # prefix at 4 lies past the end: final; then zeros
+        [0.5, 0.5, 0.7, 0.7, 0.7, 0.0, 0.0, 0.0],  # prefix at 4 is the whole row: its own reward
+    ])
+
+
+def test_mc_token_rewards_without_prefixes_is_the_final_reward():
+    gen_mask = torch.tensor([[1, 1, 0]])
+    out = mc_token_rewards(torch.zeros(1, 0), torch.zeros(0, dtype=torch.long), torch.tensor([0.4]), gen_mask)
+    close(out, [[0.4, 0.4, 0.0]])
+
+
+def test_normalize_masked():
+    x = torch.tensor([1.0, 2.0, 3.0, float("inf")])
+    out = normalize(x, torch.tensor([1, 1, 1, 0]))
+    s = math.sqrt(2 / 3)
+    close(out, [-1 / s, 0.0, 1 / s, 0.0], atol=1e-5)
+    close(normalize(torch.tensor([2.0, 4.0]), center=False), [2.0, 4.0], atol=1e-5)  # std 1
+    close(normalize(torch.tensor([5.0])), [0.0])
+
+
+# --------------------------------------------------------------------------------------- baselines
+
+
+R = torch.tensor([1.0, 2.0, 3.0, 6.0])
+
+
+def test_advantages_none_group_rloo_exact():
+    adv, _ = advantages(R, kind="none")
+    close(adv, [1.0, 2.0, 3.0, 6.0])
+    adv, _ = advantages(R, kind="group", group_size=2)
+    close(adv, [-0.5, 0.5, -1.5, 1.5])
+    adv, _ = advantages(R, kind="rloo", group_size=2)
+    close(adv, [-1.0, 1.0, -3.0, 3.0])
+    adv, _ = advantages(R, kind="rloo", group_size=4)
+    close(adv, [1 - 11 / 3, 2 - 10 / 3, 0.0, 4.0], atol=1e-5)
+
+
+def test_advantages_ema_updates_after_use():
+    adv, state = advantages(R, kind="ema", state=BaselineState(), ema_decay=0.9)
+    close(adv, [-2.0, -1.0, 0.0, 3.0])  # first batch: its own mean
+    assert state.ema == pytest.approx(3.0)
+    adv, state2 = advantages(torch.full((4,), 5.0), kind="ema", state=state, ema_decay=0.9)
+    close(adv, [2.0] * 4)  # the old average, not one that already saw this batch
+    assert state2.ema == pytest.approx(0.9 * 3.0 + 0.1 * 5.0)
+    assert state.ema == pytest.approx(3.0)  # not mutated
+
+
+def test_advantages_reject_bad_groups():
+    with pytest.raises(ValueError, match="group_size=3"):
+        advantages(R, kind="group", group_size=3)
+    with pytest.raises(ValueError, match="rloo"):
+        advantages(R, kind="rloo", group_size=1)
+    with pytest.raises(ValueError, match="baseline kind"):
+        advantages(R, kind="mean")
+
+
+# ----------------------------------------------------------------------------------- KL, advantages
+
+
+def test_kl_per_token_k1_k3_masked():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    close(kl_per_token(logp, ref, mask), [[0.5, -1.0, 0.0]])
+    d = torch.tensor([0.5, -1.0])
+    close(kl_per_token(logp, ref, mask, "k3"), [[*(torch.exp(-d) + d - 1).tolist(), 0.0]])
+    assert (kl_per_token(logp, ref, mask, "k3") >= 0).all()
+
+
+def test_token_advantages_broadcast_and_kl_reward_to_go():
+    seq_adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    close(token_advantages(seq_adv, mask), [[1.0, 1.0, 1.0, 0.0], [-2.0, -2.0, 0.0, 0.0]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0], [0.5, 0.5, 9.0, 9.0]])
+    close(reward_to_go(kl, mask), [[0.6, 0.5, 0.3, 0.0], [1.0, 0.5, 0.0, 0.0]], atol=1e-6)
+    out = token_advantages(seq_adv, mask, kl=kl, kl_coef=2.0, kl_mode="reward")
+    close(out, [[-0.2, 0.0, 0.4, 0.0], [-4.0, -3.0, 0.0, 0.0]], atol=1e-6)
+    # In loss mode the KL stays out of the advantages.
+    close(token_advantages(seq_adv, mask, kl=kl, kl_coef=2.0, kl_mode="loss"), token_advantages(seq_adv, mask))
+
+
+def test_token_advantages_with_mc_rewards_subtract_the_baseline():
+    rewards, seq_adv = torch.tensor([3.0, 1.0]), torch.tensor([1.0, -2.0])  # baselines 2 and 3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    token_rewards = torch.tensor([[2.5, 3.0, 4.0, 7.0], [1.0, 2.0, 5.0, 5.0]])
+    out = token_advantages(seq_adv, mask, token_rewards=token_rewards, rewards=rewards)
+    close(out, [[0.5, 1.0, 2.0, 0.0], [-2.0, -1.0, 0.0, 0.0]])
+    with pytest.raises(ValueError, match="rewards"):
+        token_advantages(seq_adv, mask, token_rewards=token_rewards)
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+
+def test_reinforce_loss_gradient_direction_and_masking():
+    logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    adv = torch.tensor([[2.0, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    loss, stats = reinforce_loss(logp, adv, mask)
+    loss.backward()
+    close(logp.grad, [[-1.0, 0.5, 0.0]])  # -adv / n_tokens; the padded token gets nothing
+    assert logp.grad[0, 0] < 0 < logp.grad[0, 1]  # descent raises the good token, lowers the bad one
+    assert stats["loss"] == pytest.approx(-(2 * -1.0 - 1 * -2.0) / 2)
+    assert stats["adv_mean"] == pytest.approx(0.5) and stats["adv_std"] == pytest.approx(1.5)
+    assert set(stats) == {"loss", "pg_loss", "kl", "entropy", "adv_mean", "adv_std"}
+
+
+def test_reinforce_loss_kl_and_entropy_terms():
+    logits = torch.randn(2, 3, 7, requires_grad=True)
+    tokens = torch.randint(0, 7, (2, 3))
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)  # (2, 3)
+    ref = logp.detach() - 0.3
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    adv = torch.zeros(2, 3)
+    kl = kl_per_token(logp, ref, mask, "k1")
+    ent = token_entropy(logits)
+    loss, stats = reinforce_loss(logp, adv, mask, kl=kl, kl_coef=0.5, kl_mode="loss", entropy=ent, entropy_coef=0.1)
+    assert stats["kl"] == pytest.approx(0.3, abs=1e-5)
+    assert stats["entropy"] == pytest.approx(float((ent.detach() * mask).sum() / 4), abs=1e-5)
+    assert stats["loss"] == pytest.approx(0.5 * 0.3 - 0.1 * stats["entropy"], abs=1e-5)
+    loss.backward()
+    assert logits.grad.abs().sum() > 0
+    # In reward mode the KL is only reported.
+    loss_r, stats_r = reinforce_loss(logp, adv, mask, kl=kl, kl_coef=0.5, kl_mode="reward")
+    assert stats_r["kl"] == pytest.approx(0.3, abs=1e-5) and float(loss_r.detach()) == pytest.approx(0.0, abs=1e-7)
+
+
+# -------------------------------------------------------------------------------------------- seeds
+
+
+def test_rollout_seed_deterministic_and_distinct():
+    assert rollout_seed(7, 3, 5) == rollout_seed(7, 3, 5)
+    seeds = {rollout_seed(base, step, i) for base in (0, 1) for step in range(20) for i in range(50)}
+    assert len(seeds) == 2 * 20 * 50
+    assert all(0 <= s < 2 ** 63 for s in seeds)
+    assert rollout_seed(0, 1, 2) != rollout_seed(0, 2, 1)
+    assert rollout_seed(0, 1, 2) == derive_seed(0, 1, 2)
+    assert rollout_seed(0, 12, 3) != rollout_seed(0, 1, 23)  # no ambiguity in the encoding
