@@ -31,17 +31,16 @@ from __future__ import annotations
 import copy
 import logging
 import time
-import warnings
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Mapping, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Mapping, NamedTuple
 
-import numpy as np
 import ray
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from genpt_dist.errors import UserError
+from genpt_dist.rl.batch import RolloutBatch, RolloutRequest  # noqa: F401 (part of this module's API)
+from genpt_dist.rl.weights import PackedState, pack_state, unpack_state  # noqa: F401
 from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import sample
@@ -52,164 +51,6 @@ log = logging.getLogger(__name__)
 
 _MC_STREAM = 1  # tag of the Monte Carlo seed stream in derive_seed
 _ACTOR_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-
-
-# ----------------------------------------------------------------------------------------- batches
-
-
-@dataclass
-class RolloutRequest:
-    """Rows to sample; a row is one prompt with its own seed (rows of a prompt repeat it)."""
-
-    prompts: list[list[int]]  # B prompts of token ids, each starting with <bos>
-    seeds: list[int]  # (B,) one seed per row, e.g. reinforce.rollout_seed(seed, step, row)
-    max_new_tokens: int  # most tokens sampled per row, eos included
-    top_k: int | None = None  # sample among the k most likely tokens (None = all)
-    top_p: float | None = None  # nucleus mass (None = 1)
-    temperature: float = 1.0  # softmax temperature of the sampling distribution
-    mc_rollouts: int = 0  # SeqGAN completions per measured prefix (0 = sequence reward only)
-    mc_stride: int = 8  # a prefix is measured every mc_stride generated tokens
-    reward_kind: Literal["prob", "log"] = "prob"  # reward D(x) or log D(x)
-    rows_per_call: int = 1  # consecutive rows sampled in one batched call; never split across actors
-
-    def __post_init__(self) -> None:
-        if not self.prompts:
-            raise ValueError("a rollout request needs at least one row")
-        if len(self.seeds) != len(self.prompts):
-            raise ValueError(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds (one per row)")
-        if self.rows_per_call < 1 or self.mc_stride < 1 or self.mc_rollouts < 0:
-            raise ValueError("rows_per_call and mc_stride must be >= 1, mc_rollouts >= 0")
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def rows(self, start: int, stop: int) -> "RolloutRequest":
-        """The same request for rows [start, stop) only."""
-        return replace(self, prompts=self.prompts[start:stop], seeds=self.seeds[start:stop])
-
-
-@dataclass
-class RolloutBatch:
-    """Sampled rows with everything the policy and discriminator updates need; rows in request order."""
-
-    tokens: Tensor  # (B, P + N) int64: left-padded prompt, generated tokens, pad_id after the stop
-    prompt_width: int  # P: generated token n of a row sits in column P + n
-    attention_mask: Tensor  # (B, P + N) int64: 1 for real prompt and generated tokens (eos incl.),
-    #                         0 for the left pad and after the stop
-    logprobs: Tensor  # (B, N) float32: log-prob of each sampled token under the distribution sampled
-    #                   from (temperature, top-k, top-p applied); 0 where not generated
-    ref_logprobs: Tensor  # (B, N) float32: the same tokens under the frozen reference at temperature 1,
-    #                       full vocabulary; 0 where not generated
-    gen_mask: Tensor  # (B, N) int64: 1 for generated tokens (eos incl.); = attention_mask[:, P:]
-    lengths: Tensor  # (B,) int64: generated tokens per row, eos included
-    d_logits: Tensor  # (B,) float32: discriminator logit of prompt + generated tokens (> 0 = "real")
-    rewards: Tensor  # (B,) float32: sequence reward, D(x) or log D(x) (the request's reward_kind)
-    token_rewards: Tensor | None  # (B, N) float32: SeqGAN MC rewards, 0 where not generated; None without MC
-    policy_version: int  # version of the policy that sampled every row (-1: the reference weights)
-    disc_version: int  # version of the discriminator that scored them (-1: never loaded)
-    seconds: float  # worker seconds spent on the request (summed over actors after concat)
-    actor: str  # which actor(s) produced the rows, comma-separated
-    pad_id: int = 0  # the pad token in tokens
-    sync_seconds: float = 0.0  # part of seconds: fetching and loading published weights
-    mc_seconds: float = 0.0  # part of seconds: sampling and scoring Monte Carlo completions
-    mc_tokens: int = 0  # MC cost: token slots sampled for completions (rows x steps run)
-    sampled_tokens: int = 0  # token slots sampled for the rows themselves (rows x steps run)
-
-    @property
-    def batch_size(self) -> int:
-        return self.tokens.size(0)
-
-    @property
-    def gen_width(self) -> int:
-        """N, the generated width (the longest row)."""
-        return self.tokens.size(1) - self.prompt_width
-
-    @property
-    def generated(self) -> Tensor:
-        """(B, N) the generated tokens."""
-        return self.tokens[:, self.prompt_width:]
-
-    @classmethod
-    def concat(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
-        """Rows of all batches in order; the prompt part is left-padded and the generated part
-        right-padded to the widest batch. Versions must agree; costs are summed."""
-        if not batches:
-            raise ValueError("nothing to concatenate")
-        if len(batches) == 1:
-            return batches[0]
-        versions = {(b.policy_version, b.disc_version) for b in batches}
-        if len(versions) > 1:
-            raise ValueError(f"cannot concatenate rollouts of different (policy, disc) versions {sorted(versions)}")
-        if len({b.token_rewards is None for b in batches}) > 1:
-            raise ValueError("cannot concatenate batches with and without Monte Carlo token rewards")
-        P = max(b.prompt_width for b in batches)
-        N = max(b.gen_width for b in batches)
-        out: dict[str, Any] = {}
-        for name in ("tokens", "attention_mask"):  # (B_b, P_b + N_b) -> (B_b, P + N)
-            fill = batches[0].pad_id if name == "tokens" else 0
-            out[name] = torch.cat([F.pad(getattr(b, name), (P - b.prompt_width, N - b.gen_width), value=fill)
-                                   for b in batches])
-        for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards"):  # (B_b, N_b) -> (B_b, N)
-            if getattr(batches[0], name) is not None:
-                out[name] = torch.cat([F.pad(getattr(b, name), (0, N - b.gen_width)) for b in batches])
-        for name in ("lengths", "d_logits", "rewards"):  # (B_b,)
-            out[name] = torch.cat([getattr(b, name) for b in batches])
-        for name in ("seconds", "sync_seconds", "mc_seconds", "mc_tokens", "sampled_tokens"):
-            out[name] = sum(getattr(b, name) for b in batches)
-        return replace(batches[0], prompt_width=P, actor=",".join(b.actor for b in batches), **out)
-
-
-# ------------------------------------------------------------------------------------ weights
-
-
-@dataclass
-class PackedState:
-    """A state dict ready for the object store."""
-
-    arrays: dict[str, np.ndarray]  # name -> host array (bfloat16 stored as its int16 bits)
-    aliases: dict[str, str] = field(default_factory=dict)  # name -> name it shares storage with (tied weights)
-    bf16: list[str] = field(default_factory=list)  # names whose arrays hold bfloat16 bits
-
-
-def pack_state(state: Mapping[str, Tensor | np.ndarray] | PackedState) -> PackedState:
-    """Host numpy arrays of a state dict; entries that share storage (tied weights) are stored once."""
-    if isinstance(state, PackedState):
-        return state
-    arrays: dict[str, np.ndarray] = {}
-    aliases: dict[str, str] = {}
-    bf16: list[str] = []
-    seen: dict[tuple, str] = {}
-    for name, value in state.items():
-        if isinstance(value, np.ndarray):
-            arrays[name] = value
-            continue
-        t = value.detach()
-        key = (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
-        if t.data_ptr() != 0 and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        t = t.to("cpu").contiguous()
-        if t.dtype == torch.bfloat16:
-            t = t.view(torch.int16)
-            bf16.append(name)
-        arrays[name] = t.numpy()
-    return PackedState(arrays=arrays, aliases=aliases, bf16=bf16)
-
-
-def unpack_state(state: Mapping[str, Tensor | np.ndarray] | PackedState) -> dict[str, Tensor]:
-    """Tensors of a packed (or plain) state dict; arrays from the object store are shared, not copied."""
-    if not isinstance(state, PackedState):
-        state = pack_state(state)
-    out: dict[str, Tensor] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # read-only object-store arrays; only read here
-        for name, arr in state.arrays.items():
-            t = torch.from_numpy(arr)
-            out[name] = t.view(torch.bfloat16) if name in state.bf16 else t
-    for name, src in state.aliases.items():
-        out[name] = out[src]
-    return out
 
 
 # ------------------------------------------------------------------------------------- worker

@@ -3,6 +3,12 @@
 `TorchTrainer` with `ScalingConfig` (workers, CPUs/GPUs each), `TorchConfig` (gloo on CPU, nccl on GPU,
 timeout), `RunConfig(storage_path=<run URL>, name="checkpoints")` with the storage seam's pyarrow
 filesystem for s3://, `CheckpointConfig(num_to_keep)` and `FailureConfig(max_failures)`.
+
+Elastic runs (`scaling.num_workers: [min, max]`) get Ray Train's elastic `ScalingConfig(num_workers=
+(min, max))`: it starts with as many workers as the cluster holds (at least min) and restarts the group
+with another size when nodes go or come; each restart resumes from the latest checkpoint, re-partitioned
+for the new size (`train.elastic`). Before Ray Train asks for workers, `check_fits` refuses what the
+cluster can never hold and, with an autoscaler, waits for the minimum to be there.
 """
 
 from __future__ import annotations
@@ -10,13 +16,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from datetime import timedelta
 from typing import Any, Callable
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from genpt_dist.config import Config
-from genpt_dist.raycluster import check_fits, init_ray, worker_env
+from genpt_dist.raycluster import check_fits, init_ray, release_resources, worker_env
 from genpt_dist.train.loop import Job
 
 log = logging.getLogger(__name__)
@@ -33,8 +38,8 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
     init_ray(address)
     lo, hi = cfg.scaling.worker_range
     extra_cpus, extra_gpus, extra_what = also_needs
-    check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus,
-               extra_what=extra_what)
+    asked = check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
+                       extra_gpus=extra_gpus, extra_what=extra_what)
     job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
     fs, path = storage.pyarrow_filesystem(job.run)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -55,7 +60,11 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if asked:  # Ray Train's own requests took over; let idle nodes go when it is done
+            release_resources()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
