@@ -195,7 +195,8 @@ def size(url: str) -> int:
 
 
 def list_files(url: str) -> list[str]:
-    """Every file under the folder/prefix `url`, recursively, sorted, as full URLs."""
+    """Every file under the folder/prefix `url`, recursively, sorted, as full URLs (S3 "folder" marker
+    objects, the empty keys ending in "/" that pyarrow and consoles create, are not files)."""
     if not is_s3(url):
         root = Path(url)
         if root.is_file():
@@ -207,7 +208,7 @@ def list_files(url: str) -> list[str]:
     paginator = s3_client().get_paginator("list_objects_v2")
     pages = _call(url, lambda: list(paginator.paginate(Bucket=bucket, Prefix=prefix)))
     for page in pages:
-        out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []))
+        out.extend(f"s3://{bucket}/{obj['Key']}" for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
     return sorted(out)
 
 
@@ -247,8 +248,28 @@ def read_bytes(url: str, start: int | None = None, end: int | None = None) -> by
     kwargs: dict[str, Any] = {"Bucket": bucket, "Key": key}
     if start is not None or end is not None:
         kwargs["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
-    body = _call(url, s3_client().get_object, **kwargs)["Body"]
-    return _call(url, body.read)
+    return _get_whole(url, kwargs)
+
+
+def _get_whole(url: str, kwargs: dict[str, Any]) -> bytes:
+    """GET an object (or range) and read all of its body; a body cut off mid-stream (botocore retries the
+    request, not the read) is fetched again, up to AWS_MAX_ATTEMPTS times with a short backoff."""
+    import time
+
+    from botocore.exceptions import (ConnectionClosedError, IncompleteReadError, ReadTimeoutError,
+                                     ResponseStreamingError)
+
+    attempts = max(1, s3_settings()["max_attempts"])
+    for attempt in range(1, attempts + 1):
+        body = _call(url, s3_client().get_object, **kwargs)["Body"]
+        try:
+            return body.read()
+        except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError) as exc:
+            body.close()
+            if attempt == attempts:
+                raise _s3_error(exc, url) from exc
+            time.sleep(min(0.05 * 2 ** attempt, 2.0))
+    raise AssertionError("unreachable")
 
 
 def read_text(url: str) -> str:
