@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 from genpt_dist import storage
+from genpt_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 STAGES = ("pretrain", "adversarial", "finetune")
@@ -109,6 +110,8 @@ def write_report(run: str, samples: list[str] | None = None, extra: dict[str, An
     """Write the PNGs and report.md under `run`; returns what was written."""
     run = storage.normalize(run)
     records = stage_metrics(run)
+    if not records:
+        raise UserError(f"no metrics.jsonl at {run} or under its stages ({', '.join(STAGES)}): not a run")
     pngs = []
     for name, title, series, ylabel in PLOTS:
         png = _plot(records, series, title, ylabel)

@@ -175,13 +175,13 @@ def exists(url: str) -> bool:
     """True if a file (object) exists at `url`."""
     if not is_s3(url):
         return Path(url).is_file()
-    from botocore.exceptions import ClientError
+    from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = split_s3(url)
     try:
         s3_client().head_object(Bucket=bucket, Key=key)
         return True
-    except ClientError as exc:
+    except (ClientError, BotoCoreError) as exc:
         if _is_missing(exc):
             return False
         raise _s3_error(exc, url) from exc

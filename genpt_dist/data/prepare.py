@@ -111,12 +111,14 @@ codecs.register_error("genpt_count_replace", _count_replacements)
 
 
 def normalise(data: bytes) -> tuple[str | None, int]:
-    """bytes -> (text, replaced) or (None, 0) for a binary file."""
+    """bytes -> (text, replaced) or (None, 0) for a binary file (a NUL early on, or no valid UTF-8 at all)."""
     if b"\x00" in data[:8192]:
         return None, 0
     before = _count_replacements.n  # type: ignore[attr-defined]
     text = data.decode("utf-8", errors="genpt_count_replace")
     replaced = _count_replacements.n - before  # type: ignore[attr-defined]
+    if replaced and not text.replace("\ufffd", "").strip():  # not one valid character: not text at all
+        return None, 0
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return text, replaced
 
