@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 import re
 import sys
 import tempfile
@@ -141,12 +142,45 @@ def download(ref: CheckpointRef, local_dir: str | Path) -> Path:
     return Path(local_dir)
 
 
+def _stage0_fp32(states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Weights of a ZeRO-0 checkpoint: the optimizer's fp32 master copies where it kept them.
+
+    With bf16, ZeRO-0 saves the bf16 module and, in the optimizer state, ``fp32_groups``: per param
+    group, the fp32 masters in parameter order. Each module tensor takes the head of the group whose
+    master has its shape and rounds to exactly its value; tied aliases and frozen parameters keep the
+    module's tensor. Anything that does not line up falls back to the module's (bf16) weights."""
+    module = states["module"]
+    groups = [list(g) for g in ((states.get("optimizer") or {}).get("fp32_groups") or [])]
+    if not groups or all(v.dtype == torch.float32 for v in module.values()):
+        return {k: v.float() for k, v in module.items()}
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for name, tensor in module.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr in seen:  # lm_head.weight is transformer.wte.weight
+            out[name] = out[seen[ptr]]
+            continue
+        seen[ptr] = name
+        for group in groups:
+            head = group[0] if group else None
+            if head is not None and head.shape == tensor.shape and torch.equal(head.to(tensor.dtype), tensor):
+                out[name] = group.pop(0).float()
+                break
+        else:
+            out[name] = tensor.float()
+    if any(groups):
+        log.warning("ZeRO-0 checkpoint: fp32 master weights do not line up with the module; using its %s weights",
+                    next(iter(module.values())).dtype)
+        return {k: v.float() for k, v in module.items()}
+    return out
+
+
 def consolidate_local(folder: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     """fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage and world size."""
     ds_dir = Path(folder) / DS_DIR
     if int(meta["zero_stage"]) == 0:
         states = torch.load(ds_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
+        return _stage0_fp32(states)
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no "Setting accelerator to CPU" warning
     # DeepSpeed prints its progress (and binds its logger, on first import) to stdout, which belongs
@@ -163,7 +197,13 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     if ref.is_export:
         from safetensors.torch import load as load_safetensors
 
-        state = load_safetensors(storage.read_bytes(storage.join(ref.url, ref.meta.get("weights", "model.safetensors"))))
+        from safetensors import SafetensorError
+
+        weights = storage.join(ref.url, ref.meta.get("weights", "model.safetensors"))
+        try:
+            state = load_safetensors(storage.read_bytes(weights))
+        except SafetensorError as exc:
+            raise UserError(f"cannot read {weights}: {exc}".splitlines()[0]) from None
         if ref.meta.get("weights_layout") == "hf":  # an `export --format hf` folder: HF names and Conv1D layout
             from genpt_dist.hf_compat import from_hf_state_dict
 
@@ -173,7 +213,7 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         storage.download_dir(storage.join(ref.url, DS_DIR), Path(tmp) / DS_DIR)
         try:
             state = consolidate_local(tmp, ref.meta)
-        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        except (FileNotFoundError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise UserError(f"cannot consolidate {ref.url}: {exc}".splitlines()[0]) from None
     frozen = storage.join(ref.url, FROZEN)
     if storage.exists(frozen):  # parameters a fine-tune held fixed, exactly (the engine may hold bf16 copies)

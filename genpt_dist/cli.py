@@ -62,6 +62,20 @@ def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
     return finetune(args.task, args.init, args.run, cfg, address=args.address)
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.config import load_config
+    from genpt_dist.pipeline import pipeline
+
+    cfg = load_config(args.config, args.overrides)
+    return pipeline(args.input, args.run, cfg, task=args.task, address=args.address)
+
+
+def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.report import write_report
+
+    return {"command": "report", **write_report(args.run)}
+
+
 def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.demo import run_demo
 
@@ -135,6 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _address_arg(p)
     p.set_defaults(fn=_cmd_finetune)
+
+    p = sub.add_parser("pipeline", help="prepare -> pretrain -> adversarial -> finetune -> export, one run URL")
+    p.add_argument("--input", nargs="+", required=True, metavar="SRC", help="files, folders, globs or s3:// prefixes")
+    p.add_argument("--run", required=True, metavar="URL", help="run folder; again = skip finished, resume unfinished")
+    p.add_argument("--task", metavar="SRC", help="fine-tuning task (prompt/completion JSONL or text)")
+    _config_args(p)
+    _address_arg(p)
+    p.set_defaults(fn=_cmd_pipeline)
+
+    p = sub.add_parser("report", help="plots and report.md of a run")
+    p.add_argument("run", metavar="RUN", help="a pipeline run or a stage's run folder")
+    p.set_defaults(fn=_cmd_report)
 
     p = sub.add_parser("demo", help="the pipeline on the embedded corpus, local Ray, under ./runs/demo")
     p.add_argument("--run", default="runs/demo", metavar="URL", help="where the demo writes (default runs/demo)")

@@ -23,6 +23,8 @@ from typing import IO, Any, Iterable
 from genpt_dist.errors import UserError
 
 MULTIPART_THRESHOLD = 64 << 20
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 DEFAULT_REGION = "us-east-1"
 
 
@@ -322,6 +324,7 @@ def write_bytes(url: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

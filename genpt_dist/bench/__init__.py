@@ -20,6 +20,7 @@ BENCHES: dict[str, str] = {
     "loader": "genpt_dist.bench.data:bench_loader",
     "prepare": "genpt_dist.bench.data:bench_prepare",
     "generate": "genpt_dist.bench.generate:bench_generate",
+    "oracle": "genpt_dist.bench.oracle:bench_oracle",
 }
 
 

@@ -6,20 +6,35 @@ Algorithm:
    attention mask (1 real, 0 pad); the model derives positions from the mask, so a padded row gives
    the same distribution as the row alone. When every prompt has the same length the mask is dropped
    and the causal fast path is used.
-2. With ``use_cache=True`` the prompt is prefilled into a ``KVCache`` sized P + max_new_tokens, then
-   each step feeds only the last sampled token (B, 1). With ``use_cache=False`` each step reruns the
-   full sequence (for benchmarks); the random stream is consumed identically, so the same seed gives
-   the same tokens.
-3. Each step: ``filter_logits`` applies temperature, then top-k, then top-p (nucleus) to the last
-   logits and renormalises to log-probs; a token is drawn by inverse CDF with one uniform per row
-   (``u * total`` searched in the cumulative probabilities, so filtered-out tokens are never drawn and
-   the draw is robust to round-off); its log-prob under that same filtered distribution is recorded.
-4. A row stops after emitting ``eos_id``; later positions get ``pad_id`` and log-prob 0 (the mask
-   stays 1 there, which only affects rows that are already finished). The loop ends early once every
-   row has stopped. The per-token step is vectorised over rows.
+2. With ``use_cache=True`` the prompt is prefilled into a ``KVCache`` sized P + max_new_tokens through
+   ``GPT.forward``; each later step feeds only the last sampled token (B, 1). With ``use_cache=False``
+   each step reruns the full sequence (the benchmark's baseline); the random stream is consumed
+   identically, so the same seed gives the same tokens.
+3. Each step keeps only the candidates: ``torch.topk`` for top-k (sorted), a full sort when only
+   top-p is set, every token otherwise. Temperature divides the candidates' logits, the nucleus
+   (top-p) drops the sorted candidates whose more likely predecessors already hold ``top_p`` of the
+   mass (the most likely always survives), and ``log_softmax`` renormalises. This is the distribution
+   of ``filter_logits`` restricted to its support, so the recorded log-prob of a sampled token equals
+   ``filter_logits(...)`` at that token; only (B, k) tensors are touched after the top-k.
+4. A token is drawn by the exponential race: ``argmax(p_i / E_i)`` with ``E_i ~ Exp(1)`` picks i with
+   probability ``p_i`` (the Gumbel-max trick without logs); filtered tokens have ``p_i = 0`` and are
+   never drawn. One ``exponential_`` call per step, all rows at once.
+5. A row stops after emitting ``eos_id``; later positions get ``pad_id`` and log-prob 0 (the mask
+   stays 1 there, which only affects rows that are already finished). Whether every row has stopped
+   is read back only every ``_STOP_CHECK_EVERY`` steps (a device sync on GPU); the output is then
+   trimmed to the longest row, so it is the same as stopping at the first step where all rows stopped.
+
+What is unusual: in eval mode the one-token steps bypass ``GPT.forward`` and run ``_decode_step``, the
+same arithmetic straight on the GPT's parameters (``F.layer_norm``/``F.linear``/SDPA, a key-padding
+mask sliced from one precomputed (B, 1, 1, P + N) tensor, positions from one precomputed offset per
+row). ``GPT.forward`` rebuilds masks and positions and goes through ~15 module calls per block each
+step, which on a CPU costs more than the arithmetic for a small model. ``tests/test_generate.py``
+checks that both paths give the same logits. Models other than the plain ``GPT`` (or in train mode,
+where dropout applies) use ``GPT.forward`` for every step.
 
 Sampling runs under ``torch.inference_mode()``; the returned tensors are cloned outside it so that
-they can be fed to a later forward that needs autograd (RL log-probs).
+they can be fed to a later forward that needs autograd (RL log-probs). The model is used in its own
+dtype and device: cast it (``model.to(torch.bfloat16)``) for bf16 sampling; log-probs are float32.
 """
 
 from __future__ import annotations
@@ -30,7 +45,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genpt_dist.model.gpt import GPT
+from genpt_dist.model.gpt import GPT, KVCache
+
+_STOP_CHECK_EVERY = 8  # steps between reads of "has every row stopped?"
 
 
 @dataclass
@@ -93,12 +110,68 @@ def _validate(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: 
         raise ValueError(f"prompt token id {bad[0]} outside [0, vocab_size={vocab})")
 
 
-def _draw(logp: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One token per row from log-probs (B, V) by inverse CDF; returns (B,) long."""
-    cdf = logp.exp().cumsum(dim=-1)  # (B, V)
-    u = torch.rand(cdf.size(0), 1, generator=generator, device=cdf.device)  # (B, 1)
-    u = u * cdf[:, -1:]  # (B, 1) in [0, total)
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=cdf.size(-1) - 1)  # (B,)
+def _pick(logits: Tensor, top_k: int | None, top_p: float | None, temperature: float,
+          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """Draw one token per row from the last logits (B, V); returns (token ids (B,), log-probs (B,))."""
+    V = logits.size(-1)
+    ids = None
+    if top_k is not None and top_k < V:
+        x, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) sorted, descending
+    elif top_p is not None and top_p < 1.0:
+        x, ids = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    else:
+        x = logits  # (B, V) in vocabulary order
+    x = x.float()
+    if temperature != 1.0:
+        x = x / temperature  # (B, K)
+    if top_p is not None and top_p < 1.0:
+        probs = x.softmax(dim=-1)  # (B, K) sorted
+        x = x.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, float("-inf"))  # (B, K) nucleus
+    logp = F.log_softmax(x, dim=-1)  # (B, K)
+    race = torch.empty_like(logp).exponential_(generator=generator)  # (B, K) ~ Exp(1)
+    j = (logp.exp() / race).argmax(dim=-1, keepdim=True)  # (B, 1) chosen candidate
+    lp = logp.gather(-1, j).squeeze(-1)  # (B,)
+    tok = (j if ids is None else ids.gather(-1, j)).squeeze(-1)  # (B,)
+    return tok, lp
+
+
+def _fusable(model: GPT) -> bool:
+    return type(model) is GPT and not model.training
+
+
+def _layer_params(model: GPT) -> list[tuple[Tensor, ...]]:
+    return [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
+             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
+             b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.transformer.h]
+
+
+def _decode_step(model: GPT, layers: list[tuple[Tensor, ...]], tok: Tensor, pos: Tensor | int,
+                 cache: KVCache, key_mask: Tensor | None) -> Tensor:
+    """Logits (B, V) of one new token per row at cache index ``cache.length``; appends its keys/values.
+
+    tok: (B,) ids. pos: (B,) position ids, or an int shared by every row. key_mask: (B, 1, 1,
+    length + 1) bool, True for real keys, or None when no row is padded. Same arithmetic as
+    ``GPT.forward(tok[:, None], cache=cache, last_only=True)`` in eval mode.
+    """
+    tf, cfg = model.transformer, model.config
+    B, C, H = tok.size(0), cfg.d_model, cfg.n_head
+    L, eps = cache.length, tf.ln_f.eps
+    wpe = tf.wpe.weight[pos] if isinstance(pos, int) else F.embedding(pos, tf.wpe.weight)  # (C,) | (B, C)
+    x = F.embedding(tok, tf.wte.weight) + wpe  # (B, C)
+    for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(layers):
+        h = F.layer_norm(x, (C,), w1, b1, eps)  # (B, C)
+        q, k, v = F.linear(h, wqkv, bqkv).view(B, 3, H, 1, C // H).unbind(1)  # 3 x (B, H, 1, hd)
+        keys, values = cache.k[i], cache.v[i]  # (B, H, max_len, hd)
+        keys[:, :, L:L + 1] = k
+        values[:, :, L:L + 1] = v
+        y = F.scaled_dot_product_attention(q, keys[:, :, :L + 1], values[:, :, :L + 1],
+                                           attn_mask=key_mask)  # (B, H, 1, hd)
+        x = x + F.linear(y.reshape(B, C), wo, bo)  # (B, C)
+        h = F.layer_norm(x, (C,), w2, b2, eps)  # (B, C)
+        x = x + F.linear(F.gelu(F.linear(h, wfc, bfc), approximate="tanh"), wp, bp)  # (B, C)
+    cache.advance(1)
+    x = F.layer_norm(x, (C,), tf.ln_f.weight, tf.ln_f.bias, eps)  # (B, C)
+    return F.linear(x, model.lm_head.weight)  # (B, V)
 
 
 def sample(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, top_k: int | None = None,
@@ -125,37 +198,53 @@ def _sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: in
             top_p: float | None, temperature: float, eos_id: int | None, pad_id: int,
             generator: torch.Generator | None, use_cache: bool, device: torch.device) -> SampleOutput:
     B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
-    tokens = torch.full((B, P + N), pad_id, dtype=torch.long, device=device)  # (B, P + N)
-    mask = torch.ones((B, P + N), dtype=torch.long, device=device)  # (B, P + N)
-    for row, p in enumerate(prompts):  # once per call, not per token
-        tokens[row, P - len(p):P] = torch.tensor(p, dtype=torch.long, device=device)
-        mask[row, :P - len(p)] = 0
+    lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (B,)
+    tokens = torch.full((B, P + N), pad_id, dtype=torch.long)  # (B, P + N)
+    for row, p in enumerate(prompts):  # built on the host, moved once
+        tokens[row, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+    mask = (torch.arange(P + N)[None, :] >= (P - lengths)[:, None]).long()  # (B, P + N) 1 = real
     padded = any(len(p) != P for p in prompts)
+    tokens, mask, lengths = tokens.to(device), mask.to(device), lengths.to(device)
     logprobs = torch.zeros((B, N), dtype=torch.float32, device=device)  # (B, N)
-    new_lengths = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
+    new_lengths = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
     cache = model.new_cache(B, P + N) if use_cache else None
+    fused = use_cache and _fusable(model)
+    layers = _layer_params(model) if fused else []
+    key_mask = mask.bool()[:, None, None, :] if padded else None  # (B, 1, 1, P + N)
+    shift = P - lengths  # (B,) pad columns per row: position = cache index - shift
 
-    n = 0
+    nxt = tokens[:, P - 1]
     for n in range(N):
         width = P + n
-        if use_cache:
-            start = 0 if n == 0 else width - 1  # prefill the prompt, then one token per step
-            logits, _ = model(tokens[:, start:width], cache=cache, last_only=True,
-                              attention_mask=mask[:, :width] if padded else None)  # (B, 1, V)
+        if not use_cache:
+            logits = model(tokens[:, :width], last_only=True,
+                           attention_mask=mask[:, :width] if padded else None)[0][:, -1]  # (B, V)
+        elif n == 0:
+            logits = model(tokens[:, :P], cache=cache, last_only=True,
+                           attention_mask=mask[:, :P] if padded else None)[0][:, -1]  # (B, V)
+        elif fused:
+            pos = (width - 1 - shift) if padded else width - 1  # (B,) | int
+            km = key_mask[..., :width] if padded else None  # (B, 1, 1, width)
+            logits = _decode_step(model, layers, nxt, pos, cache, km)  # (B, V)
         else:
-            logits, _ = model(tokens[:, :width], last_only=True,
-                              attention_mask=mask[:, :width] if padded else None)  # (B, 1, V)
-        logp = filter_logits(logits[:, -1, :], top_k, top_p, temperature)  # (B, V)
-        nxt = _draw(logp, generator)  # (B,)
-        lp = logp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1)  # (B,)
-        tokens[:, width] = torch.where(done, pad_id, nxt)  # (B,)
-        logprobs[:, n] = torch.where(done, 0.0, lp)  # (B,)
-        new_lengths += (~done).long()
-        if eos_id is not None:
-            done = done | (nxt == eos_id)  # (B,)
-            if bool(done.all()):
-                break
-    width = P + n + 1
-    return SampleOutput(tokens=tokens[:, :width], logprobs=logprobs[:, :n + 1],
+            logits = model(tokens[:, width - 1:width], cache=cache, last_only=True,
+                           attention_mask=mask[:, :width] if padded else None)[0][:, -1]  # (B, V)
+        tok, lp = _pick(logits, top_k, top_p, temperature, generator)  # (B,), (B,)
+        nxt = tok.masked_fill(done, pad_id) if eos_id is not None else tok  # (B,)
+        tokens[:, width] = nxt
+        if eos_id is None:
+            logprobs[:, n] = lp
+            continue
+        logprobs[:, n] = lp.masked_fill(done, 0.0)
+        new_lengths += ~done
+        done = done | (tok == eos_id)  # (B,)
+        if n % _STOP_CHECK_EVERY == _STOP_CHECK_EVERY - 1 and bool(done.all()):
+            break
+    if eos_id is None:
+        steps = N
+        new_lengths.fill_(N)
+    else:
+        steps = int(new_lengths.max())  # the first step at which every row had stopped, or N
+    return SampleOutput(tokens=tokens[:, :P + steps], logprobs=logprobs[:, :steps],
                         new_lengths=new_lengths, prompt_width=P)
