@@ -108,7 +108,10 @@ class AdversarialTrainer(Trainer):
         r = self.cfg.adversarial.rollout
         batch = next(self._real)
         width = r.prompt_len + r.max_new_tokens
-        body = batch.idx[:, :width]
+        # A sample cut at a document start already begins with <bos>: its window is that <bos> + the tokens
+        # after it (the targets; -100 = pad -> <pad> = 0), never <bos><bos>, which no rollout has.
+        starts = batch.idx[:, :1] == self.tok.bos_id  # (B, 1)
+        body = torch.where(starts, batch.targets[:, :width].clamp(min=self.tok.pad_id), batch.idx[:, :width])
         bos = torch.full((body.shape[0], 1), self.tok.bos_id, dtype=body.dtype)
         return torch.cat([bos, body], dim=1)
 
