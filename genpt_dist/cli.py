@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: ours vs the peer, same run")
-    p.add_argument("name", help="loader | prepare")
+    p.add_argument("name", help="loader | prepare | train | generate | oracle")
     p.add_argument("--output", default="bench-results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.set_defaults(fn=_cmd_bench)

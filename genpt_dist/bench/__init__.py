@@ -21,6 +21,7 @@ BENCHES: dict[str, str] = {
     "prepare": "genpt_dist.bench.data:bench_prepare",
     "generate": "genpt_dist.bench.generate:bench_generate",
     "oracle": "genpt_dist.bench.oracle:bench_oracle",
+    "train": "genpt_dist.bench.train:bench_train",
 }
 
 

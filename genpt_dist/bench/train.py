@@ -83,6 +83,7 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
 
 
 def bench_train(quick: bool = False) -> dict[str, Any]:
+    """Step time, tokens/s and MFU of each contender; ratios ours/HF and ZeRO-k/plain."""
     threads = torch.get_num_threads()
     if quick:
         cfg = GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64)
@@ -108,7 +109,8 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
         torch.manual_seed(0)
         seconds = _time_steps(make(), warmup, steps)
         tok_s = batch * T / seconds
-        rows[name] = {"step_s": seconds, "tokens_per_s": tok_s, "mfu": flops_per_token * tok_s / peak_bf16}
+        rows[name] = {"contender": name, "step_s": round(seconds, 4), "tokens_per_s": round(tok_s, 1),
+                      "mfu": round(flops_per_token * tok_s / peak_bf16, 4)}
         log.info("%-6s step %.3fs  %8.0f tok/s  MFU %.1f%%", name, seconds, tok_s, 100 * rows[name]["mfu"])
         gc.collect()
     ours = rows["zero2"]["tokens_per_s"]
@@ -118,7 +120,7 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
                   "seq_len": T, "batch": batch},
         "matmul_gflops": {"bf16": peak_bf16 / 1e9, "fp32": peak_fp32 / 1e9},
         "flops_per_token": flops_per_token,
-        "rows": rows,
+        "rows": list(rows.values()),
         "ratios": {
             "zero2_vs_hf": ours / rows["hf"]["tokens_per_s"],
             "plain_vs_hf": rows["plain"]["tokens_per_s"] / rows["hf"]["tokens_per_s"],

@@ -119,19 +119,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ build / resume
     def build(self) -> None:
+        from genpt_dist.train import elastic
         from genpt_dist.train.deepspeed import (build_ds_config, build_engine, build_optimizer,
                                                 resolve_precision)
 
         torch.manual_seed(self.cfg.train.seed)
         model = GPT(self.model_cfg)
         resume = latest_checkpoint(self.job.run)
-        same_world = resume is not None and int(resume.meta["world_size"]) == self.world
-        if resume is not None and not same_world:
-            log.warning("checkpoint %s was written by %s workers, this run has %d: resuming its weights with a "
-                        "fresh optimizer", resume.url, resume.meta["world_size"], self.world)
-            self._load_weights(model, resume)
-        elif resume is None and self.job.init:
+        if resume is None and self.job.init:
             self._load_weights(model, resolve(self.job.init))
+        if self.job.stage in elastic.GRAD_ACCUM_STAGES:  # the same global batch at any world size
+            self.cfg.deepspeed.grad_accum = elastic.grad_accum_for(self.cfg, self.world,
+                                                                   resume.meta if resume else None)
         self.before_engine(model)
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)  # before ZeRO-3 partitions it
         self.precision = resolve_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu)
@@ -141,7 +140,7 @@ class Trainer:
         self.device = self.engine.device
         self.build_extra()
         if resume is not None:
-            self._restore(resume, full=same_world)
+            self._restore(resume)
 
     def build_extra(self) -> None:
         """Hook for stages with more engines than the policy's (built before a resume restores them)."""
@@ -154,24 +153,27 @@ class Trainer:
         model.load_state_dict(state, strict=False)
         log.info("rank %d: weights from %s (step %d)", self.rank, ref.url, ref.step)
 
-    def _restore(self, ref: CheckpointRef, full: bool) -> None:
+    def _restore(self, ref: CheckpointRef) -> None:
+        """Step, counters, engines, RNG and loader position from a checkpoint. One written by another
+        number of workers is re-partitioned, optimizer state included (see `train.elastic`)."""
+        from genpt_dist.train import elastic
+
         meta = ref.meta
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.metrics = dict(meta.get("metrics", {}))
-        if full:
-            with tempfile.TemporaryDirectory(prefix=f"genpt-restore-r{self.rank}-") as tmp:
-                storage.download_dir(ref.url, tmp)
+        with tempfile.TemporaryDirectory(prefix=f"genpt-restore-r{self.rank}-") as tmp:
+            storage.download_dir(ref.url, tmp)
+            with elastic.resharded(Path(tmp), int(meta["world_size"]), self.world, elastic.deepspeed_engines(self),
+                                   rank=self.rank):
                 self.engine.load_checkpoint(str(Path(tmp) / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
                                             load_lr_scheduler_states=True)
                 rng = Path(tmp) / "rng" / f"rank_{self.rank}.pt"
                 if rng.exists():
                     torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
                 self.restore_extra(Path(tmp), meta)
-        else:
-            for _ in range(self.step):  # the LR schedule continues where it was
-                self.engine.lr_scheduler.step()
-        self.source.load_state_dict(meta["loader"])
-        log.info("rank %d: resumed %s at step %d", self.rank, ref.url, self.step)
+        self.source.load_state_dict(elastic.loader_state_for(meta, self.cfg.train.micro_batch_size, self.world))
+        log.info("rank %d: resumed %s at step %d (written by %s workers)", self.rank, ref.url, self.step,
+                 meta["world_size"])
 
     def restore_extra(self, folder: Path, meta: dict[str, Any]) -> None:
         """Hook: stages with more state than the policy engine read it back from the local copy."""
