@@ -103,7 +103,8 @@ def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise UserError(f"no Ray cluster answers at {address} ({host}:{port}: {reason} within {timeout_s:g} s)") from None
+        raise UserError(f"no Ray cluster answers at {address} ({host}:{port}: {reason} within {timeout_s:g} s)"
+                        ) from None
 
 
 def init_ray(address: str | None = None) -> None:
@@ -126,8 +127,9 @@ def init_ray(address: str | None = None) -> None:
                      log_to_driver=True, _node_ip_address="127.0.0.1")
     except Exception as exc:  # noqa: BLE001 - Ray wraps a refused token in a ConnectionError or RuntimeError
         if _is_auth_error(exc):
-            raise UserError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token and "
-                            "the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)") from None
+            raise UserError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
+                            "and the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+                            ) from None
         if isinstance(exc, (ConnectionError, TimeoutError)):
             raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}".splitlines()[0]) from None
         raise
@@ -204,7 +206,8 @@ def _autoscaler_state() -> dict[str, Any] | None:
         types = (report.get("node_type_mapping") or {}).values()
         if any(not t.startswith("node_") for t in types):
             out["kind"] = "v1"
-            out["pending"] = sum((report.get("pending_launches") or {}).values()) + len(report.get("pending_nodes") or [])
+            out["pending"] = (sum((report.get("pending_launches") or {}).values())
+                              + len(report.get("pending_nodes") or []))
     return out if out["kind"] else None
 
 
@@ -266,7 +269,8 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
         raise UserError(f"{what}: no node of the Ray cluster has room for one worker ({cpus_per_worker:g} CPUs; "
                         f"the largest node has {biggest:g})")
     _refuse_impossible(what, bundles, scaler, asked=False)
-    timeout_s = float(os.environ.get("GENPT_RESOURCES_TIMEOUT_S", RESOURCES_TIMEOUT_S)) if timeout_s is None else timeout_s
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("GENPT_RESOURCES_TIMEOUT_S", RESOURCES_TIMEOUT_S))
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)

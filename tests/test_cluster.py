@@ -79,7 +79,8 @@ def test_launcher_yaml_validates_against_ray_schema(path):
     if path.name == "local-fake.yaml":
         return
     assert {"cpu", "gpu"} <= set(workers)
-    setups = [raw["setup_commands"], *(t["worker_setup_commands"] for t in workers.values() if "worker_setup_commands" in t)]
+    setups = [raw["setup_commands"], *(t["worker_setup_commands"] for t in workers.values()
+                                       if "worker_setup_commands" in t)]
     assert all(any("-e ~/genpt-dist" in c for c in cmds) for cmds in setups)  # the package on every node
     assert raw["file_mounts"]["~/genpt-dist"] == "."
     starts = " ".join(raw["head_start_ray_commands"] + raw["worker_start_ray_commands"])
@@ -346,3 +347,174 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_p
                     "scaling.use_gpu=true", env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"), timeout=300)
         _one_line_error(proc, "can never provide 2 x {CPU: 1, GPU: 1}")
         assert time.monotonic() - t0 < 120
+
+
+# --------------------------------------------------------------------------------------- multi-node
+
+
+@pytest.mark.slow
+def test_multinode_spread_node_loss_and_rollout_rescheduling(tiny_data, tmp_path, short_tmp):
+    from genpt_dist.data.loader import ShardLoader, pieces_for_span, shard_order
+    from genpt_dist.data.manifest import load_manifest
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
+    env.update(RAY_TMPDIR=str(short_tmp / "ray"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+               # Right after a node dies Ray Train may still count it and try the old size first; this
+               # bounds that try (60 s by default) before it restarts with the workers that fit.
+               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
+    script = subprocess.Popen([sys.executable, __file__, "multinode", str(tmp_path), tiny_data], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = script.communicate(timeout=600)
+    finally:  # whatever the script left running (it shuts its cluster down itself when it can)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            if _group_alive(script.pid):
+                os.killpg(script.pid, sig)
+                time.sleep(3)
+    assert script.returncode == 0, stderr[-5000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+
+    # The package reached every node through the runtime env (py_modules). (Here the checkout is also on
+    # the workers' path, the driver's cwd, which Ray puts first; on a real cluster it is not there.)
+    assert len(report["code"]) == 2 and all(report["code"].values()), report["code"]
+
+    # Two workers on two different nodes (not the head); each reads its own slice of the epoch's shards.
+    training = report["training"]
+    assert len(training["worker_nodes"]) == 2 and report["head"] not in training["worker_nodes"]
+    manifest = load_manifest(tiny_data)
+    slices = []
+    for rank in (0, 1):
+        loader = ShardLoader(manifest, "train", batch_size=8, rank=rank, world_size=2)
+        order = shard_order(len(loader.shards), loader.seed, 0, True)
+        span = pieces_for_span(loader.counts, order, rank * loader.per_rank, (rank + 1) * loader.per_rank)
+        slices.append({(p.shard, i) for p in span for i in range(p.lo, p.hi)})
+    assert slices[0] and slices[1] and not slices[0] & slices[1]
+
+    # A node removed mid-run: Ray Train restarted the group with the one worker left, from the last
+    # 2-worker checkpoint, re-partitioned; the run reached its last step and the loss went on falling.
+    assert training["removed_after_step"] >= 10 and training["result"]["step"] == 24
+    worlds = dict(training["checkpoints"])
+    assert worlds[24] == 1 and any(w == 2 and s <= training["removed_after_step"] for s, w in worlds.items())
+    losses = training["losses"]
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert "re-partitioning the optimizer state" in stderr
+
+    # Rollout actors: the one whose node went was restarted on another node; no row was lost.
+    rollout = report["rollout"]
+    assert rollout["rows"] == rollout["asked"] and rollout["alive"] == 2
+    assert rollout["moved_to"] not in (None, rollout["removed_node"], report["head"])
+
+
+def _actor_nodes(class_name: str) -> dict[str, str]:
+    """Alive actors of a class -> the node each runs on (from GCS's actor table)."""
+    from ray._private.state import actors
+
+    return {aid: a["Address"]["NodeID"] for aid, a in actors().items()
+            if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE"}
+
+
+def _multinode_script(root: str, data: str) -> None:
+    """A head without CPUs and 1-CPU nodes a, b (c, d later), each with a custom resource naming it."""
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from genpt_dist.checkpoint import list_checkpoints
+    from genpt_dist.config import load_config
+    from genpt_dist.raycluster import init_ray
+    from genpt_dist.train.pretrain import pretrain
+
+    report: dict = {}
+    local = {"node_ip_address": "127.0.0.1"}
+    fast_failure_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                            "_system_config": fast_failure_detection, **local})
+    nodes = {name: cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, **local) for name in "ab"}
+    try:
+        init_ray(cluster.address)  # the joining path: probe, runtime env, worker output
+        report["head"] = cluster.head_node.node_id
+
+        @ray.remote(num_cpus=0)
+        def shipped() -> list[str]:
+            """Entries of this worker's sys.path that hold the package as the runtime env shipped it."""
+            return [p for p in sys.path if "runtime_resources" in p and Path(p, "genpt_dist", "__init__.py").is_file()]
+
+        report["code"] = {n: ray.get(shipped.options(resources={f"node_{n}": 0.01}).remote()) for n in "ab"}
+
+        # Elastic pretraining on a and b; node b goes once a checkpoint of step 10 or later exists.
+        run = f"{root}/run"
+        cfg = load_config(TINY, ["scaling.num_workers=[1, 2]", "scaling.max_failures=3", "train.steps=24",
+                                 "train.checkpoint_every=6", "train.keep_checkpoints=8", "train.log_every=6",
+                                 "train.eval_every=12"])
+        result: dict = {}
+        trainer = threading.Thread(target=lambda: result.update(pretrain(data, run, cfg)), daemon=True)
+        trainer.start()
+        training: dict = {"worker_nodes": []}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and trainer.is_alive():
+            done = [r.step for r in list_checkpoints(run)]
+            if done and max(done) >= 10:
+                training["worker_nodes"] = sorted(set(_actor_nodes("RayTrainWorker").values()))
+                training["removed_after_step"] = max(done)
+                cluster.remove_node(nodes.pop("b"), allow_graceful=False)
+                break
+            time.sleep(0.5)
+        trainer.join(timeout=400)
+        assert not trainer.is_alive(), "the training run did not end"
+        training["result"] = result
+        training["checkpoints"] = [(r.step, r.meta["world_size"]) for r in list_checkpoints(run)]
+        rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
+        training["losses"] = [m["train_loss"] for m in rows if "train_loss" in m]
+        report["training"] = training
+
+        # Rollout actors spread over a, c and d; the node of one goes while it samples.
+        report["rollout"] = _rollout_phase(cluster, nodes, local)
+    finally:
+        Path(root, "report.json").write_text(json.dumps(report, indent=1))
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _rollout_phase(cluster, nodes: dict, local: dict) -> dict:
+    import dataclasses
+
+    from genpt_dist.model.discriminator import DiscriminatorConfig
+    from genpt_dist.model.gpt import GPT, GPTConfig
+    from genpt_dist.rl.rollout import RolloutGroup, RolloutRequest
+
+    for name in "cd":
+        nodes[name] = cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, **local)
+    cluster.wait_for_nodes()
+    policy = GPTConfig(vocab_size=259, block_size=64, n_layer=1, n_head=2, d_model=32)
+    disc = DiscriminatorConfig(vocab_size=259, block_size=64, n_layer=1, n_head=2, d_model=32)
+    group = RolloutGroup(2, cpus_per_actor=1, gpus_per_actor=0, max_restarts=3,
+                         model_config=dataclasses.asdict(policy), disc_config=dataclasses.asdict(disc),
+                         reference_state=GPT(policy).state_dict(), pad_id=0, eos_id=2)
+    try:
+        by_id = {n.node_id: name for name, n in nodes.items()}
+        victim_actor, victim_node = sorted(_actor_nodes("RolloutActor").items())[0]
+        request = RolloutRequest(prompts=[[1]] * 16, seeds=list(range(16)), max_new_tokens=16)
+        refs = group.generate_refs(request)
+        cluster.remove_node(nodes.pop(by_id[victim_node]), allow_graceful=False)
+        rows = group.collect(refs).batch_size  # while the actor is gone: its rows re-issued to the other
+        deadline, moved_to = time.monotonic() + 120, None
+        while time.monotonic() < deadline and moved_to in (None, victim_node):
+            time.sleep(0.5)
+            moved_to = _actor_nodes("RolloutActor").get(victim_actor)
+        alive = group.actors_alive(timeout_s=60)
+        rows += group.generate(request).batch_size  # and with both actors back
+        return {"asked": 2 * len(request), "rows": rows, "alive": alive, "removed_node": victim_node,
+                "moved_to": moved_to, "reissued": group.reissued}
+    finally:
+        group.shutdown()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["multinode"]:
+        import logging
+
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        _multinode_script(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} multinode ROOT DATA")

@@ -189,7 +189,7 @@ def _repartition_script(root: str, stages: list[int]) -> None:
     import torch.multiprocessing as mp
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # noqa: F401  (imported before forking)
+    import deepspeed  # noqa: F401  - imported once, before forking
 
     for stage in stages:
         folder = Path(root) / f"zero{stage}"
