@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genpt_dist.errors import UserError
 
@@ -115,14 +115,15 @@ class ScalingConfig(_Strict):
     timeout_s: int = Field(1800, ge=10, description="collective timeout")
     max_failures: int = Field(3, ge=-1, description="worker-group restarts before the run fails (-1 = forever)")
 
-    @model_validator(mode="after")
-    def _check_workers(self) -> "ScalingConfig":
-        lo, hi = self.worker_range
+    @field_validator("num_workers")
+    @classmethod
+    def _check_workers(cls, n: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (n, n) if isinstance(n, int) else n
         if lo < 1:
-            raise ValueError(f"num_workers must be >= 1, got {lo}")
+            raise ValueError(f"must be >= 1, got {lo}")
         if lo > hi:
-            raise ValueError(f"num_workers min {lo} > max {hi}")
-        return self
+            raise ValueError(f"min {lo} > max {hi}")
+        return n
 
     @property
     def worker_range(self) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from genpt_dist import storage
 from genpt_dist.checkpoint import CheckpointRef, latest_checkpoint
 from genpt_dist.config import Config
 from genpt_dist.data.prepare import prepare
+from genpt_dist.raycluster import init_ray
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
     from genpt_dist.train.finetune import best_checkpoint, finetune
     from genpt_dist.train.pretrain import pretrain
 
+    init_ray(address)  # a cluster that does not answer fails now, not after the data is prepared
     run = storage.normalize(run)
     summary_url = storage.join(run, "pipeline.json")
     summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}

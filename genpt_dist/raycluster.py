@@ -263,7 +263,8 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
     if scaler is None:
         for res in ("CPU", "GPU"):
             if have.get(res, 0.0) < need.get(res, 0.0):
-                hint = " (lower scaling.num_workers)" if res == "CPU" else ""
+                hint = f" (lower scaling.num_workers{' or the ' + extra_what if extra_what else ''})" \
+                    if res == "CPU" else ""
                 raise UserError(f"{what} need {need[res]:g} {res}s; the Ray cluster has {have.get(res, 0.0):g}{hint}")
         biggest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
         raise UserError(f"{what}: no node of the Ray cluster has room for one worker ({cpus_per_worker:g} CPUs; "

@@ -259,7 +259,7 @@ EXPECT = {
     "set-without-value": "bad --set 'train.steps': expected key=value",
     "set-into-a-scalar": "config error at train.steps.every: steps is not a section",
     "impossible-context": "model.block_size=16 is shorter than data.seq_len=64",
-    "impossible-worker-range": "num_workers min 4 > max 2",
+    "impossible-worker-range": "config error at scaling.num_workers: min 4 > max 2",
     "impossible-offload": "offload_params needs zero_stage 3",
     "impossible-negative-lr": "config error at finetune.lr:",
     "data-longer-than-context": "the data has 64-token samples, model.block_size is 32",

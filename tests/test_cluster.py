@@ -179,7 +179,7 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> str:
     return out
 
 
-def test_address_that_does_not_answer_is_refused_quickly(tiny_data, tmp_path):
+def test_address_that_does_not_answer_is_refused_quickly(tiny_data, tiny_corpus, tmp_path):
     from genpt_dist.errors import UserError
     from genpt_dist.raycluster import probe
 
@@ -189,6 +189,11 @@ def test_address_that_does_not_answer_is_refused_quickly(tiny_data, tmp_path):
                 "--address", address, timeout=120)
     _one_line_error(proc, f"no Ray cluster answers at {address}")
     assert time.monotonic() - t0 < 60
+    run = tmp_path / "pipeline"  # the pipeline asks before it spends minutes preparing data
+    proc = _cli("pipeline", "--input", str(tiny_corpus), "--run", str(run), "--config", str(TINY),
+                "--address", address, timeout=120)
+    _one_line_error(proc, f"no Ray cluster answers at {address}")
+    assert not (run / "data").exists()
     client = f"ray://127.0.0.1:{_free_port()}"  # a Ray Client address (ray.init would wait 30 s)
     with pytest.raises(UserError, match=f"^no Ray cluster answers at {client} "):
         probe(client, timeout_s=5)

@@ -290,7 +290,7 @@ class AdversarialTrainer(Trainer):
 def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
     """Driver: validate, start the rollout pool, run the workers, summarise."""
     from genpt_dist.data.manifest import load_manifest
-    from genpt_dist.raycluster import init_ray
+    from genpt_dist.raycluster import check_fits, init_ray, release_resources
     from genpt_dist.train.launcher import fit
 
     adv, r = cfg.adversarial, cfg.adversarial.rollout
@@ -318,6 +318,11 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
         "optim": cfg.optim.model_copy(update={"lr": adv.lr, "warmup_steps": adv.warmup_steps, "min_lr_ratio": 1.0}),
     })
     init_ray(address)
+    # The workers and the actors together: an autoscaling cluster gets one request for both and time to
+    # add nodes before the actors are placed (RolloutGroup itself refuses what does not fit now).
+    actors = (r.num_actors * r.cpus_per_actor, r.num_actors * r.gpus_per_actor, f"{r.num_actors} rollout actors")
+    asked = check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=actors[0],
+                       extra_gpus=actors[1], extra_what=actors[2])
     tok = manifest.load_tokenizer()
     ref_state = load_state_dict(ref)
     group = RolloutGroup(r.num_actors, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
@@ -328,11 +333,12 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
         run = storage.normalize(run)
         job = Job(stage="adversarial", config=stage_cfg.model_dump(mode="json"), data=manifest.url, run=run,
                   init=ref.url, extra={"rollout_group": group})
-        actors = (r.num_actors * r.cpus_per_actor, r.num_actors * r.gpus_per_actor, f"{r.num_actors} rollout actors")
         metrics = fit(job, stage_cfg, run_worker, address=address, also_needs=actors, make_source=ShardSource,
                       trainer_cls=AdversarialTrainer)
     finally:
         group.shutdown()
+        if asked:
+            release_resources()
     keys = ("step", "reward_mean", "kl", "d_acc_real", "d_acc_fake", "val_loss", "val_ppl", "val_bpb",
             "rollout_tokens_per_s", "publish_s", "checkpoint")
     return {"command": "adversarial", "run": run, "init": ref.url, **{k: metrics.get(k) for k in keys}}
