@@ -121,7 +121,11 @@ def _check_output(output: str, ref: CheckpointRef, overwrite: bool) -> None:
     existing = storage.list_files(output)
     if not existing:
         return
-    if not overwrite:
+    names = {f[len(output.rstrip("/")) + 1:] for f in existing}
+    interrupted = META not in names and names <= set(ALL_FILES)  # an export of ours that never finished
+    if interrupted:
+        log.info("--output %s holds an unfinished export (no %s); replacing it", output, META)
+    elif not overwrite:
         raise UserError(f"--output {output} already exists ({len(existing)} files); pass --overwrite to replace it")
     storage.delete(storage.join(output, META))  # incomplete from here on, until the new meta.json lands
     for name in ALL_FILES:

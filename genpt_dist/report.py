@@ -81,14 +81,18 @@ def _plot(records: dict[str, list[dict]], series, title: str, ylabel: str) -> by
 
 
 def summary_rows(records: dict[str, list[dict]]) -> list[dict[str, Any]]:
-    """One row per stage: last val loss / bits-per-byte, D accuracy, reward, wall time."""
+    """One row per stage: last val loss / bits-per-byte, D accuracy, reward, wall time.
+
+    Pretraining and the adversarial stage evaluate on the same rows of the dataset's val split; fine-tuning
+    on the task's held-out examples (`val_set` says which)."""
     rows = []
     for stage, recs in records.items():
         last = {}
         for r in recs:
             last.update(r)
         times = [r["time"] for r in recs if "time" in r]
-        rows.append({"stage": stage, "steps": last.get("step"), "val_loss": last.get("val_loss"),
+        rows.append({"stage": stage, "steps": last.get("step"), "val_set": "task" if stage == "finetune" else "data",
+                     "val_loss": last.get("val_loss"),
                      "val_bpb": last.get("val_bpb"), "reward": last.get("reward_mean"),
                      "d_acc": (last["d_acc_real"] + last["d_acc_fake"]) / 2 if "d_acc_real" in last else None,
                      "minutes": (max(times) - min(times)) / 60 if len(times) > 1 else None})
@@ -96,7 +100,7 @@ def summary_rows(records: dict[str, list[dict]]) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    cols = ["stage", "steps", "val_loss", "val_bpb", "reward", "d_acc", "minutes"]
+    cols = ["stage", "steps", "val_set", "val_loss", "val_bpb", "reward", "d_acc", "minutes"]
 
     def cell(v: Any) -> str:
         return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -9,12 +9,17 @@ a truncated newest checkpoint, and an output interrupted while it is published.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +148,222 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 4 and summary["source"].endswith("checkpoint_000000")
     assert "checkpoint_000001 is incomplete or corrupt; skipping it" in proc.stderr
+
+
+# ------------------------------------------------------------------------------ killed processes
+# Commands run as `python launch.py ...` in a process group of their own. A pretrain driver starts its
+# own local Ray (no RAY_ADDRESS; a private RAY_TMPDIR), never the session's: every process of that Ray
+# carries OWNER in its environment, so a kill takes exactly those (Ray's workers sit in groups of their own).
+
+OWNER = "FAULTS_TEST_OWNER"  # not GENPT_*: those travel in the job to the workers
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_corpus, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("data") / "tiny")
+    prepare([str(tiny_corpus)], out, load_config(TINY).data)
+    return out
+
+
+class Command:
+    """`python launch.py <args>` in its own session, output to files; `kill()` takes it and its Ray down."""
+
+    def __init__(self, root: Path, *args: str, **env: str):
+        self.root, self.args = root, args
+        self.owner = uuid.uuid4().hex
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        self.env.update({OWNER: self.owner, "RAY_TMPDIR": str(root / "ray"), **env})
+        self.out, self.err = root / f"{self.owner}.out", root / f"{self.owner}.err"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Command":
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *self.args], cwd=REPO,
+                                         env=self.env, stdout=out, stderr=err, start_new_session=True)
+        return self
+
+    def wait_for(self, ready, what: str, timeout_s: float = 300) -> None:
+        """Poll `ready()` until it holds; fail if the command ends first or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while not ready():
+            if self.proc.poll() is not None:
+                self.kill()
+                pytest.fail(f"{self.args[0]} ended (rc {self.proc.returncode}) before {what}: {self.stderr[-3000:]}")
+            if time.monotonic() > deadline:
+                self.kill()
+                pytest.fail(f"no {what} within {timeout_s:g} s: {self.stderr[-3000:]}")
+            time.sleep(0.1)
+
+    def finish(self, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        try:
+            self.proc.wait(timeout=timeout_s)
+        finally:
+            self.kill()
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, self.out.read_text(), self.stderr)
+
+    def run(self, timeout_s: float = 600) -> subprocess.CompletedProcess:
+        return self.start().finish(timeout_s)
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def kill(self) -> None:
+        """SIGKILL the command's group, then every process left that carries its OWNER mark (its Ray)."""
+        import psutil
+
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while left := self._left(psutil):
+            for p in left:
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
+            assert time.monotonic() < deadline, f"processes survive the kill: {left}"
+            time.sleep(0.5)
+
+    def _left(self, psutil) -> list:
+        left = []
+        for p in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get(OWNER) == self.owner:
+                    left.append(p)
+        return left
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder: Ray's socket paths under RAY_TMPDIR must stay under ~107 characters."""
+    path = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _summary(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, expect: str) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("genpt-dist: error:") and expect in last, last
+    assert "Traceback" not in proc.stderr
+    return last
+
+
+def _resumed_steps(stderr: str) -> set[int]:
+    """The steps the workers said they resumed at (the loop logs one line per rank)."""
+    return {int(m) for m in re.findall(r"resumed \S+ at step (\d+)", stderr)}
+
+
+def _metric_steps(run: str) -> list[int]:
+    lines = storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()
+    return [r["step"] for r in map(json.loads, lines) if "train_loss" in r]
+
+
+KILL_RUN = ("train.steps=40", "train.checkpoint_every=5", "train.eval_every=20", "train.log_every=5")
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_to_the_same_end(tiny_data, tmp_path, short_tmp):
+    """SIGKILL to `launch.py pretrain` (and its local Ray) after the first checkpoint; the same command
+    again resumes from the newest checkpoint and ends where an uninterrupted run ends."""
+    def pretrain(run: Path) -> Command:
+        return Command(short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY),
+                       "--set", *KILL_RUN)
+
+    straight = _summary(pretrain(tmp_path / "straight").run())
+
+    run = tmp_path / "killed"
+    driver = pretrain(run).start()
+    driver.wait_for(lambda: list_checkpoints(str(run)), "a first checkpoint")
+    driver.kill()
+    at_kill = [r.step for r in list_checkpoints(str(run))]
+    assert at_kill and at_kill[-1] < 40, at_kill
+
+    again = pretrain(run).run()
+    resumed = _summary(again)
+    assert _resumed_steps(again.stderr) == {at_kill[-1]}, again.stderr[-3000:]
+    assert resumed["step"] == 40
+    # The checkpoint holds the loader position, RNG and optimizer: the same losses as without the kill.
+    assert resumed["train_loss"] == pytest.approx(straight["train_loss"], abs=1e-3)
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], abs=1e-3)
+    steps = _metric_steps(str(run))
+    assert steps == sorted(set(steps)) and steps[-1] == 40, steps
+    print(f"\ndriver killed with checkpoints at {at_kill}; resumed at step {at_kill[-1]}")
+
+
+@pytest.mark.slow
+def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_tmp):
+    """Through Ray Train: the newest checkpoint lost half a ZeRO shard; the same command with more steps
+    warns, resumes from the previous checkpoint (never loads the truncated one) and finishes."""
+    run = tmp_path / "run"
+
+    def pretrain(steps: int) -> subprocess.CompletedProcess:
+        return Command(short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY), "--set",
+                       f"train.steps={steps}", "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4",
+                       "train.keep_checkpoints=3").run()
+
+    first = _summary(pretrain(12))
+    refs = list_checkpoints(str(run))
+    assert [r.step for r in refs] == [4, 8, 12] and first["checkpoint"] == refs[-1].url
+    previous, newest = refs[-2], refs[-1]
+    shards = sorted((Path(newest.url) / "ds").rglob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # one ZeRO optimizer shard per rank
+    shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
+
+    again = pretrain(16)
+    out = _summary(again)
+    assert f"checkpoint {newest.url} is incomplete or corrupt; skipping it" in again.stderr
+    assert _resumed_steps(again.stderr) == {8}, again.stderr[-3000:]
+    assert re.findall(r"resumed (\S+) at step", again.stderr) == [previous.url] * 2  # both ranks, same one
+    assert out["step"] == 16
+    refs = list_checkpoints(str(run))
+    assert refs[-1].step == 16 and out["checkpoint"] == refs[-1].url
+    assert newest.url not in [r.url for r in refs]
+    steps = _metric_steps(str(run))
+    assert steps == sorted(set(steps)) and steps[-1] == 16, steps
+
+
+@pytest.mark.slow
+def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, bucket, tiny_corpus, tiny_data,
+                                                                     tmp_path):
+    """SIGKILL to `prepare` and `export` while they write to S3 (every PUT answered late through the proxy,
+    so the kill lands between the first file and the marker): the half-written dataset and export are
+    refused in one line by the commands that read them, and running the command again completes it."""
+    data, export_url = f"{bucket}/data", f"{bucket}/export"
+    run = tmp_path / "run"
+    fake_checkpoint(run / CHECKPOINTS_DIR / "checkpoint_000000")
+
+    def cli(*args: str, endpoint: str | None = None) -> Command:
+        return Command(tmp_path, *args, **({"AWS_ENDPOINT_URL_S3": endpoint} if endpoint else {}))
+
+    with FaultProxy(s3_server.endpoint, rate=1.0, kinds=("slow",), slow_s=0.5, only=r"^PUT ",
+                    consecutive=1 << 30) as slow:
+        prep = cli("prepare", "--input", str(tiny_corpus), "--output", data, "--config", str(TINY),
+                   endpoint=slow.endpoint).start()
+        prep.wait_for(lambda: storage.exists(f"{data}/train-000000.tar"), "a first shard")
+        prep.kill()
+        exp = cli("export", "--model", str(run), "--output", export_url, endpoint=slow.endpoint).start()
+        exp.wait_for(lambda: storage.exists(f"{export_url}/model.safetensors"), "the exported weights")
+        exp.kill()
+
+    assert not storage.exists(f"{data}/manifest.json") and not storage.exists(f"{export_url}/meta.json")
+    proc = cli("pretrain", "--data", data, "--run", str(tmp_path / "pretrain"), "--config", str(TINY)).run()
+    _one_line_error(proc, f"no dataset at {data}: manifest.json is missing")
+    assert not list_checkpoints(str(tmp_path / "pretrain"))
+    for args in (("generate", "--model", export_url, "--prompt", "To be"),
+                 ("evaluate", "--model", export_url, "--data", tiny_data)):
+        _one_line_error(cli(*args).run(), f"no checkpoint at {export_url}")
+
+    # The same commands again complete what was interrupted: the same dataset as a clean prepare's.
+    _summary(cli("prepare", "--input", str(tiny_corpus), "--output", data, "--config", str(TINY)).run())
+    prepare([str(tiny_corpus)], f"{bucket}/clean", load_config(TINY).data)
+    got, want = (load_manifest(u).raw for u in (data, f"{bucket}/clean"))
+    assert got["fingerprint"] == want["fingerprint"] and got["splits"] == want["splits"]
+    _summary(cli("export", "--model", str(run), "--output", export_url).run())  # replaces the unfinished one
+    out = _summary(cli("generate", "--model", export_url, "--prompt", "To be", "--max-new-tokens", "4",
+                       "--seed", "0").run())
+    assert out["model"] == export_url and out["step"] == 4

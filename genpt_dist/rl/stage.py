@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -308,13 +309,16 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
     if r.prompt_len + r.max_new_tokens > manifest.seq_len:
         raise UserError(f"prompt_len + max_new_tokens = {r.prompt_len + r.max_new_tokens} exceeds the data's "
                         f"{manifest.seq_len}-token samples (real windows for D)")
-    # Engine settings of this stage: rows per rank as the micro batch, the stage's LR and step count.
+    # Engine settings of this stage: rows per rank as the micro batch, the stage's LR and step count, and
+    # as many val batches as cover pretraining's val rows, so the stages' val losses compare.
     rows = adv.prompts_per_step // hi
+    eval_batches = math.ceil(cfg.train.eval_batches * cfg.train.micro_batch_size / rows)
     stage_cfg = cfg.model_copy(update={
         "data": cfg.data.model_copy(update={"seq_len": manifest.seq_len}),
         "model": cfg.model.model_copy(update={"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
                                               "d_model": model_cfg.d_model, "block_size": model_cfg.block_size}),
-        "train": cfg.train.model_copy(update={"steps": adv.steps, "micro_batch_size": rows}),
+        "train": cfg.train.model_copy(update={"steps": adv.steps, "micro_batch_size": rows,
+                                              "eval_batches": eval_batches}),
         "optim": cfg.optim.model_copy(update={"lr": adv.lr, "warmup_steps": adv.warmup_steps, "min_lr_ratio": 1.0}),
     })
     init_ray(address)

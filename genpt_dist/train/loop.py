@@ -125,7 +125,7 @@ class Trainer:
 
         torch.manual_seed(self.cfg.train.seed)
         model = GPT(self.model_cfg)
-        resume = latest_checkpoint(self.job.run)
+        resume = self._agreed_resume_point()
         if resume is None and self.job.init:
             self._load_weights(model, resolve(self.job.init))
         if self.job.stage in elastic.GRAD_ACCUM_STAGES:  # the same global batch at any world size
@@ -174,6 +174,16 @@ class Trainer:
         self.source.load_state_dict(elastic.loader_state_for(meta, self.cfg.train.micro_batch_size, self.world))
         log.info("rank %d: resumed %s at step %d (written by %s workers)", self.rank, ref.url, self.step,
                  meta["world_size"])
+
+    def _agreed_resume_point(self) -> CheckpointRef | None:
+        """Rank 0's latest valid checkpoint, the same on every rank: ranks that looked on their own could
+        disagree when a storage error makes one of them skip a checkpoint that the others take."""
+        import torch.distributed as dist
+
+        box = [latest_checkpoint(self.job.run) if self.rank == 0 else None]
+        if dist.is_available() and dist.is_initialized() and self.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def restore_extra(self, folder: Path, meta: dict[str, Any]) -> None:
         """Hook: stages with more state than the policy engine read it back from the local copy."""
