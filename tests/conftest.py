@@ -7,7 +7,9 @@ workers, DataLoader workers and `python launch.py` subprocesses all see the same
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -112,3 +114,11 @@ def tiny_corpus(shakespeare, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private folder: Ray's socket paths under a RAY_TMPDIR in it must stay under ~107 characters."""
+    path = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

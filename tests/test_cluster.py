@@ -29,7 +29,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -291,16 +290,6 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-@pytest.fixture
-def short_tmp():
-    """A short private folder (Ray's socket paths must stay under ~107 characters)."""
-    import shutil
-
-    path = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.slow

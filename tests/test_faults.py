@@ -13,11 +13,9 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -230,14 +228,6 @@ class Command:
                 if p.environ().get(OWNER) == self.owner:
                     left.append(p)
         return left
-
-
-@pytest.fixture
-def short_tmp():
-    """A short private folder: Ray's socket paths under RAY_TMPDIR must stay under ~107 characters."""
-    path = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _summary(proc: subprocess.CompletedProcess) -> dict:
