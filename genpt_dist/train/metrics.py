@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any
@@ -85,5 +84,6 @@ def progress_line(stage: str, step: int, total: int, loss: float, tokens_per_s: 
                   elapsed: float, done_before: int) -> None:
     rate = (step - done_before) / max(elapsed, 1e-9)
     eta = (total - step) / rate if rate > 0 else float("inf")
-    print(f"[{stage}] step {step}/{total} loss {loss:.4f} tok/s {tokens_per_s:,.0f} mfu {mfu:.1%} "
-          f"eta {eta / 60:.1f} min", file=sys.stderr, flush=True)
+    # Through logging, not print: Ray Train tees a worker's sys.stderr, so a print reached the driver twice.
+    log.info("[%s] step %d/%d loss %.4f tok/s %s mfu %.1f%% eta %.1f min", stage, step, total, loss,
+             f"{tokens_per_s:,.0f}", 100 * mfu, eta / 60)
