@@ -85,7 +85,8 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
 
-    return run_bench(args.name, args.output, quick=args.quick)
+    only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+    return run_bench(args.name, args.output, quick=args.quick, only=only)
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -200,9 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: ours vs the peer, same run")
-    p.add_argument("name", help="loader | prepare | train | generate | oracle")
+    p.add_argument("name", help="all | train | scaling | generate | sync | checkpoint | loader | prepare | oracle "
+                                "(all = every one but oracle, which measures learning)")
     p.add_argument("--output", default="bench-results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
+    p.add_argument("--only", default=None, metavar="A,B", help="with all: run only these benches")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

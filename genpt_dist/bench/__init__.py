@@ -4,14 +4,25 @@ A benchmark is a function `(quick: bool) -> dict` that returns its measurements,
 (one dict per measured setting, printed as a table on stderr) and headline figures. `run_bench`
 writes the whole result to `<output>/<name>.json` and returns the headline figures, which the CLI
 prints as its last JSON line. Adding one is one line in `BENCHES`: name -> "module:function".
+
+`bench all` runs every benchmark but `oracle` (it measures learning, not speed), each in its own
+process (a fresh Ray, torch threads and process group each, and a failure stays that bench's), within
+`SUITE_BUDGET_S` in all; it writes each `<name>.json` plus `all.json` and prints one table of the
+headline figures against their targets (`HEADLINES`).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import operator
+import os
+import signal
+import subprocess
 import sys
 import time
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from genpt_dist import storage
 from genpt_dist.errors import UserError
@@ -22,7 +33,34 @@ BENCHES: dict[str, str] = {
     "generate": "genpt_dist.bench.generate:bench_generate",
     "oracle": "genpt_dist.bench.oracle:bench_oracle",
     "train": "genpt_dist.bench.train:bench_train",
+    "sync": "genpt_dist.bench.sync:bench_sync",
+    "checkpoint": "genpt_dist.bench.checkpoint:bench_checkpoint",
+    "scaling": "genpt_dist.bench.scaling:bench_scaling",
+    "all": "genpt_dist.bench:bench_all",
 }
+ALL = "all"
+NOT_IN_ALL = ("oracle", ALL)
+SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
+
+# bench -> (figure, how to read it from the bench's JSON, comparison, target or None)
+HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]] = {
+    "sync": [("100M params to 2 actors, s", lambda r: r.get("sync_s_100M"), "<=", 0.5),
+             ("10M params to 2 actors, s", lambda r: r.get("sync_s_10M"), "<=", None),
+             ("sync vs one memcpy (largest), x", lambda r: r.get("ratio_vs_memcpy"), "<=", None)],
+    "checkpoint": [("upload vs boto3, x", lambda r: r.get("ratio_upload"), ">=", 0.5),
+                   ("restore vs boto3, x", lambda r: r.get("ratio_restore"), ">=", 0.5)],
+    "loader": [("tok/s seq 64 in-process", lambda r: r.get("ours_tok_s_seq64_w0"), ">=", 2e6),
+               ("vs webdataset seq 64 in-process, x",
+                lambda r: r["ours_tok_s_seq64_w0"] / r["webdataset_tok_s_seq64_w0"], ">=", None)],
+    "prepare": [("vs HF encode + ShardWriter, byte local, x",
+                 lambda r: r["ours_mb_s_byte_local"] / r["peer_mb_s_byte_local"], ">=", None)],
+    "generate": [("vs HF generate fp32, x", lambda r: r.get("speedup_fp32"), ">=", 1.5),
+                 ("KV cache vs none, x", lambda r: r.get("kv_cache_speedup"), ">=", None)],
+    "train": [("ZeRO-2 vs HF GPT-2, x", lambda r: r["ratios"]["zero2_vs_hf"], ">=", 1.25),
+              ("ZeRO-2 vs plain loop, x", lambda r: r["ratios"]["zero2_vs_plain"], ">=", 0.9)],
+    "scaling": [("2 workers x 1 thread vs 1 x 2, x", lambda r: r.get("ratio_2x1_vs_1x2"), ">=", 0.9)],
+}
+_OPS = {">=": operator.ge, "<=": operator.le}
 
 
 def print_table(title: str, rows: list[dict[str, Any]], file=sys.stderr) -> None:
@@ -50,16 +88,78 @@ def _numeric(text: str) -> bool:
     return text.replace(",", "").replace(".", "", 1).replace("x", "").isdigit()
 
 
-def run_bench(name: str, output: str, quick: bool = False) -> dict[str, Any]:
-    """Run benchmark `name`, write `<output>/<name>.json`, return its summary."""
+def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+    """Run benchmark `name`, write `<output>/<name>.json`, return its summary. `only` picks the benches
+    that `all` runs."""
     if name not in BENCHES:
         raise UserError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHES))}")
+    if only is not None and name != ALL:
+        raise UserError(f"--only goes with `bench {ALL}`, not `bench {name}`")
+    unknown = sorted(set(only or []) - (set(BENCHES) - set(NOT_IN_ALL)))
+    if unknown:
+        raise UserError(f"--only: {', '.join(unknown)} not among the benches of `all` "
+                        f"({', '.join(n for n in BENCHES if n not in NOT_IN_ALL)})")
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
-    result = getattr(importlib.import_module(module), fn)(quick=quick)
+    kwargs = {"output": output, "only": only} if name == ALL else {}
+    result = getattr(importlib.import_module(module), fn)(quick=quick, **kwargs)
     result = {"bench": name, "quick": quick, "seconds": round(time.time() - t0, 2), **result}
     print_table(f"bench {name}" + (" (quick)" if quick else ""), result.get("rows", []))
     url = storage.join(storage.normalize(output), f"{name}.json")
     storage.write_json(url, result)
     headline = {k: v for k, v in result.items() if k != "rows"}
     return {"command": "bench", **headline, "results": url}
+
+
+def _run_child(name: str, output: str, quick: bool, timeout_s: float) -> tuple[int | str, dict[str, Any] | None]:
+    """`bench NAME` in a process of its own (its output on our stderr); (exit code or why not, its summary)."""
+    cmd = [sys.executable, "-c", "from genpt_dist.cli import main; raise SystemExit(main())", "bench", name,
+           "--output", output, *(["--quick"] if quick else [])]
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # its Ray and DataLoader processes too
+        proc.communicate()
+        return "timed out", None
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return proc.returncode, json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+
+
+def bench_all(quick: bool = False, output: str = "bench-results", only: list[str] | None = None) -> dict[str, Any]:
+    """Every benchmark but oracle (or those in `only`), one process each; headline figures against their
+    targets."""
+    names = [n for n in BENCHES if n not in NOT_IN_ALL and (only is None or n in only)]
+    deadline = time.time() + SUITE_BUDGET_S
+    rows: list[dict[str, Any]] = []
+    benches: dict[str, dict[str, Any]] = {}
+    for name in names:
+        t0 = time.time()
+        rc, summary = _run_child(name, output, quick, deadline - t0)
+        benches[name] = {"rc": rc, "seconds": round(time.time() - t0, 1),
+                         "results": summary.get("results") if summary else None}
+        result = storage.read_json(summary["results"]) if summary else None
+        for figure, read, op, target in HEADLINES.get(name, []):
+            value = _read(read, result) if result else None
+            met = None if value is None or target is None else bool(_OPS[op](value, target))
+            rows.append({"bench": name, "figure": figure, "value": value if result else f"failed ({rc})",
+                         "target": f"{op} {target:g}" if target is not None else "",
+                         "met": "" if met is None else ("met" if met else "NOT MET")})
+    checked = [r for r in rows if r["target"]]
+    return {
+        "rows": rows,
+        "benches": benches,
+        "targets_met": sum(r["met"] == "met" for r in checked),
+        "targets": len(checked),
+        "failed": [n for n, b in benches.items() if b["rc"] != 0],
+    }
+
+
+def _read(read: Callable[[dict], Any], result: dict[str, Any]) -> Any:
+    try:
+        value = read(result)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    return round(value, 3) if isinstance(value, float) else value
