@@ -137,8 +137,19 @@ def load_tokenizer(ref: CheckpointRef) -> Tokenizer:
     return tok
 
 
-def download(ref: CheckpointRef, local_dir: str | Path) -> Path:
-    storage.download_dir(ref.url, local_dir)
+_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rng/rank_)(\d+)(?:_|\.pt$)")  # one rank's partition or RNG state
+
+
+def download(ref: CheckpointRef, local_dir: str | Path, only_rank: int | None = None) -> Path:
+    """Copy a checkpoint folder into `local_dir`. With `only_rank`, other ranks' ZeRO partitions and RNG
+    states are left out: a resume at the world size the checkpoint was written with reads only its own."""
+    root = ref.url.rstrip("/") + "/"
+    for file_url in storage.list_files(ref.url):
+        rel = file_url[len(root):]
+        other = _RANK_FILE.search(rel)
+        if only_rank is not None and other and int(other.group(1)) != only_rank:
+            continue
+        storage.download_file(file_url, Path(local_dir) / rel)
     return Path(local_dir)
 
 

@@ -26,8 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import torch
 
-from genpt_dist import storage
-from genpt_dist.checkpoint import (CHECKPOINT_FORMAT, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointRef,
+from genpt_dist.checkpoint import (CHECKPOINT_FORMAT, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointRef, download,
                                    latest_checkpoint, load_state_dict, resolve)
 from genpt_dist.config import Config
 from genpt_dist.model.gpt import GPT, GPTConfig
@@ -162,7 +161,8 @@ class Trainer:
         self.step, self.tokens_seen = int(meta["step"]), int(meta["tokens_seen"])
         self.metrics = dict(meta.get("metrics", {}))
         with tempfile.TemporaryDirectory(prefix=f"genpt-restore-r{self.rank}-") as tmp:
-            storage.download_dir(ref.url, tmp)
+            same_world = int(meta["world_size"]) == self.world  # else every partition is re-partitioned
+            download(ref, tmp, only_rank=self.rank if same_world else None)
             with elastic.resharded(Path(tmp), int(meta["world_size"]), self.world, elastic.deepspeed_engines(self),
                                    rank=self.rank):
                 self.engine.load_checkpoint(str(Path(tmp) / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
