@@ -91,5 +91,18 @@ def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
     params = list(module.parameters())
     if getattr(engine, "zero_optimization_stage", lambda: 0)() == 3:
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().clone() for k, v in module.state_dict().items()}
+            return _fp32_copies(module.state_dict())
+    return _fp32_copies(module.state_dict())
+
+
+def _fp32_copies(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One fp32 copy per distinct tensor: entries that share storage (the tied embedding and head) keep
+    sharing it, so publishing them stores it once."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+        if key not in copies or t.data_ptr() == 0:
+            copies[key] = t.detach().to(torch.float32, copy=True)
+        out[name] = copies[key]
+    return out
