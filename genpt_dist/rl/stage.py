@@ -80,7 +80,8 @@ class AdversarialTrainer(Trainer):
         disc = Discriminator(self.disc_cfg)
         ds_cfg = self.cfg.deepspeed.model_copy(update={"zero_stage": min(self.cfg.deepspeed.zero_stage, 2),
                                                        "offload_params": False})
-        ds = build_ds_config(ds_cfg, self.cfg.train, self.cfg.optim, self.precision)
+        ds = build_ds_config(ds_cfg, self.cfg.train, self.cfg.optim, self.precision,
+                             use_gpu=self.cfg.scaling.use_gpu)
         d = self.cfg.adversarial.discriminator
         opt = torch.optim.AdamW(disc.parameters(), lr=d.lr, betas=(0.9, 0.99), weight_decay=0.01)
         self.disc, _, _, _ = deepspeed.initialize(model=disc, optimizer=opt, config=ds, dist_init_required=False)

@@ -133,7 +133,8 @@ class Trainer:
         self.before_engine(model)
         self.flops_per_token = model.flops_per_token(self.cfg.data.seq_len)  # before ZeRO-3 partitions it
         self.precision = resolve_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu)
-        ds_config = build_ds_config(self.cfg.deepspeed, self.cfg.train, self.cfg.optim, self.precision)
+        ds_config = build_ds_config(self.cfg.deepspeed, self.cfg.train, self.cfg.optim, self.precision,
+                                    use_gpu=self.cfg.scaling.use_gpu)
         opt, sched = build_optimizer(model, self.cfg.optim, self.cfg.train.steps)
         self.engine = build_engine(model, ds_config, opt, sched)
         self.device = self.engine.device
