@@ -38,7 +38,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from genpt_dist.errors import UserError
 
@@ -124,7 +124,8 @@ def init_ray(address: str | None = None) -> None:
             # At least 4 logical CPUs so 2 trainers + 2 rollout actors fit on a 2-core laptop: they take
             # turns (on-policy RL alternates sampling and training); torch threads are set per process.
             ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True, _node_ip_address="127.0.0.1")
+                     log_to_driver=True, _node_ip_address="127.0.0.1",
+                     runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()})
     except Exception as exc:  # noqa: BLE001 - Ray wraps a refused token in a ConnectionError or RuntimeError
         if _is_auth_error(exc):
             raise UserError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
@@ -135,6 +136,34 @@ def init_ray(address: str | None = None) -> None:
         raise
     _worker_output_to_stderr()
     log.info("Ray: %s", ray.cluster_resources())
+
+
+# Ray Train loggers whose lines are noise in a local run: every report dumped per rank (a logger named
+# by its file path), and, as a local Ray has no dashboard and so no state API, a placement-group
+# watchdog's warning every second that it cannot look up the controller. A moved module only brings
+# the lines back.
+_NOISY_RAY_MODULES = ("train/v2/_internal/execution/context.py",
+                      "train/v2/_internal/execution/controller/placement_group_cleaner.py")
+
+
+def _quiet_ray_logs_hook() -> Callable[[], None]:
+    """A worker-process setup hook for the local Ray that sets the noisy Ray Train loggers to errors only.
+    Nested, so Ray ships it by value: a worker need not be able to import genpt_dist to run it."""
+    modules = _NOISY_RAY_MODULES
+
+    def quiet_ray_logs() -> None:
+        import logging
+        from pathlib import Path
+
+        import ray
+
+        root = Path(ray.__file__).parent
+        for rel in modules:
+            module = "ray." + rel.removesuffix(".py").replace("/", ".")
+            for name in (module, str(root / rel)):  # loggers named by module or by file path
+                logging.getLogger(name).setLevel(logging.ERROR)
+
+    return quiet_ray_logs
 
 
 def _worker_output_to_stderr() -> None:
