@@ -293,7 +293,7 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
     """Driver: validate, start the rollout pool, run the workers, summarise."""
     from genpt_dist.data.manifest import load_manifest
     from genpt_dist.raycluster import check_fits, init_ray, release_resources
-    from genpt_dist.train.launcher import fit
+    from genpt_dist.train.launcher import fit, stage_config
 
     adv, r = cfg.adversarial, cfg.adversarial.rollout
     manifest = load_manifest(data)
@@ -314,14 +314,9 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
     # as many val batches as cover pretraining's val rows, so the stages' val losses compare.
     rows = adv.prompts_per_step // hi
     eval_batches = math.ceil(cfg.train.eval_batches * cfg.train.micro_batch_size / rows)
-    stage_cfg = cfg.model_copy(update={
-        "data": cfg.data.model_copy(update={"seq_len": manifest.seq_len}),
-        "model": cfg.model.model_copy(update={"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
-                                              "d_model": model_cfg.d_model, "block_size": model_cfg.block_size}),
-        "train": cfg.train.model_copy(update={"steps": adv.steps, "micro_batch_size": rows,
-                                              "eval_batches": eval_batches}),
-        "optim": cfg.optim.model_copy(update={"lr": adv.lr, "warmup_steps": adv.warmup_steps, "min_lr_ratio": 1.0}),
-    })
+    stage_cfg = stage_config(cfg, model_cfg, seq_len=manifest.seq_len,
+                             train={"steps": adv.steps, "micro_batch_size": rows, "eval_batches": eval_batches},
+                             optim={"lr": adv.lr, "warmup_steps": adv.warmup_steps, "min_lr_ratio": 1.0})
     init_ray(address)
     # The workers and the actors together: an autoscaling cluster gets one request for both and time to
     # add nodes before the actors are placed (RolloutGroup itself refuses what does not fit now).

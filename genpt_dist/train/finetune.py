@@ -141,7 +141,7 @@ def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = 
     """Driver: validate the task and the init checkpoint at the edge, then train on Ray Train."""
     import hashlib
 
-    from genpt_dist.train.launcher import fit
+    from genpt_dist.train.launcher import fit, stage_config
 
     ref = resolve(init)
     if ref.meta.get("model") is None:
@@ -151,7 +151,8 @@ def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = 
     model_cfg = ref.model_config
     ft = cfg.finetune
     if ft.train_last_blocks is not None and ft.train_last_blocks > model_cfg.n_layer:
-        raise UserError(f"finetune.train_last_blocks={ft.train_last_blocks} but the model has {model_cfg.n_layer} blocks")
+        raise UserError(f"finetune.train_last_blocks={ft.train_last_blocks} but the model has "
+                        f"{model_cfg.n_layer} blocks")
     manifest = _prepared_dataset(task)
     if manifest is not None:  # domain adaptation on a prepared dataset: its shards, its tokenizer
         if manifest.tokenizer_sha256 != tok.sha256:
@@ -164,23 +165,19 @@ def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = 
                  data.kind, data.truncated)
         make_source, n_examples, truncated = TaskSource, len(data.train) + len(data.val), data.truncated
         task_sha = hashlib.sha256(storage.read_bytes(task)).hexdigest()
-    stage_cfg = cfg.model_copy(update={
-        "model": cfg.model.model_copy(update={"n_layer": model_cfg.n_layer, "n_head": model_cfg.n_head,
-                                              "d_model": model_cfg.d_model, "block_size": model_cfg.block_size}),
-        "data": cfg.data.model_copy(update={"seq_len": model_cfg.block_size}),
-        "train": cfg.train.model_copy(update={"steps": ft.steps, "micro_batch_size": ft.micro_batch_size,
-                                              "eval_every": ft.eval_every, "checkpoint_every": ft.eval_every,
-                                              "eval_batches": ft.eval_batches, "log_every": ft.log_every}),
-        "optim": cfg.optim.model_copy(update={"lr": ft.lr, "warmup_steps": ft.warmup_steps}),
-    })
+    stage_cfg = stage_config(cfg, model_cfg, seq_len=model_cfg.block_size,
+                             train={"steps": ft.steps, "micro_batch_size": ft.micro_batch_size,
+                                    "eval_every": ft.eval_every, "checkpoint_every": ft.eval_every,
+                                    "eval_batches": ft.eval_batches, "log_every": ft.log_every},
+                             optim={"lr": ft.lr, "warmup_steps": ft.warmup_steps})
     run = storage.normalize(run)
     job = Job(stage="finetune", config=stage_cfg.model_dump(mode="json"), data=task, run=run, init=ref.url,
               extra={"task_sha256": task_sha})
     metrics = fit(job, stage_cfg, run_worker, address=address, make_source=make_source, trainer_cls=FinetuneTrainer)
     best = best_checkpoint(run)
     keys = ("step", "train_loss", "val_loss", "val_ppl", "val_bpb", "best_val_loss", "stopped_early")
-    return {"command": "finetune", "run": run, "init": ref.url, "examples": n_examples, "truncated": truncated, **{k: metrics.get(k) for k in keys},
-            "checkpoint": best.url if best else metrics.get("checkpoint")}
+    return {"command": "finetune", "run": run, "init": ref.url, "examples": n_examples, "truncated": truncated,
+            **{k: metrics.get(k) for k in keys}, "checkpoint": best.url if best else metrics.get("checkpoint")}
 
 
 def _prepared_dataset(task: str):

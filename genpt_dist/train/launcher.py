@@ -21,6 +21,7 @@ from typing import Any, Callable
 from genpt_dist import storage
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from genpt_dist.config import Config
+from genpt_dist.model.gpt import GPTConfig
 from genpt_dist.raycluster import check_fits, init_ray, release_resources, worker_env
 from genpt_dist.train.loop import Job
 
@@ -71,3 +72,15 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
     ref = latest_checkpoint(job.run)
     metrics["checkpoint"] = ref.url if ref else None
     return metrics
+
+
+def stage_config(cfg: Config, init: GPTConfig, *, seq_len: int, train: dict[str, Any], optim: dict[str, Any]) -> Config:
+    """The config a stage that starts from a checkpoint runs with: the model shape of its `init`, the
+    data's sample length, and the stage's own train (steps, batch, ...) and optim (LR, ...) settings."""
+    shape = {"n_layer": init.n_layer, "n_head": init.n_head, "d_model": init.d_model, "block_size": init.block_size}
+    return cfg.model_copy(update={
+        "model": cfg.model.model_copy(update=shape),
+        "data": cfg.data.model_copy(update={"seq_len": seq_len}),
+        "train": cfg.train.model_copy(update=train),
+        "optim": cfg.optim.model_copy(update=optim),
+    })
