@@ -11,6 +11,7 @@ meta file) last, and readers treat a folder without its marker as absent.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -23,9 +24,15 @@ from typing import IO, Any, Iterable
 from genpt_dist.errors import UserError
 
 MULTIPART_THRESHOLD = 64 << 20
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 DEFAULT_REGION = "us-east-1"
+
+
+@functools.cache
+def _umask() -> int:
+    """The process umask (read once, when a first file is written; reading it means setting it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------- URLs
@@ -324,7 +331,7 @@ def write_bytes(url: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
