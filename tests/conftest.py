@@ -122,3 +122,11 @@ def short_tmp():
     path = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, tmp_path_factory, tiny_corpus):
+    """A 6-step ZeRO-3 pretrain on 2 workers, once per session (tests/helpers.py: `get_trained_run`)."""
+    from helpers import get_trained_run
+
+    return get_trained_run(tmp_path_factory, tiny_corpus)

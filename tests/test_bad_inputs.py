@@ -32,7 +32,7 @@ from genpt_dist.data.prepare import prepare
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.testing.faultproxy import FaultProxy
 from genpt_dist.tokenizer import byte_tokenizer
-from test_export import random_export
+from helpers import random_export
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")

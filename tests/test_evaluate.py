@@ -15,7 +15,7 @@ from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
 from genpt_dist.evaluate import evaluate
-from test_export import TINY, assert_user_error, cli, random_export, trained_run  # noqa: F401 (fixture)
+from helpers import TINY, assert_user_error, cli, random_export
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,6 @@
 """`export`: a ZeRO-3 checkpoint written by 2 Ray Train workers -> safetensors and a Hugging Face folder.
 
-The one Ray Train run of the export/generate/evaluate tests is made here (`trained_run`, session
-scoped and kept on disk under pytest's base temp folder, so test_generate.py and test_evaluate.py,
-which import the fixture, reuse it instead of training again).
+Uses the session's one Ray Train run (`trained_run`, tests/helpers.py, shared with generate/evaluate).
 """
 
 from __future__ import annotations
@@ -13,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,69 +20,9 @@ from genpt_dist import storage
 from genpt_dist.checkpoint import EXPORT_FORMAT, latest_checkpoint, load_model, load_state_dict, resolve
 from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
-from genpt_dist.export import export, write_export
-from genpt_dist.model.gpt import GPT, GPTConfig
-from genpt_dist.tokenizer import byte_tokenizer
+from genpt_dist.export import export
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "configs" / "tiny.yaml"
-RUN_OVERRIDES = ["deepspeed.zero_stage=3", "train.steps=6", "train.checkpoint_every=6", "train.eval_every=6",
-                 "train.log_every=3"]
-
-
-@dataclass(frozen=True)
-class TrainedRun:
-    data: str  # the prepared dataset (byte tokenizer, 64-token samples)
-    run: str  # the run folder
-    checkpoint: str  # its newest checkpoint folder (ZeRO-3, world size 2)
-
-
-def get_trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path) -> TrainedRun:
-    """Prepare + a 6-step ZeRO-3 pretrain on 2 workers, once per pytest session (cached on disk)."""
-    from genpt_dist.data.prepare import prepare
-    from genpt_dist.train.pretrain import pretrain
-
-    root = tmp_path_factory.getbasetemp() / "genpt-export-run"
-    data, run = str(root / "data"), str(root / "run")
-    ref = latest_checkpoint(run) if root.exists() else None
-    if ref is None:
-        prepare([str(tiny_corpus)], data, load_config(TINY).data)
-        pretrain(data, run, load_config(TINY, RUN_OVERRIDES))
-        ref = latest_checkpoint(run)
-    assert ref is not None and ref.meta["zero_stage"] == 3 and ref.meta["world_size"] == 2
-    return TrainedRun(data=data, run=run, checkpoint=ref.url)
-
-
-@pytest.fixture(scope="session")
-def trained_run(ray_session, tmp_path_factory, tiny_corpus) -> TrainedRun:
-    return get_trained_run(tmp_path_factory, tiny_corpus)
-
-
-def random_export(folder: Path, fmt: str = "safetensors", block_size: int = 64, seed: int = 0) -> str:
-    """A freshly initialised tiny GPT (byte tokenizer) written as an export: no Ray needed."""
-    torch.manual_seed(seed)
-    tok = byte_tokenizer()
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=32)
-    model = GPT(cfg)
-    with torch.no_grad():  # larger than the GPT-2 init, so outputs depend on the context
-        for p in model.parameters():
-            p.normal_(0.0, 0.2)
-    provenance = {"stage": "test", "step": 0, "config": {"sampling": {"max_new_tokens": 8, "top_k": 20}}}
-    write_export(str(folder), fmt, model.state_dict(), cfg, tok, provenance)
-    return str(folder)
-
-
-def cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, input=stdin, env={**os.environ, **(env or {})})
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, expect: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("genpt-dist: error:") and expect in last, last
-    assert "Traceback" not in proc.stderr
-    assert proc.stdout == ""
+from helpers import TINY, assert_user_error, cli, random_export
 
 
 # ------------------------------------------------------------------------------ without Ray
@@ -216,9 +153,10 @@ def test_export_bad_input(case, trained_run, tmp_path):
         shard = next((Path(model) / "ds" / "state").glob("zero_pp_rank_1_*"))
         shard.unlink()
         expect = "is incomplete"
-    else:
+    else:  # a folder with files that are not an unfinished export of ours (those are replaced)
         Path(output).mkdir()
         (Path(output) / "model.safetensors").write_bytes(b"x")
+        (Path(output) / "notes.txt").write_text("mine")
         expect = "already exists"
     proc = cli("export", "--model", model, "--output", output)
     assert_user_error(proc, expect)

@@ -12,7 +12,7 @@ from genpt_dist.errors import UserError
 from genpt_dist.generate import generate, read_prompts
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import _decode_step, _layer_params, _pick, filter_logits, sample
-from test_export import assert_user_error, cli, random_export, trained_run  # noqa: F401 (fixture)
+from helpers import assert_user_error, cli, random_export
 
 
 def _gpt(seed: int = 0, **kw) -> GPT:

@@ -71,4 +71,4 @@ def test_report_command_on_a_stage_run(tmp_path):
     assert out["command"] == "report" and len(out["plots"]) == 2  # loss and throughput
     for png in out["plots"]:
         assert Path(png).read_bytes()[:4] == b"\x89PNG" and Path(png).stat().st_size > 2000
-    assert "| pretrain | 10 | 4.200 | 2.500 |" in (run / "report.md").read_text()
+    assert "| pretrain | 10 | data | 4.200 | 2.500 |" in (run / "report.md").read_text()

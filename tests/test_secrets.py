@@ -76,7 +76,7 @@ def test_credentials_never_leak(s3_server, bucket, tiny_corpus, tmp_path):
 
 
 def test_export_folders_hold_no_pickles(tmp_path):
-    from test_export import random_export
+    from helpers import random_export
 
     for fmt in ("safetensors", "hf"):
         folder = Path(random_export(tmp_path / fmt, fmt=fmt))
