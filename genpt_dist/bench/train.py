@@ -5,7 +5,12 @@ All contenders train the same shape on the same token batch, single process, thi
 - plain:   our GPT, torch AdamW, bf16 autocast, a hand-written loop (nanoGPT style)
 - hf:      `transformers.GPT2LMHeadModel` of the same shape, same optimizer, same autocast loop
 - zero-k:  our GPT inside a DeepSpeed ZeRO-k engine built by `train.deepspeed` (bf16), world size 1
-Each runs `warmup` steps, then is timed over `steps` steps; tokens/s = B * T * steps / seconds.
+Each runs `warmup` steps, then is timed over `steps` steps; tokens/s = B * T * steps / seconds; then
+two more steps run under torch.profiler, which says what share of the step the matmul and attention
+kernels take (`matmul_share`). On this CPU both ours and HF spend ~70% there at ~50% MFU, so one
+cannot be much faster than the other: `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all
+of its other ops took no time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
+tokens/s after a 31 s compile), so it is not used.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
 
 
 def bench_train(quick: bool = False) -> dict[str, Any]:
-    """Step time, tokens/s and MFU of each contender; ratios ours/HF and ZeRO-k/plain."""
+    """Step time, tokens/s, MFU and a profile of each contender; ratios ours/HF and ZeRO-k/plain."""
     threads = torch.get_num_threads()
     if quick:
         cfg = GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64)
@@ -105,12 +110,16 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
         contenders[f"zero{stage}"] = lambda stage=stage: _zero_step(cfg, x, stage, batch)
 
     rows: dict[str, dict[str, float]] = {}
+    profiles: dict[str, dict[str, Any]] = {}
     for name, make in contenders.items():
         torch.manual_seed(0)
-        seconds = _time_steps(make(), warmup, steps)
+        step = make()
+        seconds = _time_steps(step, warmup, steps)
         tok_s = batch * T / seconds
+        profiles[name] = _profile(step)
         rows[name] = {"contender": name, "step_s": round(seconds, 4), "tokens_per_s": round(tok_s, 1),
-                      "mfu": round(flops_per_token * tok_s / peak_bf16, 4)}
+                      "mfu": round(flops_per_token * tok_s / peak_bf16, 4),
+                      "matmul_share": profiles[name]["matmul_share"]}
         log.info("%-6s step %.3fs  %8.0f tok/s  MFU %.1f%%", name, seconds, tok_s, 100 * rows[name]["mfu"])
         gc.collect()
     ours = rows["zero2"]["tokens_per_s"]
@@ -127,7 +136,30 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
             **{f"zero{s}_vs_plain": rows[f"zero{s}"]["tokens_per_s"] / rows["plain"]["tokens_per_s"] for s in range(4)},
         },
         "mfu_zero2": rows["zero2"]["mfu"],
+        "tokens_per_s_zero2": ours,
+        # If every op but the matmul/attention kernels took no time: the most ZeRO-2 could gain over HF.
+        "zero2_vs_hf_ceiling": rows["hf"]["step_s"] / (rows["zero2"]["step_s"] * rows["zero2"]["matmul_share"]),
+        "profile": profiles,
     }
+
+
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
+
+
+def _profile(step: Callable[[], None], steps: int = 2) -> dict[str, Any]:
+    """Where a step's CPU time goes (torch.profiler, self time): the share of the matmul and attention
+    kernels, which bound a step at a given MFU, and the five largest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    matmul = sum(e.self_cpu_time_total for e in events if any(op in e.key for op in MATMUL_OPS))
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]
+    return {"matmul_share": round(matmul / total, 3),
+            "top_ops": {e.key[:60]: round(e.self_cpu_time_total / total, 3) for e in top}}
 
 
 def _hf_model(cfg: GPTConfig) -> torch.nn.Module:
