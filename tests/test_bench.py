@@ -76,3 +76,20 @@ def test_bad_bench_arguments_are_one_line_and_exit_2(args, message, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     assert proc.stdout == ""
+
+
+def test_train_quick_profiles_each_contender(tmp_path):
+    # In a process of its own: the ZeRO contenders set up a 1-process torch.distributed group and its env.
+    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "bench", "train", "--quick", "--output",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "train.json").read_text())
+    rows = {r["contender"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
+    assert set(rows) == {"plain", "hf", "zero0", "zero1", "zero2", "zero3"}
+    for name, row in rows.items():
+        assert row["tokens_per_s"] > 0 and 0 < row["matmul_share"] <= 1, (name, row)
+        assert 0 < sum(summary["profile"][name]["top_ops"].values()) <= 1
+    assert summary["tokens_per_s_zero2"] == rows["zero2"]["tokens_per_s"]
+    assert summary["ratios"]["zero2_vs_hf"] == pytest.approx(rows["zero2"]["tokens_per_s"] / rows["hf"]["tokens_per_s"])
+    ceiling = rows["hf"]["step_s"] / (rows["zero2"]["step_s"] * rows["zero2"]["matmul_share"])
+    assert summary["zero2_vs_hf_ceiling"] == pytest.approx(ceiling, rel=1e-3)
