@@ -31,6 +31,7 @@ take over once it runs; `release_resources` drops ours when the job ends.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,7 +39,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from genpt_dist.errors import UserError
 
@@ -323,6 +324,20 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
         raise
     log.info("the cluster has room for %s after %.0f s", what, time.monotonic() - t0)
     return True
+
+
+@contextlib.contextmanager
+def room_for(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra_cpus: float = 0.0,
+             extra_gpus: float = 0.0, extra_what: str = "") -> Iterator[None]:
+    """`check_fits` for the block, and the autoscaler request it made dropped when the block ends, however
+    it ends (idle nodes may go again)."""
+    asked = check_fits(num_workers, cpus_per_worker, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus,
+                       extra_what=extra_what)
+    try:
+        yield
+    finally:
+        if asked:
+            release_resources()
 
 
 def _progress(need: dict[str, float]) -> str:

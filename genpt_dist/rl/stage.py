@@ -292,7 +292,7 @@ class AdversarialTrainer(Trainer):
 def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
     """Driver: validate, start the rollout pool, run the workers, summarise."""
     from genpt_dist.data.manifest import load_manifest
-    from genpt_dist.raycluster import check_fits, init_ray, release_resources
+    from genpt_dist.raycluster import init_ray, room_for
     from genpt_dist.train.launcher import fit, stage_config
 
     adv, r = cfg.adversarial, cfg.adversarial.rollout
@@ -321,24 +321,23 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
     # The workers and the actors together: an autoscaling cluster gets one request for both and time to
     # add nodes before the actors are placed (RolloutGroup itself refuses what does not fit now).
     actors = (r.num_actors * r.cpus_per_actor, r.num_actors * r.gpus_per_actor, f"{r.num_actors} rollout actors")
-    asked = check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=actors[0],
-                       extra_gpus=actors[1], extra_what=actors[2])
-    tok = manifest.load_tokenizer()
-    ref_state = load_state_dict(ref)
-    group = RolloutGroup(r.num_actors, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
-                         max_restarts=r.max_restarts, model_config=dataclasses.asdict(model_cfg),
-                         disc_config=dataclasses.asdict(disc_model_config(stage_cfg, tok.vocab_size, tok.pad_id)),
-                         reference_state=ref_state, pad_id=tok.pad_id, eos_id=tok.eos_id, threads=r.threads)
-    try:
-        run = storage.normalize(run)
-        job = Job(stage="adversarial", config=stage_cfg.model_dump(mode="json"), data=manifest.url, run=run,
-                  init=ref.url, extra={"rollout_group": group})
-        metrics = fit(job, stage_cfg, run_worker, address=address, also_needs=actors, make_source=ShardSource,
-                      trainer_cls=AdversarialTrainer)
-    finally:
-        group.shutdown()
-        if asked:
-            release_resources()
+    with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=actors[0],
+                  extra_gpus=actors[1], extra_what=actors[2]):
+        tok = manifest.load_tokenizer()
+        ref_state = load_state_dict(ref)
+        disc_cfg = disc_model_config(stage_cfg, tok.vocab_size, tok.pad_id)
+        group = RolloutGroup(r.num_actors, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
+                             max_restarts=r.max_restarts, model_config=dataclasses.asdict(model_cfg),
+                             disc_config=dataclasses.asdict(disc_cfg), reference_state=ref_state,
+                             pad_id=tok.pad_id, eos_id=tok.eos_id, threads=r.threads)
+        try:
+            run = storage.normalize(run)
+            job = Job(stage="adversarial", config=stage_cfg.model_dump(mode="json"), data=manifest.url, run=run,
+                      init=ref.url, extra={"rollout_group": group})
+            metrics = fit(job, stage_cfg, run_worker, address=address, also_needs=actors,
+                          make_source=ShardSource, trainer_cls=AdversarialTrainer)
+        finally:
+            group.shutdown()
     keys = ("step", "reward_mean", "kl", "d_acc_real", "d_acc_fake", "val_loss", "val_ppl", "val_bpb",
             "rollout_tokens_per_s", "publish_s", "checkpoint")
     return {"command": "adversarial", "run": run, "init": ref.url, **{k: metrics.get(k) for k in keys}}

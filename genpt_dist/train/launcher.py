@@ -7,7 +7,7 @@ filesystem for s3://, `CheckpointConfig(num_to_keep)` and `FailureConfig(max_fai
 Elastic runs (`scaling.num_workers: [min, max]`) get Ray Train's elastic `ScalingConfig(num_workers=
 (min, max))`: it starts with as many workers as the cluster holds (at least min) and restarts the group
 with another size when nodes go or come; each restart resumes from the latest checkpoint, re-partitioned
-for the new size (`train.elastic`). Before Ray Train asks for workers, `check_fits` refuses what the
+for the new size (`train.elastic`). Before Ray Train asks for workers, `room_for` (`check_fits`) refuses what the
 cluster can never hold and, with an autoscaler, waits for the minimum to be there.
 """
 
@@ -22,7 +22,7 @@ from genpt_dist import storage
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from genpt_dist.config import Config
 from genpt_dist.model.gpt import GPTConfig
-from genpt_dist.raycluster import check_fits, init_ray, release_resources, worker_env
+from genpt_dist.raycluster import init_ray, room_for, worker_env
 from genpt_dist.train.loop import Job
 
 log = logging.getLogger(__name__)
@@ -39,33 +39,29 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
     init_ray(address)
     lo, hi = cfg.scaling.worker_range
     extra_cpus, extra_gpus, extra_what = also_needs
-    asked = check_fits(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
-                       extra_gpus=extra_gpus, extra_what=extra_what)
-    job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
-    fs, path = storage.pyarrow_filesystem(job.run)
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = 1
-    trainer = TorchTrainer(
-        functools.partial(worker_fn, **worker_kwargs),
-        train_loop_config=dataclasses.asdict(job),
-        scaling_config=ray.train.ScalingConfig(num_workers=hi if lo == hi else (lo, hi),
-                                               use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
-                                 timeout_s=cfg.scaling.timeout_s),
-        run_config=ray.train.RunConfig(
-            name=CHECKPOINTS_DIR,
-            storage_path=path,
-            storage_filesystem=fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-        ),
-    )
-    try:
+    with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
+                  extra_gpus=extra_gpus, extra_what=extra_what):  # Ray Train's own requests take over
+        job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
+        fs, path = storage.pyarrow_filesystem(job.run)
+        resources = {"CPU": cfg.scaling.cpus_per_worker}
+        if cfg.scaling.use_gpu:
+            resources["GPU"] = 1
+        trainer = TorchTrainer(
+            functools.partial(worker_fn, **worker_kwargs),
+            train_loop_config=dataclasses.asdict(job),
+            scaling_config=ray.train.ScalingConfig(num_workers=hi if lo == hi else (lo, hi),
+                                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
+                                     timeout_s=cfg.scaling.timeout_s),
+            run_config=ray.train.RunConfig(
+                name=CHECKPOINTS_DIR,
+                storage_path=path,
+                storage_filesystem=fs,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            ),
+        )
         result = trainer.fit()
-    finally:
-        if asked:  # Ray Train's own requests took over; let idle nodes go when it is done
-            release_resources()
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
