@@ -114,6 +114,12 @@ def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join an existing Ray cluster: auto or ray://host:10001 (default: local Ray)")
 
 
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    """What every stage that runs on Ray takes: --config/--set and --address."""
+    _config_args(p)
+    _address_arg(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="genpt-dist", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -130,16 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="URL", help="a prepared dataset (its manifest.json)")
     p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
     p.add_argument("--init", metavar="CKPT", help="warm-start weights from a checkpoint, run or export")
-    _config_args(p)
-    _address_arg(p)
+    _stage_args(p)
     p.set_defaults(fn=_cmd_pretrain)
 
     p = sub.add_parser("adversarial", help="SeqGAN-style REINFORCE against an online discriminator")
     p.add_argument("--data", required=True, metavar="URL", help="the prepared dataset (real text for D and prompts)")
     p.add_argument("--init", required=True, metavar="CKPT", help="the pretrained generator (also the KL reference)")
     p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
-    _config_args(p)
-    _address_arg(p)
+    _stage_args(p)
     p.set_defaults(fn=_cmd_adversarial)
 
     p = sub.add_parser("finetune", help="supervised fine-tuning of a checkpoint on a downstream task")
@@ -147,16 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt/completion JSONL, text/JSONL 'text', or a prepared dataset folder")
     p.add_argument("--init", required=True, metavar="CKPT", help="checkpoint, run or export to start from")
     p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
-    _config_args(p)
-    _address_arg(p)
+    _stage_args(p)
     p.set_defaults(fn=_cmd_finetune)
 
     p = sub.add_parser("pipeline", help="prepare -> pretrain -> adversarial -> finetune -> export, one run URL")
     p.add_argument("--input", nargs="+", required=True, metavar="SRC", help="files, folders, globs or s3:// prefixes")
     p.add_argument("--run", required=True, metavar="URL", help="run folder; again = skip finished, resume unfinished")
     p.add_argument("--task", metavar="SRC", help="fine-tuning task (prompt/completion JSONL or text)")
-    _config_args(p)
-    _address_arg(p)
+    _stage_args(p)
     p.set_defaults(fn=_cmd_pipeline)
 
     p = sub.add_parser("report", help="plots and report.md of a run")
