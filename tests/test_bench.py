@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from genpt_dist.bench import run_bench
 
@@ -69,7 +70,11 @@ def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["nosuch"], "unknown benchmark 'nosuch'"),
                                            (["all", "--only", "oracle"], "--only: oracle not among the benches"),
-                                           (["train", "--only", "sync"], "--only goes with `bench all`")])
+                                           (["train", "--only", "sync"], "--only goes with `bench all`"),
+                                           pytest.param(["train", "--device", "cuda"],
+                                                        "--device cuda: this process sees no CUDA GPU",
+                                                        marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                                 reason="a GPU is visible"))])
 def test_bad_bench_arguments_are_one_line_and_exit_2(args, message, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "bench", *args, "--output", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
@@ -86,6 +91,7 @@ def test_train_quick_profiles_each_contender(tmp_path):
     summary = json.loads((tmp_path / "train.json").read_text())
     rows = {r["contender"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
     assert set(rows) == {"plain", "hf", "zero0", "zero1", "zero2", "zero3"}
+    assert summary["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and 0 < row["matmul_share"] <= 1, (name, row)
         assert 0 < sum(summary["profile"][name]["top_ops"].values()) <= 1

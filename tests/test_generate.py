@@ -168,3 +168,4 @@ def test_bench_generate_quick(tmp_path):
     assert out["command"] == "bench" and out["speedup_fp32"] > 0 and out["kv_cache_speedup"] > 0
     saved = json.loads((tmp_path / "generate.json").read_text())
     assert {r["impl"] for r in saved["rows"]} == {"ours", "hf generate"}
+    assert saved["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from genpt_dist import storage
+from genpt_dist.bench.device import resolve_device
 from genpt_dist.errors import UserError
 
 BENCHES: dict[str, str] = {
@@ -39,6 +40,7 @@ BENCHES: dict[str, str] = {
     "all": "genpt_dist.bench:bench_all",
 }
 ALL = "all"
+ON_DEVICE = ("train", "generate")  # the rest measure CPU-side paths (data, object store, S3, gloo workers)
 NOT_IN_ALL = ("oracle", ALL)
 SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
 
@@ -95,9 +97,10 @@ def _numeric(text: str) -> bool:
     return text.replace(",", "").replace(".", "", 1).replace("x", "").isdigit()
 
 
-def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None) -> dict[str, Any]:
+def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None,
+              device: str = "auto") -> dict[str, Any]:
     """Run benchmark `name`, write `<output>/<name>.json`, return its summary. `only` picks the benches
-    that `all` runs."""
+    that `all` runs; `device` (auto | cpu | cuda) is where the device-bound benches (`ON_DEVICE`) measure."""
     if name not in BENCHES:
         raise UserError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHES))}")
     if only is not None and name != ALL:
@@ -106,9 +109,12 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
     if unknown:
         raise UserError(f"--only: {', '.join(unknown)} not among the benches of `all` "
                         f"({', '.join(n for n in BENCHES if n not in NOT_IN_ALL)})")
+    resolve_device(device)  # a bad or unavailable --device is refused before anything runs
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
-    kwargs = {"output": output, "only": only} if name == ALL else {}
+    kwargs = {"output": output, "only": only, "device": device} if name == ALL else {}
+    if name in ON_DEVICE:
+        kwargs["device"] = device
     result = getattr(importlib.import_module(module), fn)(quick=quick, **kwargs)
     result = {"bench": name, "quick": quick, "seconds": round(time.time() - t0, 2), **result}
     print_table(f"bench {name}" + (" (quick)" if quick else ""), result.get("rows", []))
@@ -118,10 +124,11 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
     return {"command": "bench", **headline, "results": url}
 
 
-def _run_child(name: str, output: str, quick: bool, timeout_s: float) -> tuple[int | str, dict[str, Any] | None]:
+def _run_child(name: str, output: str, quick: bool, timeout_s: float,
+               device: str) -> tuple[int | str, dict[str, Any] | None]:
     """`bench NAME` in a process of its own (its output on our stderr); (exit code or why not, its summary)."""
     cmd = [sys.executable, "-c", "from genpt_dist.cli import main; raise SystemExit(main())", "bench", name,
-           "--output", output, *(["--quick"] if quick else [])]
+           "--output", output, "--device", device, *(["--quick"] if quick else [])]
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, start_new_session=True)
@@ -135,7 +142,8 @@ def _run_child(name: str, output: str, quick: bool, timeout_s: float) -> tuple[i
     return proc.returncode, json.loads(lines[-1]) if proc.returncode == 0 and lines else None
 
 
-def bench_all(quick: bool = False, output: str = "bench-results", only: list[str] | None = None) -> dict[str, Any]:
+def bench_all(quick: bool = False, output: str = "bench-results", only: list[str] | None = None,
+              device: str = "auto") -> dict[str, Any]:
     """Every benchmark but oracle (or those in `only`), one process each; headline figures against their
     targets."""
     names = [n for n in BENCHES if n not in NOT_IN_ALL and (only is None or n in only)]
@@ -144,7 +152,7 @@ def bench_all(quick: bool = False, output: str = "bench-results", only: list[str
     benches: dict[str, dict[str, Any]] = {}
     for name in names:
         t0 = time.time()
-        rc, summary = _run_child(name, output, quick, deadline - t0)
+        rc, summary = _run_child(name, output, quick, deadline - t0, device)
         benches[name] = {"rc": rc, "seconds": round(time.time() - t0, 1),
                          "results": summary.get("results") if summary else None}
         result = storage.read_json(summary["results"]) if summary else None

@@ -11,7 +11,8 @@ counts, in wall-clock seconds and in process CPU seconds (`cpu_s`: less disturbe
 share the machine, since time spent descheduled is not counted). Rows: ours and HF in fp32 and in bf16 (weights cast; on this CPU bf16 halves the bytes each
 step streams, which is what a small-batch decode step waits on), at batch 1 and 8; and ours with vs
 without the KV cache at a shorter new-token count (without a cache every step reruns the whole
-sequence, so its cost grows with the square of the length).
+sequence, so its cost grows with the square of the length). `--device cuda` (or `auto` on a GPU
+machine) runs both on the GPU, timed after a device synchronize.
 
 Headline (batch 8): ours vs HF in fp32, in bf16, and ours in bf16 against HF's default fp32.
 """
@@ -23,6 +24,8 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from genpt_dist.bench.device import describe, resolve_device, synchronize
 
 REPEATS = 5
 TOP_K, TEMPERATURE = 50, 0.8
@@ -59,23 +62,26 @@ def _hf_inputs(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def _best_time(fn: Callable[[], int], repeats: int) -> tuple[float, int, float]:
+def _best_time(fn: Callable[[], int], repeats: int, device: torch.device) -> tuple[float, int, float]:
     """(best wall seconds, tokens produced, best process CPU seconds) over `repeats` calls."""
     best, best_cpu, produced = float("inf"), float("inf"), 0
     for _ in range(repeats):
+        synchronize(device)
         t0, c0 = time.perf_counter(), time.process_time()
         produced = fn()
+        synchronize(device)
         best, best_cpu = min(best, time.perf_counter() - t0), min(best_cpu, time.process_time() - c0)
     return best, produced, best_cpu
 
 
-def bench_generate(quick: bool = False) -> dict[str, Any]:
+def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     import transformers
 
     from genpt_dist.checkpoint import load_model
     from genpt_dist.model.sampling import sample
 
     transformers.logging.set_verbosity_error()
+    dev = resolve_device(device)
     new_tokens = 32 if quick else 128
     cache_cmp_tokens = 16 if quick else 32
     batches = (8,) if quick else (1, 8)
@@ -84,12 +90,13 @@ def bench_generate(quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="genpt-bench-gen-") as folder:
         cfg = _export_random_model(folder, quick)
         ours32, tok, _ = load_model(folder)
-        hf32 = transformers.GPT2LMHeadModel.from_pretrained(folder, local_files_only=True).eval()
-        hf32.generation_config.eos_token_id = None  # never stop early: exactly batch x new tokens
-        models = {"fp32": (ours32, hf32),
-                  "bf16": (load_model(folder)[0].to(torch.bfloat16), hf32.__class__.from_pretrained(
-                      folder, local_files_only=True, dtype=torch.bfloat16).eval())}
-        models["bf16"][1].generation_config.eos_token_id = None
+        ours32.to(dev)
+        hf = transformers.GPT2LMHeadModel
+        models = {"fp32": (ours32, hf.from_pretrained(folder, local_files_only=True).eval().to(dev)),
+                  "bf16": (load_model(folder)[0].to(dev, torch.bfloat16),
+                           hf.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).eval().to(dev))}
+        for _, peer in models.values():
+            peer.generation_config.eos_token_id = None  # never stop early: exactly batch x new tokens
 
         def run_ours(model, prompts, n, use_cache=True) -> Callable[[], int]:
             def fn() -> int:
@@ -99,7 +106,7 @@ def bench_generate(quick: bool = False) -> dict[str, Any]:
             return fn
 
         def run_hf(model, prompts, n) -> Callable[[], int]:
-            ids, mask = _hf_inputs(prompts, tok.pad_id)
+            ids, mask = (t.to(dev) for t in _hf_inputs(prompts, tok.pad_id))
 
             def fn() -> int:
                 torch.manual_seed(0)
@@ -119,7 +126,7 @@ def bench_generate(quick: bool = False) -> dict[str, Any]:
                 timed = {name: [] for name in fns}
                 for _ in range(repeats):  # alternate, so a noisy neighbour hurts both alike
                     for name, fn in fns.items():
-                        timed[name].append(_best_time(fn, 1))
+                        timed[name].append(_best_time(fn, 1, dev))
                 best = {name: min(timed[name]) for name in fns}
                 cpu = {name: min(t[2] for t in timed[name]) for name in fns}
                 for name in fns:
@@ -139,7 +146,7 @@ def bench_generate(quick: bool = False) -> dict[str, Any]:
         for use_cache in (True, False):
             fn = run_ours(ours32, prompts, cache_cmp_tokens, use_cache)
             fn()
-            times[use_cache] = _best_time(fn, 2)
+            times[use_cache] = _best_time(fn, 2, dev)
             seconds, produced, cpu_s = times[use_cache]
             rows.append({"impl": "ours", "dtype": "fp32", "batch": batches[-1], "new": cache_cmp_tokens,
                          "cache": "yes" if use_cache else "no", "seconds": round(seconds, 3), "cpu_s": round(cpu_s, 3),
@@ -149,6 +156,7 @@ def bench_generate(quick: bool = False) -> dict[str, Any]:
     b = batches[-1]
     fp32, bf16 = summary[f"b{b}_fp32"], summary[f"b{b}_bf16"]
     return {
+        "device": describe(dev),
         "model": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
         "settings": {"top_k": TOP_K, "temperature": TEMPERATURE, "new_tokens": new_tokens, "repeats": repeats,
                      "threads": torch.get_num_threads(), "transformers": transformers.__version__},

@@ -1,7 +1,8 @@
 """`bench train`: training throughput of ours vs a plain PyTorch loop vs Hugging Face GPT-2, with MFU
 against the bf16 / fp32 matmul throughput measured in the same run.
 
-All contenders train the same shape on the same token batch, single process, this process's threads:
+All contenders train the same shape on the same token batch, single process, on `--device` (the CPU
+with this process's threads, or one GPU; shape on a GPU: GPT-2 124M at context 1024):
 - plain:   our GPT, torch AdamW, bf16 autocast, a hand-written loop (nanoGPT style)
 - hf:      `transformers.GPT2LMHeadModel` of the same shape, same optimizer, same autocast loop
 - zero-k:  our GPT inside a DeepSpeed ZeRO-k engine built by `train.deepspeed` (bf16), world size 1
@@ -10,7 +11,8 @@ two more steps run under torch.profiler, which says what share of the step the m
 kernels take (`matmul_share`). On this CPU both ours and HF spend ~70% there at ~50% MFU, so one
 cannot be much faster than the other: `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all
 of its other ops took no time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
-tokens/s after a 31 s compile), so it is not used.
+tokens/s after a 31 s compile), so it is not used. On a GPU the same code runs with CUDA tensors,
+autocast on "cuda", DeepSpeed's cuda accelerator over nccl, and a device-side profile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from genpt_dist.bench.device import describe, resolve_device, synchronize
 from genpt_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.train.metrics import measure_matmul_flops
@@ -31,20 +34,32 @@ from genpt_dist.train.metrics import measure_matmul_flops
 log = logging.getLogger(__name__)
 
 
-def _time_steps(step: Callable[[], None], warmup: int, steps: int) -> float:
+# (shape, batch, warmup steps, timed steps) per setting
+SHAPES: dict[str, tuple[GPTConfig, int, int, int]] = {
+    "quick": (GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64), 4, 1, 2),
+    "cpu": (GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384), 8, 3, 8),
+    # GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does)
+    "cuda": (GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768), 16, 5, 20),
+}
+
+
+def _time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
     for _ in range(warmup):
         step()
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
+    synchronize(device)
     return (time.perf_counter() - t0) / steps
 
 
 def _plain_step(model: torch.nn.Module, x: torch.Tensor, hf: bool) -> Callable[[], None]:
+    model.to(x.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
             if hf:
                 loss = model(input_ids=x[:, :-1], labels=x[:, :-1]).loss
             else:
@@ -56,7 +71,8 @@ def _plain_step(model: torch.nn.Module, x: torch.Tensor, hf: bool) -> Callable[[
     return step
 
 
-def _init_single_process_group() -> None:
+def _init_single_process_group(device: torch.device) -> None:
+    """World size 1 on loopback: gloo and DeepSpeed's cpu accelerator, or nccl and cuda on a GPU."""
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -64,18 +80,19 @@ def _init_single_process_group() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    dist.init_process_group("gloo")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+                      DS_ACCELERATOR=device.type)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Callable[[], None]:
     from genpt_dist.train.deepspeed import build_ds_config, build_engine, build_optimizer
 
-    _init_single_process_group()
+    _init_single_process_group(x.device)
     model = GPT(cfg)
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
-    ds = build_ds_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(micro_batch_size=batch), optim, "bf16")
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(micro_batch_size=batch), optim, "bf16",
+                         use_gpu=x.device.type == "cuda")
     opt, sched = build_optimizer(model, optim, 1000)
     engine = build_engine(model, ds, opt, sched)
 
@@ -87,19 +104,15 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
     return step
 
 
-def bench_train(quick: bool = False) -> dict[str, Any]:
+def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Step time, tokens/s, MFU and a profile of each contender; ratios ours/HF and ZeRO-k/plain."""
+    dev = resolve_device(device)
     threads = torch.get_num_threads()
-    if quick:
-        cfg = GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64)
-        batch, warmup, steps = 4, 1, 2
-    else:
-        cfg = GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384)
-        batch, warmup, steps = 8, 3, 8
+    cfg, batch, warmup, steps = SHAPES["quick" if quick else dev.type]
     T = cfg.block_size
-    x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0))
-    peak_bf16 = measure_matmul_flops(torch.bfloat16, seconds=1.0)
-    peak_fp32 = measure_matmul_flops(torch.float32, seconds=1.0)
+    x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    peak_bf16 = measure_matmul_flops(torch.bfloat16, seconds=1.0, device=dev.type)
+    peak_fp32 = measure_matmul_flops(torch.float32, seconds=1.0, device=dev.type)
     flops_per_token = GPT(cfg).flops_per_token(T)
 
     contenders: dict[str, Callable[[], Callable[[], None]]] = {
@@ -114,16 +127,20 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
     for name, make in contenders.items():
         torch.manual_seed(0)
         step = make()
-        seconds = _time_steps(step, warmup, steps)
+        seconds = _time_steps(step, warmup, steps, dev)
         tok_s = batch * T / seconds
-        profiles[name] = _profile(step)
+        profiles[name] = _profile(step, dev)
         rows[name] = {"contender": name, "step_s": round(seconds, 4), "tokens_per_s": round(tok_s, 1),
                       "mfu": round(flops_per_token * tok_s / peak_bf16, 4),
                       "matmul_share": profiles[name]["matmul_share"]}
         log.info("%-6s step %.3fs  %8.0f tok/s  MFU %.1f%%", name, seconds, tok_s, 100 * rows[name]["mfu"])
+        del step
         gc.collect()
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
     ours = rows["zero2"]["tokens_per_s"]
     return {
+        "device": describe(dev),
         "threads": threads,
         "shape": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "vocab": cfg.vocab_size,
                   "seq_len": T, "batch": batch},
@@ -144,22 +161,34 @@ def bench_train(quick: bool = False) -> dict[str, Any]:
 
 
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
+MATMUL_KERNELS = ("gemm", "xmma", "cutlass", "flash", "fmha")  # cuBLAS / CUTLASS matmuls, attention
 
 
-def _profile(step: Callable[[], None], steps: int = 2) -> dict[str, Any]:
-    """Where a step's CPU time goes (torch.profiler, self time): the share of the matmul and attention
-    kernels, which bound a step at a given MFU, and the five largest ops."""
+def _profile(step: Callable[[], None], device: torch.device, steps: int = 2) -> dict[str, Any]:
+    """Where a step's time goes on the device (torch.profiler, self time; CPU time on the CPU, kernel
+    time on a GPU): the share of the matmul and attention ops, which bound a step at a given MFU, and
+    the five largest ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    matmul = sum(e.self_cpu_time_total for e in events if any(op in e.key for op in MATMUL_OPS))
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:5]
+        synchronize(device)
+
+    def self_time(e: Any) -> float:
+        return e.self_device_time_total if on_gpu else e.self_cpu_time_total
+
+    # On a GPU the kernels themselves (each counted once; their launching ops would count them again).
+    events = [e for e in prof.key_averages() if self_time(e) > 0
+              and (not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)]
+    names = MATMUL_KERNELS if on_gpu else MATMUL_OPS
+    total = sum(map(self_time, events)) or 1.0
+    matmul = sum(self_time(e) for e in events if any(op in e.key.lower() for op in names))
+    top = sorted(events, key=lambda e: -self_time(e))[:5]
     return {"matmul_share": round(matmul / total, 3),
-            "top_ops": {e.key[:60]: round(e.self_cpu_time_total / total, 3) for e in top}}
+            "top_ops": {e.key[:60]: round(self_time(e) / total, 3) for e in top}}
 
 
 def _hf_model(cfg: GPTConfig) -> torch.nn.Module:

@@ -223,7 +223,8 @@ class Trainer:
         from genpt_dist.train.metrics import MetricsLog, measure_matmul_flops, progress_line
 
         train_cfg, accum = self.cfg.train, self.cfg.deepspeed.grad_accum
-        peak = measure_matmul_flops(torch.bfloat16 if self.precision != "fp32" else torch.float32)
+        peak = measure_matmul_flops(torch.bfloat16 if self.precision != "fp32" else torch.float32,
+                                    device="cuda" if self.cfg.scaling.use_gpu else "cpu")
         mlog = MetricsLog(self.job.run, self.step, enabled=self.rank == 0)
         batches = self.source.train_batches()
         start_step, t_start = self.step, time.time()
