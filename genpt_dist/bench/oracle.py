@@ -47,7 +47,7 @@ A residual (density-ratio) discriminator, logit = sum_t log q(x_t|x_<t) - log p_
 q a GPT initialised as the generator (noise-contrastive estimation with the generator as the noise),
 does separate the two (0.6-0.75 held-out accuracy after 200 rounds), but REINFORCE against it (RLOO
 groups of 8, KL loss 0.02-0.05, policy lr 1e-4 to 5e-4, sequence or per-token rewards, the noise
-model frozen or the current policy; 200-300 updates) only random-walks NLL_oracle, -0.6% to +5% at
+model frozen or the current policy; 200-300 updates) only random-walks NLL_oracle, -1.6% to +5.0% at
 checkpoints 50 updates apart: with 9,000 real sequences q cannot model the oracle much better than
 the MLE generator does. What the metric does reward is sharpening: sampling the MLE generator at
 temperature 0.95 gives NLL_oracle -4.6% for +0.8% val perplexity, the mode seeking that SeqGAN's
