@@ -92,8 +92,11 @@ def test_train_quick_profiles_each_contender(tmp_path):
     rows = {r["contender"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
     assert set(rows) == {"plain", "hf", "zero0", "zero1", "zero2", "zero3"}
     assert summary["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    peak = summary["matmul_gflops"]["bf16"] * 1e9  # the better of the measurements before and after
+    assert peak == pytest.approx(max(summary["matmul_gflops"]["bf16_before_after"]) * 1e9, rel=1e-2)
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and 0 < row["matmul_share"] <= 1, (name, row)
+        assert row["mfu"] == pytest.approx(summary["flops_per_token"] * row["tokens_per_s"] / peak, rel=1e-3)
         assert 0 < sum(summary["profile"][name]["top_ops"].values()) <= 1
     assert summary["tokens_per_s_zero2"] == rows["zero2"]["tokens_per_s"]
     assert summary["ratios"]["zero2_vs_hf"] == pytest.approx(rows["zero2"]["tokens_per_s"] / rows["hf"]["tokens_per_s"])
