@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from genpt_dist.hf_compat import from_hf_state_dict, hf_config_dict, to_hf_state_dict
+from genpt_dist.model.cross_entropy import cross_entropy
 from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import filter_logits, sample
@@ -111,6 +112,30 @@ def test_loss_mask_selects_positions():
     assert not torch.isclose(masked, loss)
     ignored = targets.masked_fill(~loss_mask, -100)
     torch.testing.assert_close(model(idx, ignored)[1], masked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [3 * 37, 10**9])  # 3 rows a chunk (a short last one), or one chunk
+def test_chunked_cross_entropy_matches_torch(dtype, chunk_elements):
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 5, 37, generator=g)).to(dtype).requires_grad_(True)
+    targets = torch.randint(0, 37, (4, 5), generator=g)
+    targets[0, :2] = -100
+    targets[3, 4] = -100
+    weights = torch.rand(4, 5, generator=g)  # a non-uniform upstream gradient
+
+    ours = cross_entropy(logits, targets, chunk_elements=chunk_elements)
+    (ours * weights).sum().backward()
+    grad, logits.grad = logits.grad, None
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
+                          reduction="none").view(4, 5)
+    (ref * weights).sum().backward()
+
+    assert ours.dtype == torch.float32 and ours.shape == (4, 5)
+    assert bool((ours[targets == -100] == 0).all())
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    assert grad.dtype == dtype and bool((grad[targets == -100] == 0).all())
+    torch.testing.assert_close(grad, logits.grad, atol=1e-6 if dtype == torch.float32 else 1e-2, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------- sampling

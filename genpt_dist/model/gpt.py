@@ -31,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from genpt_dist.model.cross_entropy import cross_entropy
+
 
 @dataclass(kw_only=True)
 class GPTConfig:
@@ -281,8 +283,7 @@ class GPT(nn.Module):
             return self.lm_head(x), None  # (B, T, V)
 
         logits = self.lm_head(x)  # (B, T, V)
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                             ignore_index=-100, reduction="none").view(B, T)  # (B, T)
+        ce = cross_entropy(logits, targets)  # (B, T) float32, 0 where the target is -100
         weight = (targets != -100).float()  # (B, T)
         if loss_mask is not None:
             weight = weight * loss_mask.float()  # (B, T)
@@ -296,7 +297,4 @@ class GPT(nn.Module):
         ``attention_mask[:, 1:]``.
         """
         logits, _ = self(idx, attention_mask=attention_mask)  # (B, T, V)
-        B, T, V = logits.shape
-        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), idx[:, 1:].reshape(-1),
-                              reduction="none")  # (B * (T-1),)
-        return -nll.view(B, T - 1)  # (B, T-1)
+        return -cross_entropy(logits[:, :-1], idx[:, 1:])  # (B, T-1)
