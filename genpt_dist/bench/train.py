@@ -6,8 +6,10 @@ with this process's threads, or one GPU; shape on a GPU: GPT-2 124M at context 1
 - plain:   our GPT, torch AdamW, bf16 autocast, a hand-written loop (nanoGPT style)
 - hf:      `transformers.GPT2LMHeadModel` of the same shape, same optimizer, same autocast loop
 - zero-k:  our GPT inside a DeepSpeed ZeRO-k engine built by `train.deepspeed` (bf16), world size 1
-Each runs `warmup` steps, then is timed over `steps` steps; tokens/s = B * T * steps / seconds; then
-two more steps run under torch.profiler, which says what share of the step the matmul and attention
+All are built first and warmed up; then `windows` rounds each time `steps` steps of every contender in
+turn, and a contender's step time is its best window (a busy neighbour slows a window of each alike,
+and the best window is the least disturbed); tokens/s = B * T / step time. Then two more steps of
+each run under torch.profiler, which says what share of the step the matmul and attention
 kernels take (`matmul_share`). On this CPU both ours and HF spend ~70% there at ~50% MFU, so one
 cannot be much faster than the other: `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all
 of its other ops took no time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
@@ -34,18 +36,17 @@ from genpt_dist.train.metrics import measure_matmul_flops
 log = logging.getLogger(__name__)
 
 
-# (shape, batch, warmup steps, timed steps) per setting
-SHAPES: dict[str, tuple[GPTConfig, int, int, int]] = {
-    "quick": (GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64), 4, 1, 2),
-    "cpu": (GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384), 8, 3, 8),
+# (shape, batch, warmup steps, timed steps per window, windows) per setting
+SHAPES: dict[str, tuple[GPTConfig, int, int, int, int]] = {
+    "quick": (GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64), 4, 1, 2, 1),
+    "cpu": (GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384), 8, 3, 4, 4),
     # GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does)
-    "cuda": (GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768), 16, 5, 20),
+    "cuda": (GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768), 16, 5, 10, 3),
 }
 
 
-def _time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        step()
+def _time_window(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Mean seconds per step over `steps` steps."""
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -108,7 +109,7 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Step time, tokens/s, MFU and a profile of each contender; ratios ours/HF and ZeRO-k/plain."""
     dev = resolve_device(device)
     threads = torch.get_num_threads()
-    cfg, batch, warmup, steps = SHAPES["quick" if quick else dev.type]
+    cfg, batch, warmup, steps, windows = SHAPES["quick" if quick else dev.type]
     T = cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     # The MFU denominator: the best of a bf16 matmul measured before and after the contenders, so a
@@ -124,18 +125,24 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     for stage in (0, 1, 2, 3):
         contenders[f"zero{stage}"] = lambda stage=stage: _zero_step(cfg, x, stage, batch)
 
-    rows: dict[str, dict[str, float]] = {}
-    profiles: dict[str, dict[str, Any]] = {}
+    steppers: dict[str, Callable[[], None]] = {}
     for name, make in contenders.items():
         torch.manual_seed(0)
-        step = make()
-        seconds = _time_steps(step, warmup, steps, dev)
-        tok_s = batch * T / seconds
-        profiles[name] = _profile(step, dev)
-        rows[name] = {"contender": name, "step_s": round(seconds, 4), "tokens_per_s": round(tok_s, 1),
-                      "mfu": None, "matmul_share": profiles[name]["matmul_share"]}
-        log.info("%-6s step %.3fs  %8.0f tok/s", name, seconds, tok_s)
-        del step
+        steppers[name] = make()
+        for _ in range(warmup):
+            steppers[name]()
+    best = {name: float("inf") for name in steppers}
+    for window in range(windows):
+        for name, step in steppers.items():
+            best[name] = min(best[name], _time_window(step, steps, dev))
+        log.info("window %d/%d: %s", window + 1, windows, "  ".join(f"{n} {s:.3f}s" for n, s in best.items()))
+    rows: dict[str, dict[str, float]] = {}
+    profiles: dict[str, dict[str, Any]] = {}
+    for name in list(steppers):
+        profiles[name] = _profile(steppers.pop(name), dev)
+        rows[name] = {"contender": name, "step_s": round(best[name], 4),
+                      "tokens_per_s": round(batch * T / best[name], 1), "mfu": None,
+                      "matmul_share": profiles[name]["matmul_share"]}
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -152,6 +159,7 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         "matmul_gflops": {"bf16": peak_bf16 / 1e9, "fp32": peak_fp32 / 1e9,
                           "bf16_before_after": [round(p / 1e9, 1) for p in peaks_bf16]},
         "flops_per_token": flops_per_token,
+        "timing": {"warmup_steps": warmup, "steps_per_window": steps, "windows": windows, "step_s": "best window"},
         "rows": list(rows.values()),
         "ratios": {
             "zero2_vs_hf": ours / rows["hf"]["tokens_per_s"],
