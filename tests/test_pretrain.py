@@ -37,10 +37,13 @@ def _pretrain(data: str, run: str, *overrides: str) -> dict:
     return pretrain(data, run, load_config(TINY, list(overrides)))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stages_learn_and_checkpoint_to_s3(stage, ray_session, make_bucket, tiny_data):
+# Plain ZeRO-2 and ZeRO-3 run in most other tests (configs/tiny.yaml, the trained_run fixture); here 2 and
+# 3 also move the optimizer (and 3 the parameters) to the CPU, ZeRO-Offload.
+@pytest.mark.parametrize("stage, offload", [(1, []), (2, ["deepspeed.offload_optimizer=true"]),
+                                            (3, ["deepspeed.offload_optimizer=true", "deepspeed.offload_params=true"])])
+def test_zero_stages_learn_and_checkpoint_to_s3(stage, offload, ray_session, make_bucket, tiny_data):
     run = f"{make_bucket()}/runs/zero{stage}"
-    out = _pretrain(tiny_data, run, f"deepspeed.zero_stage={stage}", "train.steps=24", "train.log_every=4",
+    out = _pretrain(tiny_data, run, f"deepspeed.zero_stage={stage}", *offload, "train.steps=24", "train.log_every=4",
                     "train.checkpoint_every=12", "train.eval_every=12")
     assert out["step"] == 24
     losses = [m["train_loss"] for m in _metrics(run) if "train_loss" in m]
@@ -49,6 +52,8 @@ def test_zero_stages_learn_and_checkpoint_to_s3(stage, ray_session, make_bucket,
     assert [r.step for r in refs] == [12, 24]
     assert all(r.url.startswith("s3://") and r.meta["world_size"] == 2 for r in refs)
     assert refs[-1].meta["zero_stage"] == stage
+    ds = refs[-1].meta["config"]["deepspeed"]
+    assert (ds["offload_optimizer"], ds["offload_params"]) == (stage >= 2, stage == 3)
     names = set(refs[-1].meta["files"])
     assert {"meta.json", "tokenizer.json"} - names == {"meta.json"}  # meta.json lists the others
     assert any("zero_pp_rank_1" in n for n in names) and any("zero_pp_rank_0" in n for n in names)

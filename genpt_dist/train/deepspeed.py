@@ -45,6 +45,9 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
         "gradient_clipping": optim.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
+        # ZeRO-Offload steps our optimizer on the CPU partitions: torch's fused AdamW runs there (DeepSpeed
+        # otherwise refuses any optimizer but its own CPU Adam, a C++ op it would have to compile).
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
