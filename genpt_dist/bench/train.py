@@ -10,9 +10,10 @@ All are built first and warmed up; then `windows` rounds each time `steps` steps
 turn, and a contender's step time is its best window (a busy neighbour slows a window of each alike,
 and the best window is the least disturbed); tokens/s = B * T / step time. Then two more steps of
 each run under torch.profiler, which says what share of the step the matmul and attention
-kernels take (`matmul_share`). On this CPU both ours and HF spend ~70% there at ~50% MFU, so one
-cannot be much faster than the other: `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all
-of its other ops took no time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
+kernels take (`matmul_share`). On this CPU ours spends ~75% of a step there and HF ~69%, at MFU
+0.5-0.6, so one cannot be much faster than the other (ours leads by its chunked cross-entropy and
+fused AdamW): `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all of its other ops took no
+time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
 tokens/s after a 31 s compile), so it is not used. On a GPU the same code runs with CUDA tensors,
 autocast on "cuda", DeepSpeed's cuda accelerator over nccl, and a device-side profile.
 """
