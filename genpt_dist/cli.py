@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="bench-results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.add_argument("--only", default=None, metavar="A,B", help="with all: run only these benches")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="where train and generate measure: auto (the GPU when one is visible) | cpu | cuda")
+    p.add_argument("--device", default="auto",
+                   help="where train and generate measure: cpu, cuda, cuda:N or auto (the GPU when one is visible)")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

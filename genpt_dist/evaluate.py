@@ -81,7 +81,7 @@ def score(model: GPT, batches: Iterator[torch.Tensor], pad_id: int, byte_lengths
 
 def evaluate(model: str, data: str, *, split: str = "val", batch_size: int = 8, device: str | None = None) -> dict[str, Any]:
     """Run the whole `evaluate` command; returns the JSON summary."""
-    from genpt_dist.generate import pick_device
+    from genpt_dist.device import pick_device
 
     t0 = time.time()
     if batch_size < 1:

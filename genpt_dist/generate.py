@@ -33,6 +33,7 @@ from pydantic import ValidationError
 from genpt_dist import storage
 from genpt_dist.checkpoint import load_model
 from genpt_dist.config import SamplingConfig
+from genpt_dist.device import pick_device
 from genpt_dist.errors import UserError
 from genpt_dist.model.sampling import sample
 
@@ -76,18 +77,6 @@ def sampling_settings(meta: dict[str, Any], max_new_tokens: int | None, top_k: i
     except ValidationError as exc:
         err = exc.errors()[0]
         raise UserError(f"bad sampling setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"bad --device {device!r} (cpu, cuda, cuda:1, auto)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device here")
-    return dev
 
 
 def generate(model: str, prompts: list[str], *, max_new_tokens: int | None = None, top_k: int | None = None,

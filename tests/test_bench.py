@@ -72,7 +72,7 @@ def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
                                            (["all", "--only", "oracle"], "--only: oracle not among the benches"),
                                            (["train", "--only", "sync"], "--only goes with `bench all`"),
                                            pytest.param(["train", "--device", "cuda"],
-                                                        "--device cuda: this process sees no CUDA GPU",
+                                                        "--device cuda: no CUDA device here",
                                                         marks=pytest.mark.skipif(torch.cuda.is_available(),
                                                                                  reason="a GPU is visible"))])
 def test_bad_bench_arguments_are_one_line_and_exit_2(args, message, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from genpt_dist import storage
-from genpt_dist.bench.device import resolve_device
+from genpt_dist.device import pick_device
 from genpt_dist.errors import UserError
 
 BENCHES: dict[str, str] = {
@@ -100,7 +100,7 @@ def _numeric(text: str) -> bool:
 def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None,
               device: str = "auto") -> dict[str, Any]:
     """Run benchmark `name`, write `<output>/<name>.json`, return its summary. `only` picks the benches
-    that `all` runs; `device` (auto | cpu | cuda) is where the device-bound benches (`ON_DEVICE`) measure."""
+    that `all` runs; `device` (auto | cpu | cuda | cuda:N) is where the device-bound benches (`ON_DEVICE`) measure."""
     if name not in BENCHES:
         raise UserError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHES))}")
     if only is not None and name != ALL:
@@ -109,11 +109,11 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
     if unknown:
         raise UserError(f"--only: {', '.join(unknown)} not among the benches of `all` "
                         f"({', '.join(n for n in BENCHES if n not in NOT_IN_ALL)})")
-    resolve_device(device)  # a bad or unavailable --device is refused before anything runs
+    pick_device(device)  # a bad or unavailable --device is refused before anything runs
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
-    kwargs = {"output": output, "only": only, "device": device} if name == ALL else {}
-    if name in ON_DEVICE:
+    kwargs: dict[str, Any] = {"output": output, "only": only} if name == ALL else {}
+    if name in (*ON_DEVICE, ALL):
         kwargs["device"] = device
     result = getattr(importlib.import_module(module), fn)(quick=quick, **kwargs)
     result = {"bench": name, "quick": quick, "seconds": round(time.time() - t0, 2), **result}

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from genpt_dist.bench.device import describe, resolve_device, synchronize
+from genpt_dist.device import describe, pick_device, synchronize
 
 REPEATS = 5
 TOP_K, TEMPERATURE = 50, 0.8
@@ -81,7 +81,7 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     from genpt_dist.model.sampling import sample
 
     transformers.logging.set_verbosity_error()
-    dev = resolve_device(device)
+    dev = pick_device(device)
     new_tokens = 32 if quick else 128
     cache_cmp_tokens = 16 if quick else 32
     batches = (8,) if quick else (1, 8)
@@ -89,11 +89,10 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="genpt-bench-gen-") as folder:
         cfg = _export_random_model(folder, quick)
-        ours32, tok, _ = load_model(folder)
-        ours32.to(dev)
+        ours32, tok, _ = load_model(folder, dev)
         hf = transformers.GPT2LMHeadModel
         models = {"fp32": (ours32, hf.from_pretrained(folder, local_files_only=True).eval().to(dev)),
-                  "bf16": (load_model(folder)[0].to(dev, torch.bfloat16),
+                  "bf16": (load_model(folder, dev)[0].to(torch.bfloat16),
                            hf.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).eval().to(dev))}
         for _, peer in models.values():
             peer.generation_config.eos_token_id = None  # never stop early: exactly batch x new tokens

@@ -29,8 +29,8 @@ from typing import Any, Callable
 
 import torch
 
-from genpt_dist.bench.device import describe, resolve_device, synchronize
 from genpt_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from genpt_dist.device import describe, pick_device, synchronize
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.train.metrics import measure_matmul_flops
 
@@ -82,8 +82,8 @@ def _init_single_process_group(device: torch.device) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                      DS_ACCELERATOR=device.type)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK=str(device.index or 0), DS_ACCELERATOR=device.type)  # DeepSpeed's device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -108,7 +108,9 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
 
 def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Step time, tokens/s, MFU and a profile of each contender; ratios ours/HF and ZeRO-k/plain."""
-    dev = resolve_device(device)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     threads = torch.get_num_threads()
     cfg, batch, warmup, steps, windows = SHAPES["quick" if quick else dev.type]
     T = cfg.block_size

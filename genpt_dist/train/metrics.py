@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
+from genpt_dist.device import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,13 @@ def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int | None = No
     b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(2):
         a @ b
-    _synchronize(device)
+    synchronize(device)
     iters, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
         iters += 1
-    _synchronize(device)
+    synchronize(device)
     return 2 * n**3 * iters / (time.perf_counter() - t0)
-
-
-def _synchronize(device: str) -> None:
-    if device != "cpu":
-        torch.cuda.synchronize()
 
 
 class MetricsLog:
