@@ -115,10 +115,10 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     cfg, batch, warmup, steps, windows = SHAPES["quick" if quick else dev.type]
     T = cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
-    # The MFU denominator: the best of a bf16 matmul measured before and after the contenders, so a
+    # The MFU denominator: the best of a bf16 matmul measured before and after timing the contenders, so a
     # neighbour that slows one measurement does not flatter every MFU of the run.
-    peaks_bf16 = [measure_matmul_flops(torch.bfloat16, seconds=1.0, device=dev.type)]
-    peak_fp32 = measure_matmul_flops(torch.float32, seconds=1.0, device=dev.type)
+    peaks_bf16 = [measure_matmul_flops(torch.bfloat16, seconds=1.0, device=str(dev))]
+    peak_fp32 = measure_matmul_flops(torch.float32, seconds=1.0, device=str(dev))
     flops_per_token = GPT(cfg).flops_per_token(T)
 
     contenders: dict[str, Callable[[], Callable[[], None]]] = {
@@ -139,20 +139,19 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         for name, step in steppers.items():
             best[name] = min(best[name], _time_window(step, steps, dev))
         log.info("window %d/%d: %s", window + 1, windows, "  ".join(f"{n} {s:.3f}s" for n, s in best.items()))
+    peaks_bf16.append(measure_matmul_flops(torch.bfloat16, seconds=1.0, device=str(dev)))
+    peak_bf16 = max(peaks_bf16)
     rows: dict[str, dict[str, float]] = {}
     profiles: dict[str, dict[str, Any]] = {}
     for name in list(steppers):
         profiles[name] = _profile(steppers.pop(name), dev)
-        rows[name] = {"contender": name, "step_s": round(best[name], 4),
-                      "tokens_per_s": round(batch * T / best[name], 1), "mfu": None,
+        tok_s = round(batch * T / best[name], 1)
+        rows[name] = {"contender": name, "step_s": round(best[name], 4), "tokens_per_s": tok_s,
+                      "mfu": round(flops_per_token * tok_s / peak_bf16, 4),
                       "matmul_share": profiles[name]["matmul_share"]}
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    peaks_bf16.append(measure_matmul_flops(torch.bfloat16, seconds=1.0, device=dev.type))
-    peak_bf16 = max(peaks_bf16)
-    for row in rows.values():
-        row["mfu"] = round(flops_per_token * row["tokens_per_s"] / peak_bf16, 4)
     ours = rows["zero2"]["tokens_per_s"]
     return {
         "device": describe(dev),
