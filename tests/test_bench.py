@@ -89,7 +89,7 @@ def test_train_quick_profiles_each_contender(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
-    rows = {r["contender"]: r for r in json.loads((tmp_path / "train.json").read_text())["rows"]}
+    rows = {r["contender"]: r for r in summary["rows"]}
     assert set(rows) == {"plain", "hf", "zero0", "zero1", "zero2", "zero3"}
     assert summary["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     peak = summary["matmul_gflops"]["bf16"] * 1e9  # the better of the measurements before and after
