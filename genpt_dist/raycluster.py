@@ -1,6 +1,7 @@
 """Joining Ray, and making sure the cluster can hold a job before Ray Train asks for it.
 
-Local (no address): a single-node Ray on this machine, bound to 127.0.0.1.
+Local (no address): a single-node Ray on this machine whose every server (GCS, raylet, workers,
+dashboard head) listens on 127.0.0.1 only (`start_local_ray`).
 
 Joining a cluster (`--address auto | host:port | ray://host:port`, or RAY_ADDRESS):
 * The address is probed first (TCP, `CONNECT_TIMEOUT_S`): one that does not answer is a one-line
@@ -124,9 +125,7 @@ def init_ray(address: str | None = None) -> None:
         else:
             # At least 4 logical CPUs so 2 trainers + 2 rollout actors fit on a 2-core laptop: they take
             # turns (on-policy RL alternates sampling and training); torch threads are set per process.
-            ray.init(num_cpus=max(LOCAL_MIN_CPUS, os.cpu_count() or 1), include_dashboard=False,
-                     log_to_driver=True, _node_ip_address="127.0.0.1",
-                     runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()})
+            start_local_ray(max(LOCAL_MIN_CPUS, os.cpu_count() or 1))
     except Exception as exc:  # noqa: BLE001 - Ray wraps a refused token in a ConnectionError or RuntimeError
         if _is_auth_error(exc):
             raise UserError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
@@ -145,6 +144,24 @@ def init_ray(address: str | None = None) -> None:
 # the lines back.
 _NOISY_RAY_MODULES = ("train/v2/_internal/execution/context.py",
                       "train/v2/_internal/execution/controller/placement_group_cleaner.py")
+
+
+def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
+    """Start a single-node Ray whose servers listen on the loopback interface only.
+
+    Ray turns a 127.0.0.1 node address into the machine's routable one (`resolve_ip_for_localhost`)
+    and then binds the GCS, raylet and worker gRPC servers on all interfaces, unless its "cluster
+    mode" is off (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the macOS / Windows default): then the node
+    address is 127.0.0.1 and every server binds it. The variable is read when `ray` is imported, so
+    the driver's copy is set too; the processes Ray spawns inherit the environment.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
+             runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()})
 
 
 def _quiet_ray_logs_hook() -> Callable[[], None]:

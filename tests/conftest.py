@@ -90,9 +90,11 @@ def ray_session(s3_server):
     """One local Ray instance for the session (4 logical CPUs), started after the S3 env is set."""
     import ray
 
+    from genpt_dist.raycluster import start_local_ray
+
     # Ray 2.60 turns token authentication on for new local clusters and writes the token itself;
-    # nothing is needed for a local ray.init. Keep whatever the caller set.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # nothing is needed for a local start. Keep whatever the caller set.
+    start_local_ray(4, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -132,8 +132,12 @@ def _listening(pids: set[int]) -> list[str]:
 def _ray_pids() -> set[int]:
     import ray
 
+    import psutil
+
     node = ray._private.worker._global_node
-    return {info.process.pid for infos in node.all_processes.values() for info in infos}
+    servers = {info.process.pid for infos in node.all_processes.values() for info in infos}
+    workers = {c.pid for pid in servers for c in psutil.Process(pid).children(recursive=True)}  # raylet's workers
+    return servers | workers
 
 
 def test_local_ray_dashboard_is_loopback_only(ray_session):
@@ -151,10 +155,11 @@ def test_local_ray_dashboard_is_loopback_only(ray_session):
                 assert all(a.startswith("127.0.0.1:") for a in _listening({info.process.pid}))
 
 
-@pytest.mark.xfail(strict=True, reason="Ray binds its GCS and raylet gRPC ports on all interfaces and rewrites a "
-                                       "127.0.0.1 node address to the routable one (services.resolve_ip_for_localhost)")
 def test_local_ray_listens_on_loopback_only(ray_session):
+    """The GCS, raylets and workers of a local Ray (raycluster.start_local_ray) listen on 127.0.0.1 only."""
     if shutil.which("ss") is None:
         pytest.skip("no ss here to list listening sockets")
+    ray = ray_session
+    assert ray.get(ray.remote(lambda: 1).remote()) == 1  # at least one worker process is up
     addresses = _listening(_ray_pids())
     assert addresses and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in addresses), addresses
