@@ -11,7 +11,8 @@ An export folder (see `export`) holds model.safetensors + config.json + tokenize
 
 `resolve` takes a run URL (its newest complete checkpoint), a checkpoint folder or an export folder.
 A checkpoint whose files are missing or have the wrong size is skipped with a warning, so a truncated
-newest checkpoint falls back to the previous valid one. DeepSpeed's optimizer files are pickles: load
+newest checkpoint falls back to the previous valid one; a stage removes the ones Ray Train never
+reported (an upload cut short) before it starts (`remove_incomplete`). DeepSpeed's optimizer files are pickles: load
 only checkpoints you wrote (weights are read with `weights_only=True` where torch allows it).
 """
 
@@ -107,6 +108,34 @@ def list_checkpoints(run_url: str) -> list[CheckpointRef]:
             continue
         refs.append(CheckpointRef(folder, meta))
     return sorted(refs, key=lambda r: (r.step, r.url))
+
+
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's list of the checkpoints it reported
+
+
+def remove_incomplete(run_url: str) -> list[str]:
+    """Delete the checkpoint folders of a stage's run that no command will ever load; returns them.
+
+    A worker killed while its checkpoint was uploading leaves a folder without meta.json, or with files
+    missing; Ray Train never hears of it, so its rotation (`keep_checkpoints`) never removes it and every
+    later listing warns about it. Call this before the stage's workers start, when nothing of the run is
+    uploading. Folders Ray Train reported stay: they are its to rotate."""
+    root = storage.join(storage.normalize(run_url), CHECKPOINTS_DIR)
+    files = storage.list_files(root)
+    folders = sorted({m.group(1) for f in files if (m := re.match(rf"({re.escape(root)}/checkpoint_[^/]+)/", f))})
+    snapshot = storage.join(root, RAY_TRAIN_SNAPSHOT)
+    reported = ({c["checkpoint_dir_name"] for c in storage.read_json(snapshot).get("checkpoint_results", [])}
+                if snapshot in files else set())
+    removed = []
+    for folder in folders:
+        if storage.name(folder) in reported:
+            continue
+        meta = _read_meta(folder)
+        if meta is None or not is_complete(folder, meta):
+            log.warning("removing %s: an interrupted upload left it incomplete", folder)
+            storage.delete_prefix(folder)
+            removed.append(folder)
+    return removed
 
 
 def latest_checkpoint(run_url: str) -> CheckpointRef | None:

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CHECKPOINTS_DIR, list_checkpoints, load_state_dict, resolve
+from genpt_dist.checkpoint import (CHECKPOINTS_DIR, RAY_TRAIN_SNAPSHOT, list_checkpoints, load_state_dict,
+                                   remove_incomplete, resolve)
 from genpt_dist.config import load_config
 from genpt_dist.data.loader import ShardLoader
 from genpt_dist.data.manifest import load_manifest
@@ -285,6 +286,34 @@ def test_killed_driver_resumes_to_the_same_end(tiny_data, tmp_path, short_tmp):
     print(f"\ndriver killed with checkpoints at {at_kill}; resumed at step {at_kill[-1]}")
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_checkpoints_an_interrupted_upload_left_are_removed(where, tmp_path, s3_server, bucket):
+    """Folders Ray Train never reported (no meta.json, or a file missing) go; complete and reported ones stay."""
+    local = tmp_path / "run" / CHECKPOINTS_DIR
+    fake_checkpoint(local / "checkpoint_000000", step=4)
+    for name, step in [("checkpoint_000001", 8), ("checkpoint_000002", 12)]:  # both lose their model states
+        folder = fake_checkpoint(local / name, step=step)
+        (folder / "ds" / "state" / "mp_rank_00_model_states.pt").unlink()
+    headless = fake_checkpoint(local / "checkpoint_000003", step=16)  # killed before meta.json was uploaded
+    (headless / "meta.json").unlink()
+    snapshot = {"ray_version": "2.60.0", "checkpoint_results": [
+        {"version": 0, "checkpoint_dir_name": n, "metrics": {}} for n in ("checkpoint_000000", "checkpoint_000001")]}
+    (local / RAY_TRAIN_SNAPSHOT).write_text(json.dumps(snapshot))
+    run = str(tmp_path / "run")
+    if where == "s3":
+        run = f"{bucket}/run"
+        storage.upload_dir(tmp_path / "run", run)
+    root = storage.join(run, CHECKPOINTS_DIR)
+
+    removed = remove_incomplete(run)
+
+    assert [storage.name(f) for f in removed] == ["checkpoint_000002", "checkpoint_000003"]
+    left = {f[len(root) + 1:].split("/")[0] for f in storage.list_files(root)}
+    assert left == {"checkpoint_000000", "checkpoint_000001", RAY_TRAIN_SNAPSHOT}  # 000001: Ray Train's to rotate
+    assert [r.step for r in list_checkpoints(run)] == [4]
+    assert remove_incomplete(run) == []
+
+
 @pytest.mark.slow
 def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_tmp):
     """Through Ray Train: the newest checkpoint lost half a ZeRO shard; the same command with more steps
@@ -303,10 +332,13 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_t
     shards = sorted((Path(newest.url) / "ds").rglob("*optim_states.pt"))
     assert len(shards) == 2, shards  # one ZeRO optimizer shard per rank
     shards[1].write_bytes(shards[1].read_bytes()[: shards[1].stat().st_size // 2])
+    stray = fake_checkpoint(run / CHECKPOINTS_DIR / "checkpoint_9999-12-31_00-00-00.000000", step=99)
+    (stray / "meta.json").unlink()  # an upload killed before its meta.json: Ray Train never reported it
 
     again = pretrain(16)
     out = _summary(again)
     assert f"checkpoint {newest.url} is incomplete or corrupt; skipping it" in again.stderr
+    assert f"removing {stray}: an interrupted upload left it incomplete" in again.stderr and not stray.exists()
     assert _resumed_steps(again.stderr) == {8}, again.stderr[-3000:]
     assert re.findall(r"resumed (\S+) at step", again.stderr) == [previous.url] * 2  # both ranks, same one
     assert out["step"] == 16

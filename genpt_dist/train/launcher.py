@@ -19,7 +19,7 @@ import logging
 from typing import Any, Callable
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint
+from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_incomplete
 from genpt_dist.config import Config
 from genpt_dist.model.gpt import GPTConfig
 from genpt_dist.raycluster import init_ray, room_for, worker_env
@@ -42,6 +42,7 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
     with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
                   extra_gpus=extra_gpus, extra_what=extra_what):  # Ray Train's own requests take over
         job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
+        remove_incomplete(job.run)  # what a killed upload left: never loadable, never rotated by Ray Train
         fs, path = storage.pyarrow_filesystem(job.run)
         resources = {"CPU": cfg.scaling.cpus_per_worker}
         if cfg.scaling.use_gpu:
