@@ -172,7 +172,7 @@ def bench_prepare(quick: bool = False) -> dict[str, Any]:
         settings = [("byte", None, "local"), ("byte", None, "s3"), ("bpe", 4096, "s3")]
         for tok_name, vocab, where in settings:
             out = str(Path(tmp) / f"out-{tok_name}") if where == "local" else storage.join(bucket, f"out-{tok_name}")
-            extra = (f"data.tokenizer=bpe", f"data.vocab_size={vocab}") if vocab else ()
+            extra = ("data.tokenizer=bpe", f"data.vocab_size={vocab}") if vocab else ()
             t0 = time.perf_counter()
             summary = prepare(sources, out, _data_cfg("data.seq_len=256", *extra))
             seconds = time.perf_counter() - t0
