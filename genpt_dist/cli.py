@@ -18,6 +18,13 @@ from genpt_dist.errors import UserError
 log = logging.getLogger("genpt_dist")
 
 
+def _disconnect_ray() -> None:
+    """Leave Ray (if this command joined it) so that nothing it relays reaches stderr after our last line."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like every other bad input
         command = self.prog.removeprefix("genpt-dist").strip()
@@ -224,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         fn: Callable[[argparse.Namespace], dict[str, Any]] = args.fn
         result = fn(args)
     except UserError as exc:
+        _disconnect_ray()  # before the line: Ray's log and autoscaler-event threads print to stderr too
         print(f"genpt-dist: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
