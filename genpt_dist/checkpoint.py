@@ -12,8 +12,9 @@ An export folder (see `export`) holds model.safetensors + config.json + tokenize
 `resolve` takes a run URL (its newest complete checkpoint), a checkpoint folder or an export folder.
 A checkpoint whose files are missing or have the wrong size is skipped with a warning, so a truncated
 newest checkpoint falls back to the previous valid one; a stage removes the ones Ray Train never
-reported (an upload cut short) before it starts (`remove_incomplete`). DeepSpeed's optimizer files are pickles: load
-only checkpoints you wrote (weights are read with `weights_only=True` where torch allows it).
+reported (an upload cut short) before it starts (`remove_incomplete`). DeepSpeed's optimizer files
+are pickles: load only checkpoints you wrote (weights are read with `weights_only=True` where torch
+allows it).
 """
 
 from __future__ import annotations
