@@ -75,6 +75,7 @@ log = logging.getLogger(__name__)
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "oracle.yaml"
 ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # 64 oracle symbols
 SEQGAN = {"mle": 9.038, "seqgan": 8.736}  # Yu et al. 2017, table 1 (NLL_oracle)
+FRONTIER_TEMPERATURES = (0.8, 0.85, 0.9, 0.95, 1.0)  # the MLE generator cooled: the mode-seeking peer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,8 +124,8 @@ def _symbol_mask(vocab_size: int, symbols: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def sample_symbols(model: GPT, n: int, length: int, symbols: torch.Tensor, bos_id: int, seed: int,
-                   batch: int = 500) -> tuple[torch.Tensor, float]:
-    """`n` sequences of `length` symbols sampled from <bos> at temperature 1, over `symbols` only.
+                   batch: int = 500, temperature: float = 1.0) -> tuple[torch.Tensor, float]:
+    """`n` sequences of `length` symbols sampled from <bos> at `temperature`, over `symbols` only.
 
     Returns tokens (n, length) and the mean per-step probability the model put outside `symbols`."""
     g = torch.Generator().manual_seed(seed)
@@ -136,7 +137,7 @@ def sample_symbols(model: GPT, n: int, length: int, symbols: torch.Tensor, bos_i
         x = torch.full((B, 1), bos_id, dtype=torch.long)  # (B, 1)
         rows = []
         for _ in range(length):
-            logits = model(x, cache=cache, last_only=True)[0][:, -1].float()  # (B, V)
+            logits = model(x, cache=cache, last_only=True)[0][:, -1].float() / temperature  # (B, V)
             probs = F.softmax(logits, dim=-1)  # (B, V)
             outside += (1.0 - probs[:, symbols].sum(-1)).sum().item()
             x = torch.multinomial(F.softmax(logits + mask, dim=-1), 1, generator=g)  # (B, 1)
@@ -158,14 +159,27 @@ def oracle_nll(oracle: GPT, tokens: torch.Tensor, symbols: torch.Tensor, bos_id:
 
 
 @torch.inference_mode()
-def val_nll(model: GPT, docs: torch.Tensor, bos_id: int, eos_id: int) -> float:
-    """Mean NLL per target of `<bos> x <eos>` over held-out sequences `docs` (n, T): symbols and <eos>."""
+def val_nll(model: GPT, docs: torch.Tensor, bos_id: int, eos_id: int, temperature: float = 1.0) -> float:
+    """Mean NLL per target of `<bos> x <eos>` over held-out sequences `docs` (n, T): symbols and <eos>,
+    under the model's next-token distributions at `temperature`."""
     total, count = 0.0, 0
     for chunk in docs.split(500):
         x = torch.cat([torch.full((len(chunk), 1), bos_id), chunk, torch.full((len(chunk), 1), eos_id)], 1)
-        total += -model.token_logprobs(x).sum().item()  # (B, T+1) summed
+        logp = F.log_softmax(model(x)[0][:, :-1].float() / temperature, dim=-1)  # (B, T+1, V)
+        total += -logp.gather(-1, x[:, 1:].unsqueeze(-1)).sum().item()
         count += x[:, 1:].numel()
     return total / count
+
+
+def frontier_at(points: list[dict[str, float]], val_ppl: float) -> float | None:
+    """NLL_oracle of the temperature frontier at `val_ppl`, linearly interpolated between the two points
+    (temperature <= 1) that bracket it; None outside the frontier's range."""
+    cooled = sorted((p for p in points if p["temperature"] <= 1.0), key=lambda p: p["val_ppl"])
+    for lo, hi in zip(cooled, cooled[1:]):
+        if lo["val_ppl"] <= val_ppl <= hi["val_ppl"]:
+            w = (val_ppl - lo["val_ppl"]) / max(hi["val_ppl"] - lo["val_ppl"], 1e-12)
+            return lo["nll_oracle"] + w * (hi["nll_oracle"] - lo["nll_oracle"])
+    return None
 
 
 # ------------------------------------------------------------------------------------- the bench
@@ -182,7 +196,7 @@ def _row(name: str, nll: float, vppl: float | None, outside: float | None, note:
             "outside_mass": None if outside is None else round(outside, 5), "note": note}
 
 
-def bench_oracle(quick: bool = False, workdir: str | None = None) -> dict[str, Any]:
+def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     from genpt_dist.checkpoint import load_model
     from genpt_dist.config import load_config
     from genpt_dist.data.prepare import doc_in_val, prepare
@@ -192,7 +206,8 @@ def bench_oracle(quick: bool = False, workdir: str | None = None) -> dict[str, A
     from genpt_dist.train.pretrain import pretrain
 
     spec = QUICK if quick else OracleSpec()
-    cfg = load_config(RECIPE, QUICK_OVERRIDES if quick else [])
+    overrides = [*(QUICK_OVERRIDES if quick else []), *(overrides or [])]
+    cfg = load_config(RECIPE, overrides)
     r = cfg.adversarial.rollout
     if cfg.data.seq_len != spec.seq_len + 2 or r.max_new_tokens != spec.seq_len or r.prompt_len != 0:
         raise UserError(f"{RECIPE.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
@@ -240,6 +255,12 @@ def bench_oracle(quick: bool = False, workdir: str | None = None) -> dict[str, A
             vppl = math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id))
             results[name] = {"nll_oracle": nll, "val_ppl": vppl}
             rows.append(_row(name, nll, vppl, outside, "temperature 1, no top-k, over the 64 symbols"))
+        frontier = []
+        for temp in FRONTIER_TEMPERATURES:
+            samples, _ = sample_symbols(generators["mle"], spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
+                                        spec.eval_seed, temperature=temp)
+            frontier.append({"temperature": temp, "nll_oracle": oracle_nll(oracle, samples, symbols, tok.bos_id),
+                             "val_ppl": math.exp(val_nll(generators["mle"], held_out, tok.bos_id, tok.eos_id, temp))})
         times["eval_s"] = time.time() - t0
 
     mle, adv = results["mle"], results["adversarial"]
@@ -248,10 +269,19 @@ def bench_oracle(quick: bool = False, workdir: str | None = None) -> dict[str, A
     rows.append({"generator": "adversarial vs mle", "nll_oracle": f"{100 * rel:+.2f}%",
                  "val_ppl": f"{100 * ppl_rel:+.2f}%", "outside_mass": None,
                  "note": f"SeqGAN paper: {100 * (SEQGAN['seqgan'] / SEQGAN['mle'] - 1):+.2f}%"})
+    for point in frontier:
+        if point["temperature"] != 1.0:
+            rows.append(_row(f"mle at temperature {point['temperature']:g}", point["nll_oracle"], point["val_ppl"],
+                             None, "the peer: MLE cooled (mode seeking), no adversarial stage"))
+    # The adversarial generator against MLE cooled to the same held-out perplexity (Caccia et al. 2018):
+    # negative = the stage buys more NLL_oracle per unit of val perplexity than lowering the temperature.
+    cooled = frontier_at(frontier, adv["val_ppl"])
+    vs_frontier = None if cooled is None else adv["nll_oracle"] / cooled - 1.0
     return {
-        "sampling": "every generator sampled at temperature 1, top_k None, top_p None (over the oracle's 64 symbols)",
+        "sampling": "every generator sampled at temperature 1, top_k None, top_p None (over the oracle's 64 symbols); "
+                    "the peer, MLE cooled, at the temperatures of mle_temperature_frontier",
         "spec": asdict(spec),
-        "recipe": str(RECIPE), "overrides": QUICK_OVERRIDES if quick else [],
+        "recipe": str(RECIPE), "overrides": overrides,
         "train_sequences": summary["train_samples"], "val_sequences": int(in_val.sum()),
         "nll_oracle_oracle": rows[0]["nll_oracle"],
         **{f"nll_oracle_{k}": round(v["nll_oracle"], 4) for k, v in results.items()},
@@ -259,6 +289,8 @@ def bench_oracle(quick: bool = False, workdir: str | None = None) -> dict[str, A
         "nll_oracle_rel_change": round(rel, 4),
         "val_ppl_rel_change": round(ppl_rel, 4),
         "target_met": rel <= -0.033 and ppl_rel <= 0.05,
+        "mle_temperature_frontier": [{k: round(v, 4) for k, v in point.items()} for point in frontier],
+        "nll_oracle_rel_to_frontier": None if vs_frontier is None else round(vs_frontier, 4),
         "seqgan_paper": SEQGAN,
         "stage_metrics": {"mle": mle_out, "adversarial": adv_out},
         "phase_seconds": {k: round(v, 1) for k, v in times.items()},
