@@ -93,7 +93,8 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    return run_bench(args.name, args.output, quick=args.quick, only=only, device=args.device)
+    return run_bench(args.name, args.output, quick=args.quick, only=only, device=args.device,
+                     overrides=args.overrides)
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", default=None, metavar="A,B", help="with all: run only these benches")
     p.add_argument("--device", default="auto",
                    help="where train and generate measure: cpu, cuda, cuda:N or auto (the GPU when one is visible)")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.steps=300")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -40,8 +40,9 @@ BENCHES: dict[str, str] = {
     "all": "genpt_dist.bench:bench_all",
 }
 ALL = "all"
+ORACLE = "oracle"  # measures learning, not speed; its recipe takes --set overrides
 ON_DEVICE = ("train", "generate")  # the rest measure CPU-side paths (data, object store, S3, gloo workers)
-NOT_IN_ALL = ("oracle", ALL)
+NOT_IN_ALL = (ORACLE, ALL)
 SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
 
 # bench -> (figure, how to read it from the bench's JSON, comparison, target or None)
@@ -98,13 +99,16 @@ def _numeric(text: str) -> bool:
 
 
 def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None,
-              device: str = "auto") -> dict[str, Any]:
+              device: str = "auto", overrides: list[str] | None = None) -> dict[str, Any]:
     """Run benchmark `name`, write `<output>/<name>.json`, return its summary. `only` picks the benches
-    that `all` runs; `device` (auto | cpu | cuda | cuda:N) is where the device-bound benches (`ON_DEVICE`) measure."""
+    that `all` runs; `device` (auto | cpu | cuda | cuda:N) is where the device-bound benches (`ON_DEVICE`) measure;
+    `overrides` (KEY=VALUE) change the oracle bench's recipe."""
     if name not in BENCHES:
         raise UserError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHES))}")
     if only is not None and name != ALL:
         raise UserError(f"--only goes with `bench {ALL}`, not `bench {name}`")
+    if overrides and name != ORACLE:
+        raise UserError(f"--set goes with `bench {ORACLE}` (its recipe), not `bench {name}`")
     unknown = sorted(set(only or []) - (set(BENCHES) - set(NOT_IN_ALL)))
     if unknown:
         raise UserError(f"--only: {', '.join(unknown)} not among the benches of `all` "
@@ -115,6 +119,8 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
     kwargs: dict[str, Any] = {"output": output, "only": only} if name == ALL else {}
     if name in (*ON_DEVICE, ALL):
         kwargs["device"] = device
+    if name == ORACLE:
+        kwargs["overrides"] = list(overrides or [])
     result = getattr(importlib.import_module(module), fn)(quick=quick, **kwargs)
     result = {"bench": name, "quick": quick, "seconds": round(time.time() - t0, 2), **result}
     print_table(f"bench {name}" + (" (quick)" if quick else ""), result.get("rows", []))
