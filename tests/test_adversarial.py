@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_bas
     assert out["step"] == 16 and out["publish_s"] >= 0 and out["checkpoint"]
     meta = list_checkpoints(run)[-1].meta
     assert meta["rl"]["policy_version"] == 16 and meta["rl"]["d_pretrained"] == 20
+    # the policy's entropy is measured every step (not only when an entropy bonus is configured)
+    assert all(0.0 < m["entropy"] < math.log(meta["model"]["vocab_size"]) for m in steps), steps
 
 
 @pytest.mark.slow

@@ -189,7 +189,8 @@ class AdversarialTrainer(Trainer):
         gen = tokens[:, P:]  # (B, N)
         logp = logp_all.gather(-1, gen.unsqueeze(-1)).squeeze(-1)  # (B, N)
         mask = rb.gen_mask.to(self.device).float()
-        entropy = -(logp_all.exp() * logp_all).sum(-1) if adv_cfg.entropy_coef > 0 else None
+        with torch.set_grad_enabled(adv_cfg.entropy_coef > 0):  # reported every step, in the loss with a coef
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, N) policy entropy per generated position
         seq_adv, self.baseline = advantages(rb.rewards.to(self.device), kind=adv_cfg.baseline,
                                             group_size=adv_cfg.rollout.samples_per_prompt, state=self.baseline,
                                             ema_decay=adv_cfg.ema_decay)
@@ -276,8 +277,8 @@ class AdversarialTrainer(Trainer):
             if self.rank == 0 and (self.step % adv.log_every == 0 or last):
                 progress_line("adversarial", self.step, adv.steps, g[8], self.metrics["rollout_tokens_per_s"], 0.0,
                               time.time() - t_start, start_step)
-                log.info("[adversarial] step %d reward %.3f kl %.4f D acc real %.2f fake %.2f publish %.2fs",
-                         self.step, g[0], g[2], g[5], g[6], publish_s)
+                log.info("[adversarial] step %d reward %.3f kl %.4f entropy %.3f D acc real %.2f fake %.2f "
+                         "publish %.2fs", self.step, g[0], g[2], g[3], g[5], g[6], publish_s)
             if self.step % adv.eval_every == 0 or last:
                 self.metrics.update(self.evaluate())
                 mlog.add({"step": self.step, **{k: self.metrics[k] for k in ("val_loss", "val_ppl", "val_bpb")}})
