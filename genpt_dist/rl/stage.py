@@ -15,8 +15,9 @@ generator) and for the discriminator D:
    leave-one-out), whitened; the KL to the reference as a per-token reward penalty or a loss term;
    loss = token-mean of -A * log pi(a_t) (+ KL, - entropy), one engine step (`rl.reinforce`).
 3. Discriminator: `d_steps` binary cross-entropy updates on real windows (<bos> + prompt_len +
-   max_new_tokens real tokens) vs this step's samples. Before the first policy update D is trained
-   for `pretrain_steps` rounds on samples of the initial policy (SeqGAN does this).
+   max_new_tokens real tokens; as many distinct ones as samples) vs this step's samples. Before the
+   first policy update D is trained for `pretrain_steps` rounds on samples of the initial policy
+   (SeqGAN does this).
 4. Publish: full weights of both (ZeRO-3 parameters gathered) go to the object store once, stamped
    with a version; actors load them before their next rollout.
 Checkpoints hold the policy and D engines, the baseline state, counters and versions.
@@ -116,6 +117,13 @@ class AdversarialTrainer(Trainer):
         body = torch.where(starts, batch.targets[:, :width].clamp(min=self.tok.pad_id), batch.idx[:, :width])
         bos = torch.full((body.shape[0], 1), self.tok.bos_id, dtype=body.dtype)
         return torch.cat([bos, body], dim=1)
+
+    def _disc_real(self, windows: torch.Tensor) -> torch.Tensor:
+        """Real windows for a D update, one per generated row: this step's prompt windows and
+        `samples_per_prompt - 1` fresh batches from the shards (not the prompt windows repeated, so D
+        sees as many distinct real sequences as generated ones)."""
+        extra = [self._real_windows() for _ in range(self.cfg.adversarial.rollout.samples_per_prompt - 1)]
+        return torch.cat([windows, *extra])
 
     def _request(self, step: int, windows: list[list[int]]) -> RolloutRequest:
         r, adv = self.cfg.adversarial.rollout, self.cfg.adversarial
@@ -236,8 +244,7 @@ class AdversarialTrainer(Trainer):
             windows = self._real_windows()
             batch = self._broadcast(rollouts(-1 - self.d_pretrained, windows))
             mine = self._my_rows(batch)
-            d_stats = self.disc_update(windows.repeat_interleave(adv.rollout.samples_per_prompt, 0),
-                                       mine.tokens, mine.attention_mask)
+            d_stats = self.disc_update(self._disc_real(windows), mine.tokens, mine.attention_mask)
             self.d_pretrained += 1
             if self.rank == 0 and self.d_pretrained % adv.log_every == 0:
                 log.info("[adversarial] D pre-train %d/%d acc real %.2f fake %.2f", self.d_pretrained,
@@ -252,7 +259,7 @@ class AdversarialTrainer(Trainer):
             mine = self._my_rows(batch)
             rollout_s = time.time() - t0
             stats = self.policy_update(mine)
-            real = windows.repeat_interleave(adv.rollout.samples_per_prompt, 0)
+            real = self._disc_real(windows)
             d_stats = self.disc_update(real, mine.tokens, mine.attention_mask, update=adv.discriminator.d_steps > 0)
             for _ in range(adv.discriminator.d_steps - 1):
                 self.disc_update(real, mine.tokens, mine.attention_mask)
