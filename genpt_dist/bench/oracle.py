@@ -59,11 +59,12 @@ the MLE generator does. What the metric does reward is sharpening: the frontier 
 at temperature 0.95 for +0.8% val perplexity (-9.4% at 0.9 for +2.2%), the mode seeking SeqGAN's
 reported gain is usually attributed to; the bench samples every generator at temperature 1, so a
 stage can only get there by learning a sharper policy. Measured with this recipe (2026-11-29, quiet
-machine, 4 min): MLE 3.4905 -> adversarial 3.4097 (-2.3%), val ppl +1.7%, 5.7% above the frontier at
-that perplexity. Without the KL guard (`--set adversarial.kl_coef=0 adversarial.steps=300`): +2.5%,
-val ppl +3.7%, D's accuracy swinging between real and generated from one logged step to the next.
-A slower D (`--set adversarial.discriminator.lr=2e-4 adversarial.discriminator.pretrain_steps=400`):
-+4.0%, val ppl +1.6%. Same MLE generator, same seeds: the sign is set by the discriminator's noise.
+machine, 4 min): MLE 3.4905 -> adversarial 3.4645 (-0.7%), val ppl +1.0%, 4.5% above the frontier at
+that perplexity. Before D's real side was made of distinct windows (it repeated each prompt window
+samples_per_prompt times): -2.3% (val ppl +1.7%, 5.7% above the frontier); without the KL guard
+(`--set adversarial.kl_coef=0 adversarial.steps=300`) +2.5% (val ppl +3.7%); with a slower D
+(`--set adversarial.discriminator.lr=2e-4 adversarial.discriminator.pretrain_steps=400`) +4.0% (val
+ppl +1.6%). Same MLE generator, same seeds: the sign is set by the discriminator's noise.
 """
 
 from __future__ import annotations
