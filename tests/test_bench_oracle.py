@@ -65,6 +65,8 @@ def test_quick_bench_runs_the_pipeline(ray_session, tmp_path):
     assert summary["nll_oracle_mle"] < summary["nll_oracle_random"] - 0.5, summary
     assert summary["nll_oracle_oracle"] < summary["nll_oracle_mle"]
     assert "temperature 1" in summary["sampling"]
+    (run,) = summary["adversarial_runs"]  # one stage run in quick mode: the mean is that run
+    assert run["nll_oracle"] == pytest.approx(summary["nll_oracle_adversarial"], abs=1e-4)
     frontier = {p["temperature"]: p for p in summary["mle_temperature_frontier"]}
     assert set(frontier) == {0.8, 0.85, 0.9, 0.95, 1.0}
     # the frontier's temperature-1 point is the MLE generator itself (same samples, same held-out text)

@@ -13,7 +13,10 @@ temperature trivially lowers NLL_oracle by mode seeking; it is never used here).
 which catches a generator that only drops modes, is the perplexity of G on held-out oracle text
 (the dataset's val split). Reported for a random (untrained, the MLE run's initial weights), the
 MLE and the adversarial generator, plus the oracle's own NLL on its samples (its entropy rate, a floor
-for a generator that matches it; a sharper-than-oracle generator can go below it).
+for a generator that matches it; a sharper-than-oracle generator can go below it). The adversarial
+stage runs `stage_runs` times from the one MLE generator (train.seed, seed + 1, ...: its discriminator
+initialisation, rollouts and real windows differ); the mean is the headline figure, each run and the
+standard deviation are reported beside it.
 
 The peer is the MLE generator cooled: sampled at temperatures 0.8-1.0 it traces a frontier of
 NLL_oracle against val perplexity (`mle_temperature_frontier`), and the adversarial generator is
@@ -59,9 +62,10 @@ the MLE generator does. What the metric does reward is sharpening: the frontier 
 at temperature 0.95 for +0.8% val perplexity (-9.4% at 0.9 for +2.2%), the mode seeking SeqGAN's
 reported gain is usually attributed to; the bench samples every generator at temperature 1, so a
 stage can only get there by learning a sharper policy. Measured with this recipe (2026-11-29, quiet
-machine, 4 min): MLE 3.4905 -> adversarial 3.4645 (-0.7%), val ppl +1.0%, 4.5% above the frontier at
-that perplexity. Before D's real side was made of distinct windows (it repeated each prompt window
-samples_per_prompt times): -2.3% (val ppl +1.7%, 5.7% above the frontier); without the KL guard
+machine, 10.5 min): MLE 3.4905 -> adversarial 3.4645 / 3.4775 / 3.5545 in three stage runs (-0.7%,
+-0.4%, +1.8%), mean 3.4988 (+0.2%, std 0.049), val ppl +1.4%, 7.1% above the frontier at that
+perplexity. Single runs from before D's real side was made of distinct windows (it repeated each
+prompt window samples_per_prompt times): -2.3% (val ppl +1.7%, 5.7% above the frontier); without the KL guard
 (`--set adversarial.kl_coef=0 adversarial.steps=300`) +2.5% (val ppl +3.7%); with a slower D
 (`--set adversarial.discriminator.lr=2e-4 adversarial.discriminator.pretrain_steps=400`) +4.0% (val
 ppl +1.6%). Same MLE generator, same seeds: the sign is set by the discriminator's noise.
@@ -104,9 +108,10 @@ class OracleSpec:
     train_sequences: int = 10_000  # corpus size before prepare's 10% val split (SeqGAN: 10,000)
     eval_samples: int = 2_000  # generator samples scored by the oracle
     eval_seed: int = 7  # seed of the evaluation samples (the same for every generator)
+    stage_runs: int = 3  # adversarial stages from the one MLE generator, train.seed + 0, 1, ...: the mean counts
 
 
-QUICK = OracleSpec(train_sequences=1_000, eval_samples=200)
+QUICK = OracleSpec(train_sequences=1_000, eval_samples=200, stage_runs=1)
 QUICK_OVERRIDES = ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "adversarial.steps=2",
                    "adversarial.eval_every=2", "adversarial.checkpoint_every=2",
                    "adversarial.discriminator.pretrain_steps=2"]
@@ -248,7 +253,9 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         mle_out = pretrain(str(root / "data"), str(root / "mle"), cfg)
         times["mle_s"] = time.time() - t0
         t0 = time.time()
-        adv_out = adversarial(str(root / "data"), str(root / "mle"), str(root / "adv"), cfg)
+        adv_outs = [adversarial(str(root / "data"), str(root / "mle"), str(root / f"adv-{i}"),
+                                load_config(RECIPE, [*overrides, f"train.seed={cfg.train.seed + i}"]))
+                    for i in range(spec.stage_runs)]
         times["adversarial_s"] = time.time() - t0
 
         t0 = time.time()
@@ -257,7 +264,7 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         random_gen = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=m.n_layer,
                                    n_head=m.n_head, d_model=m.d_model)).eval()
         generators = {"random": random_gen, "mle": load_model(str(root / "mle"))[0],
-                      "adversarial": load_model(str(root / "adv"))[0]}
+                      **{f"adversarial-{i}": load_model(str(root / f"adv-{i}"))[0] for i in range(spec.stage_runs)}}
         rows = [_row("oracle", oracle_nll(oracle, corpus[: spec.eval_samples], symbols, tok.bos_id), None, None,
                      "its own samples: entropy rate")]
         results: dict[str, dict[str, float]] = {}
@@ -267,7 +274,16 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
             nll = oracle_nll(oracle, samples, symbols, tok.bos_id)
             vppl = math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id))
             results[name] = {"nll_oracle": nll, "val_ppl": vppl}
-            rows.append(_row(name, nll, vppl, outside, "temperature 1, no top-k, over the 64 symbols"))
+            note = "temperature 1, no top-k, over the 64 symbols"
+            if name.startswith("adversarial-"):
+                note = f"stage run with train.seed={cfg.train.seed + int(name.split('-')[1])}"
+            rows.append(_row(name, nll, vppl, outside, note))
+        runs = [results.pop(f"adversarial-{i}") for i in range(spec.stage_runs)]
+        results["adversarial"] = {k: sum(r[k] for r in runs) / len(runs) for k in ("nll_oracle", "val_ppl")}
+        spread = (sum((r["nll_oracle"] - results["adversarial"]["nll_oracle"]) ** 2 for r in runs)
+                  / max(len(runs) - 1, 1)) ** 0.5
+        rows.append(_row(f"adversarial (mean of {len(runs)})", results["adversarial"]["nll_oracle"],
+                         results["adversarial"]["val_ppl"], None, f"NLL_oracle std across runs {spread:.4f}"))
         frontier = []
         for temp in FRONTIER_TEMPERATURES:
             samples, _ = sample_symbols(generators["mle"], spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
@@ -304,8 +320,10 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         "target_met": rel <= -0.033 and ppl_rel <= 0.05,
         "mle_temperature_frontier": [{k: round(v, 4) for k, v in point.items()} for point in frontier],
         "nll_oracle_rel_to_frontier": None if vs_frontier is None else round(vs_frontier, 4),
+        "adversarial_runs": [{k: round(v, 4) for k, v in r.items()} for r in runs],
+        "nll_oracle_adversarial_std": round(spread, 4),
         "seqgan_paper": SEQGAN,
-        "stage_metrics": {"mle": mle_out, "adversarial": adv_out},
+        "stage_metrics": {"mle": mle_out, "adversarial": adv_outs},
         "phase_seconds": {k: round(v, 1) for k, v in times.items()},
         "rows": rows,
     }
