@@ -94,14 +94,20 @@ def is_complete(folder: str, meta: dict[str, Any]) -> bool:
     return True
 
 
+def _checkpoint_folders(run_url: str) -> tuple[str, list[str], list[str]]:
+    """A stage's checkpoints root, every file under it, and its `checkpoint_*` folders (sorted)."""
+    root = storage.join(storage.normalize(run_url), CHECKPOINTS_DIR)
+    files = storage.list_files(root)
+    folders = sorted({m.group(1) for f in files if (m := re.match(rf"({re.escape(root)}/checkpoint_[^/]+)/", f))})
+    return root, files, folders
+
+
 def list_checkpoints(run_url: str) -> list[CheckpointRef]:
     """Complete checkpoints under a stage's run URL, oldest first (incomplete ones warned about)."""
-    root = storage.join(storage.normalize(run_url), CHECKPOINTS_DIR)
-    folders = sorted({m.group(1) for f in storage.list_files(root)
-                      if (m := re.match(rf"(.*/checkpoint_[^/]+)/{META}$", f))})
+    _, files, folders = _checkpoint_folders(run_url)
     refs = []
     for folder in folders:
-        meta = _read_meta(folder)
+        meta = _read_meta(folder) if storage.join(folder, META) in files else None
         if meta is None:
             continue
         if not is_complete(folder, meta):
@@ -121,9 +127,7 @@ def remove_incomplete(run_url: str) -> list[str]:
     missing; Ray Train never hears of it, so its rotation (`keep_checkpoints`) never removes it and every
     later listing warns about it. Call this before the stage's workers start, when nothing of the run is
     uploading. Folders Ray Train reported stay: they are its to rotate."""
-    root = storage.join(storage.normalize(run_url), CHECKPOINTS_DIR)
-    files = storage.list_files(root)
-    folders = sorted({m.group(1) for f in files if (m := re.match(rf"({re.escape(root)}/checkpoint_[^/]+)/", f))})
+    root, files, folders = _checkpoint_folders(run_url)
     snapshot = storage.join(root, RAY_TRAIN_SNAPSHOT)
     reported = ({c["checkpoint_dir_name"] for c in storage.read_json(snapshot).get("checkpoint_results", [])}
                 if snapshot in files else set())
@@ -131,7 +135,7 @@ def remove_incomplete(run_url: str) -> list[str]:
     for folder in folders:
         if storage.name(folder) in reported:
             continue
-        meta = _read_meta(folder)
+        meta = _read_meta(folder) if storage.join(folder, META) in files else None
         if meta is None or not is_complete(folder, meta):
             log.warning("removing %s: an interrupted upload left it incomplete", folder)
             storage.delete_prefix(folder)

@@ -86,6 +86,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpt_dist.model.cross_entropy import cross_entropy
 from genpt_dist.model.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -183,8 +184,7 @@ def val_nll(model: GPT, docs: torch.Tensor, bos_id: int, eos_id: int, temperatur
     total, count = 0.0, 0
     for chunk in docs.split(500):
         x = torch.cat([torch.full((len(chunk), 1), bos_id), chunk, torch.full((len(chunk), 1), eos_id)], 1)
-        logp = F.log_softmax(model(x)[0][:, :-1].float() / temperature, dim=-1)  # (B, T+1, V)
-        total += -logp.gather(-1, x[:, 1:].unsqueeze(-1)).sum().item()
+        total += cross_entropy(model(x)[0][:, :-1] / temperature, x[:, 1:]).sum().item()  # (B, T+1) summed
         count += x[:, 1:].numel()
     return total / count
 
@@ -263,33 +263,37 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         m = cfg.model
         random_gen = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=m.n_layer,
                                    n_head=m.n_head, d_model=m.d_model)).eval()
-        generators = {"random": random_gen, "mle": load_model(str(root / "mle"))[0],
-                      **{f"adversarial-{i}": load_model(str(root / f"adv-{i}"))[0] for i in range(spec.stage_runs)}}
+        mle_gen = load_model(str(root / "mle"))[0]
+
+        def score(model: GPT, temperature: float = 1.0) -> tuple[dict[str, float], float]:
+            """NLL_oracle of `eval_samples` samples and val perplexity at `temperature`; outside mass."""
+            samples, outside = sample_symbols(model, spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
+                                              spec.eval_seed, temperature=temperature)
+            return {"nll_oracle": oracle_nll(oracle, samples, symbols, tok.bos_id),
+                    "val_ppl": math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id, temperature))}, outside
+
         rows = [_row("oracle", oracle_nll(oracle, corpus[: spec.eval_samples], symbols, tok.bos_id), None, None,
                      "its own samples: entropy rate")]
         results: dict[str, dict[str, float]] = {}
-        for name, model in generators.items():
-            samples, outside = sample_symbols(model, spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
-                                              spec.eval_seed)
-            nll = oracle_nll(oracle, samples, symbols, tok.bos_id)
-            vppl = math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id))
-            results[name] = {"nll_oracle": nll, "val_ppl": vppl}
-            note = "temperature 1, no top-k, over the 64 symbols"
-            if name.startswith("adversarial-"):
-                note = f"stage run with train.seed={cfg.train.seed + int(name.split('-')[1])}"
-            rows.append(_row(name, nll, vppl, outside, note))
-        runs = [results.pop(f"adversarial-{i}") for i in range(spec.stage_runs)]
+        for name, model in (("random", random_gen), ("mle", mle_gen)):
+            results[name], outside = score(model)
+            rows.append(_row(name, results[name]["nll_oracle"], results[name]["val_ppl"], outside,
+                             "temperature 1, no top-k, over the 64 symbols"))
+        runs = []
+        for i in range(spec.stage_runs):
+            run, outside = score(load_model(str(root / f"adv-{i}"))[0])
+            runs.append(run)
+            rows.append(_row(f"adversarial-{i}", run["nll_oracle"], run["val_ppl"], outside,
+                             f"stage run, train.seed={cfg.train.seed + i}"))
         results["adversarial"] = {k: sum(r[k] for r in runs) / len(runs) for k in ("nll_oracle", "val_ppl")}
         spread = (sum((r["nll_oracle"] - results["adversarial"]["nll_oracle"]) ** 2 for r in runs)
                   / max(len(runs) - 1, 1)) ** 0.5
-        rows.append(_row(f"adversarial (mean of {len(runs)})", results["adversarial"]["nll_oracle"],
-                         results["adversarial"]["val_ppl"], None, f"NLL_oracle std across runs {spread:.4f}"))
-        frontier = []
-        for temp in FRONTIER_TEMPERATURES:
-            samples, _ = sample_symbols(generators["mle"], spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
-                                        spec.eval_seed, temperature=temp)
-            frontier.append({"temperature": temp, "nll_oracle": oracle_nll(oracle, samples, symbols, tok.bos_id),
-                             "val_ppl": math.exp(val_nll(generators["mle"], held_out, tok.bos_id, tok.eos_id, temp))})
+        mean = results["adversarial"]
+        rows.append(_row(f"adversarial (mean of {len(runs)})", mean["nll_oracle"], mean["val_ppl"], None,
+                         f"NLL_oracle std across runs {spread:.4f}"))
+        # temperature 1 is the MLE row itself (same samples, same held-out text): not sampled again
+        frontier = [{"temperature": t, **(score(mle_gen, t)[0] if t != 1.0 else results["mle"])}
+                    for t in FRONTIER_TEMPERATURES]
         times["eval_s"] = time.time() - t0
 
     mle, adv = results["mle"], results["adversarial"]
