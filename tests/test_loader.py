@@ -6,9 +6,12 @@ a duplicate); the reference rows are read with plain `webdataset`, not through t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections import Counter
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,9 +22,10 @@ import genpt_dist.data.loader  # noqa: F401  (registers the s3:// opener with we
 from genpt_dist import storage
 from genpt_dist.config import load_config
 from genpt_dist.data.loader import ShardLoader
-from genpt_dist.data.manifest import load_manifest
+from genpt_dist.data.manifest import FORMAT, READ_FORMATS, load_manifest, publish_manifest
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
+from genpt_dist.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
 
@@ -193,3 +197,57 @@ def test_unshuffled_epoch_reads_the_stored_order(dataset):
     batches = list(islice(iter(loader), 2))
     assert all(b.dtype == torch.int64 and b.shape == (BATCH, SEQ_LEN + 1) for b in batches)
     assert np.array_equal(torch.cat(batches).numpy(), np.stack(stored))
+
+
+# ------------------------------------------------------------- a dataset written by an earlier version
+
+V1_DATA = Path(__file__).resolve().parent / "fixtures" / "v1" / "data"
+V1_TEXT_BYTES = 10_000  # the fixture is the first 10,000 bytes of tinyshakespeare, configs/tiny.yaml,
+#                         --set data.tokenizer=byte data.shard_samples=8, prepared by the shards-v1 code
+
+
+def test_a_v1_dataset_still_loads(shakespeare):
+    manifest = load_manifest(str(V1_DATA))
+    assert manifest.format == "genpt-dist/shards-v1" and manifest.format in READ_FORMATS
+    assert (manifest.seq_len, manifest.sample_tokens, manifest.dtype) == (64, 65, np.dtype(np.uint16))
+    assert (manifest.tokenizer.kind, manifest.tokenizer.vocab_size, manifest.tokenizer.pad_id) == ("byte", 259, 0)
+    assert (manifest.num_samples("train"), manifest.num_samples("val")) == (141, 16)
+    assert len(manifest.shards("train")) == 18 and manifest.shards("val")[0].name == "val-000000.tar"
+    assert manifest.splits["val"].tokens == 1000 and manifest.splits["train"].documents is None  # split: tail
+    assert manifest.documents == 1 and manifest.stats.files == 1 and manifest.config["seq_len"] == 64
+
+    tok = manifest.load_tokenizer()  # checks the file against the manifest's hash
+    assert tok.sha256 == manifest.tokenizer_sha256 == byte_tokenizer().sha256
+
+    train = list(ShardLoader(manifest, "train", batch_size=BATCH, shuffle=False).iter_epoch())
+    assert sum(len(b) for b in train) == 141 and all(b.shape[1] == 65 for b in train)
+    val = torch.cat(list(ShardLoader(manifest, "val", batch_size=BATCH, shuffle=False).iter_epoch()))
+    stream = torch.cat([val[:, :-1].flatten(), val[-1, -1:]]).tolist()  # undo the stride-64 windows
+    stream = [t for t in stream if t != tok.pad_id]
+    assert stream[-1] == tok.eos_id  # val is the stream's tail: the text's last 999 bytes, then <eos>
+    want = shakespeare.read_bytes()[:V1_TEXT_BYTES][-999:].decode()
+    assert tok.decode(stream[:-1]) == want
+
+
+def test_a_v1_manifest_is_rewritten_as_v2_unchanged(tmp_path):
+    _copy(str(V1_DATA), str(tmp_path))
+    v1 = load_manifest(str(tmp_path))
+    publish_manifest(v1)
+    v2 = load_manifest(str(tmp_path))
+    assert v2.format == FORMAT == "genpt-dist/shards-v2"
+    assert dataclasses.replace(v2, format=v1.format) == v1
+
+
+def test_an_unknown_manifest_format_is_one_line(tmp_path):
+    _copy(str(V1_DATA), str(tmp_path))
+    murl = tmp_path / "manifest.json"
+    raw = json.loads(murl.read_text())
+    murl.write_text(json.dumps({**raw, "format": "genpt-dist/shards-v9"}))
+    with pytest.raises(UserError) as err:
+        load_manifest(str(tmp_path))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "'genpt-dist/shards-v9'" in message and all(f in message for f in READ_FORMATS), message
+    murl.write_text(json.dumps({k: v for k, v in raw.items() if k != "tokenizer"}))
+    with pytest.raises(UserError, match=r"not a complete genpt-dist/shards-v1 manifest \(KeyError: 'tokenizer'\)$"):
+        load_manifest(str(tmp_path))

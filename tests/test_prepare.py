@@ -20,7 +20,7 @@ import webdataset as wds
 import genpt_dist.data.loader  # noqa: F401  (registers the s3:// opener with webdataset)
 from genpt_dist import storage
 from genpt_dist.config import load_config
-from genpt_dist.data.manifest import MANIFEST, load_manifest
+from genpt_dist.data.manifest import FORMAT, MANIFEST, load_manifest
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer
@@ -100,8 +100,8 @@ def test_normalised_documents_in_s3_read_back_with_plain_webdataset(mixed_corpus
     assert summary["binary_skipped"] == 1
     assert summary["replacement_chars"] == 2
     manifest = load_manifest(out)
-    assert manifest.raw["stats"]["empty_skipped"] == 1
-    assert [s["url"].rsplit("/", 1)[-1] for s in manifest.raw["sources"]] == [
+    assert manifest.stats.empty_skipped == 1
+    assert [s.url.rsplit("/", 1)[-1] for s in manifest.sources] == [
         "a.txt", "b.txt", "c.txt", "d.txt", "e.jsonl", "f.jsonl.gz", "g.md.gz"]
 
     tok = Tokenizer.load(storage.join(out, "tokenizer.json"))
@@ -168,6 +168,7 @@ def test_tail_split_of_tinyshakespeare_and_reuse(shakespeare, bucket):
     assert (train != PAD).any(axis=1).all()
 
     manifest_before = storage.read_bytes(storage.join(out, MANIFEST))
+    assert json.loads(manifest_before)["format"] == FORMAT == "genpt-dist/shards-v2"
     t0 = time.monotonic()
     second = prepare([str(shakespeare)], out, cfg)
     assert second["reused"] is True and first["reused"] is False
@@ -189,8 +190,8 @@ def test_hash_split_keeps_documents_whole_and_is_deterministic(tmp_path, bucket)
 
     expected_val = [t for t in texts if in_val(t)]
     manifest = load_manifest(out)
-    assert manifest.raw["splits"]["val"]["documents"] == len(expected_val)
-    assert manifest.raw["splits"]["train"]["documents"] == len(texts) - len(expected_val)
+    assert manifest.splits["val"].documents == len(expected_val)
+    assert manifest.splits["train"].documents == len(texts) - len(expected_val)
     assert 15 < len(expected_val) < 60
     tok = manifest.load_tokenizer()
     _, val = read_split(out, "val")
@@ -203,7 +204,7 @@ def test_hash_split_keeps_documents_whole_and_is_deterministic(tmp_path, bucket)
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in reversed(texts)))
     out2 = storage.join(bucket, "hash2")
     prepare([str(tmp_path / "b.jsonl")], out2, data_cfg("data.split=hash", "data.val_fraction=0.3", "data.seq_len=32"))
-    assert load_manifest(out2).raw["splits"]["val"]["documents"] == len(expected_val)
+    assert load_manifest(out2).splits["val"].documents == len(expected_val)
     assert summary["val_samples"] > 0
 
 
@@ -250,7 +251,7 @@ def test_inputs_from_an_s3_prefix(tmp_path, bucket):
     out = str(tmp_path / "from-s3")
     summary = prepare([storage.join(bucket, "corpus")], out, data_cfg("data.seq_len=16"))
     assert summary["documents"] == 2
-    assert [s["url"] for s in load_manifest(out).raw["sources"]] == [
+    assert [s.url for s in load_manifest(out).sources] == [
         storage.join(bucket, "corpus/part-1.txt"), storage.join(bucket, "corpus/part-2.txt.gz")]
 
 

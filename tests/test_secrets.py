@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ TINY = str(REPO / "configs" / "tiny.yaml")
 SECRET = "genptFAKEsecretKEY0123456789leakcheckXYZ"
 TOKEN = "genptFAKEsessionTOKENleakcheck9876543210"
 NEEDLES = (SECRET, TOKEN)
+LOOPBACK = ("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")  # how ss shows a loopback listener
 
 
 def _hits(data: bytes) -> list[str]:
@@ -162,4 +164,54 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     ray = ray_session
     assert ray.get(ray.remote(lambda: 1).remote()) == 1  # at least one worker process is up
     addresses = _listening(_ray_pids())
-    assert addresses and all(a.startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:")) for a in addresses), addresses
+    assert addresses and all(a.startswith(LOOPBACK) for a in addresses), addresses
+
+
+@pytest.mark.slow
+def test_prepare_on_ray_listens_on_loopback_only(tmp_path, short_tmp):
+    """A standalone `prepare` of a corpus above data.parallel_min_bytes tokenises in Ray tasks on a Ray it
+    starts itself (raycluster.init_ray): its GCS, raylet and workers listen on 127.0.0.1 only."""
+    import psutil
+
+    if shutil.which("ss") is None:
+        pytest.skip("no ss here to list listening sockets")
+    text = (REPO / "README.md").read_text()
+    for i in range(3):  # more than one file: one chunk of files would tokenise in the driver
+        (tmp_path / f"part-{i}.txt").write_text(f"part {i}\n{text}")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(short_tmp)
+    args = ["prepare", "--input", str(tmp_path / "part-*.txt"), "--output", str(tmp_path / "data"),
+            "--set", "data.tokenizer=byte", "data.seq_len=64", "data.split=tail", "data.parallel_min_bytes=0"]
+    stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
+                                stdout=out, stderr=err)
+        names: set[str] = set()
+        addresses: set[str] = set()
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:  # look while Ray is up: it stops with prepare
+            try:
+                children = psutil.Process(proc.pid).children(recursive=True)
+                names.update(c.name() for c in children)
+            except psutil.NoSuchProcess:
+                continue
+            addresses.update(_listening({proc.pid} | {c.pid for c in children}))
+            time.sleep(0.1)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, stderr.read_text()[-3000:]
+    assert json.loads(stdout.read_text())["command"] == "prepare"
+    assert {"gcs_server", "raylet"} <= names, names  # prepare did start a Ray
+    assert addresses and all(a.startswith(LOOPBACK) for a in addresses), addresses
+
+
+def test_every_ray_start_goes_through_raycluster():
+    """`ray.init` is called in raycluster.py only, where a local start binds 127.0.0.1 (start_local_ray)."""
+    calls = []
+    for path in sorted((REPO / "genpt_dist").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init"
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"):
+                calls.append(str(path.relative_to(REPO)))
+    assert calls and set(calls) == {"genpt_dist/raycluster.py"}, calls

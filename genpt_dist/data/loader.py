@@ -230,7 +230,7 @@ class ShardLoader:
         shard = self.shards[index]
         url = self.manifest.shard_url(shard)
         if index in self._bad:
-            return np.full((shard.samples, self.manifest.seq_len + 1), self.manifest.raw["tokenizer"]["pad_id"], np.int64)
+            return np.full((shard.samples, self.manifest.seq_len + 1), self.manifest.tokenizer.pad_id, np.int64)
         try:
             data = storage.read_bytes(url)
             if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
@@ -243,7 +243,7 @@ class ShardLoader:
             raise  # storage problems the user must fix (credentials, bucket): not a bad shard
         except Exception as exc:  # noqa: BLE001 - any read or parse failure marks the shard bad
             self._mark_bad(index, url, exc)
-            pad = self.manifest.raw["tokenizer"]["pad_id"]
+            pad = self.manifest.tokenizer.pad_id
             return np.full((shard.samples, self.manifest.seq_len + 1), pad, dtype=np.int64)
 
     def _mark_bad(self, index: int, url: str, exc: Exception) -> None:

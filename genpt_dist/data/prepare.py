@@ -5,26 +5,23 @@ Algorithm:
    hash their contents; the hash of (sources, data config) is the dataset's fingerprint.
 2. If the output already holds a manifest with the same fingerprint and every shard verifies
    (size and sha256), re-use it. A different dataset there is refused unless `--overwrite`.
-3. Read and normalise each file: gunzip `.gz`, skip binary files (a NUL in the first 8 KiB), decode
-   UTF-8 replacing invalid bytes (counted), strip a BOM, CRLF and lone CR -> LF. A `.jsonl` file
-   holds one document per line in `data.text_field`; any other file is one document.
+3. Read and normalise each file into documents (`data.text`: gunzip, skip binary files, UTF-8 with
+   counted replacements, BOM and CR/CRLF; one document per file, or per `.jsonl` line).
 4. Train the byte-level BPE on a sample of the documents (or take the byte tokenizer).
-5. Tokenise (Ray tasks when the corpus is larger than `data.parallel_min_bytes`), wrap each document
-   in <bos> ... <eos>, assign it to a split (by the hash of its text, so duplicates never straddle
-   the split; or `split: tail`, the last tokens of the stream), concatenate per split.
-6. Cut each split's stream into samples of seq_len + 1 tokens with stride seq_len, so every token
-   is a prediction target exactly once; the final partial sample is right-padded with <pad> (the
-   loss ignores pad targets). Train samples are permuted (data.seed) so each shard is a random
-   sample of the corpus; val keeps stream order.
+5. Tokenise, wrap each document in <bos> ... <eos>, assign it to a split (by the hash of its text,
+   `text.doc_in_val`, so duplicates never straddle the split; or `split: tail`, the last tokens of the
+   stream), concatenate per split. A corpus larger than `data.parallel_min_bytes` is tokenised in Ray
+   tasks, on the Ray that `raycluster.init_ray` joins or starts (a local one binds 127.0.0.1 only).
+6. Cut each split's stream into samples of seq_len + 1 tokens with stride seq_len (`packing.pack`:
+   every token is a prediction target exactly once, the last sample right-padded with <pad>). Train
+   samples are permuted (data.seed) so each shard is a random sample of the corpus; val keeps order.
 7. Write WebDataset shards (`<key>.tokens.npy` members, built in bulk by `data.shards`), each
-   uploaded as it is built; write manifest.json last, through `storage.publish`.
+   uploaded as it is built; write manifest.json last (`manifest.publish_manifest`).
 """
 
 from __future__ import annotations
 
-import codecs
 import glob
-import gzip
 import hashlib
 import itertools
 import json
@@ -41,8 +38,19 @@ from tqdm import tqdm
 
 from genpt_dist import storage
 from genpt_dist.config import DataConfig
-from genpt_dist.data.manifest import FORMAT, MANIFEST, load_manifest
+from genpt_dist.data.manifest import (
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    SourceInfo,
+    SplitInfo,
+    TokenizerInfo,
+    load_manifest,
+    publish_manifest,
+)
+from genpt_dist.data.packing import pack, token_byte_lengths, token_dtype
 from genpt_dist.data.shards import encode_shard
+from genpt_dist.data.text import ReadStats, doc_in_val, read_documents
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer, byte_tokenizer, iter_chunks, train_bpe
 
@@ -86,85 +94,7 @@ def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
     return sorted(found)
 
 
-# ---------------------------------------------------------------- normalisation
-
-@dataclass
-class ReadStats:
-    files: int = 0
-    binary_skipped: int = 0
-    replacement_chars: int = 0
-    documents: int = 0
-    empty_skipped: int = 0
-
-    def add(self, other: "ReadStats") -> None:
-        for key in self.__dataclass_fields__:
-            setattr(self, key, getattr(self, key) + getattr(other, key))
-
-
-def _count_replacements(exc: UnicodeDecodeError) -> tuple[str, int]:
-    _count_replacements.n += 1  # type: ignore[attr-defined]
-    return "\ufffd", exc.end
-
-
-_count_replacements.n = 0  # type: ignore[attr-defined]
-codecs.register_error("genpt_count_replace", _count_replacements)
-
-
-def normalise(data: bytes) -> tuple[str | None, int]:
-    """bytes -> (text, replaced) or (None, 0) for a binary file (a NUL early on, or no valid UTF-8 at all)."""
-    if b"\x00" in data[:8192]:
-        return None, 0
-    before = _count_replacements.n  # type: ignore[attr-defined]
-    text = data.decode("utf-8", errors="genpt_count_replace")
-    replaced = _count_replacements.n - before  # type: ignore[attr-defined]
-    if replaced and not text.replace("\ufffd", "").strip():  # not one valid character: not text at all
-        return None, 0
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    return text, replaced
-
-
-def read_documents(url: str, text_field: str, stats: ReadStats) -> list[str]:
-    """One source file -> its documents (normalised, non-empty)."""
-    data = storage.read_bytes(url)
-    if url.endswith(".gz"):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError):
-            raise UserError(f"{url} is not a valid gzip file") from None
-    stats.files += 1
-    text, replaced = normalise(data)
-    if text is None:
-        stats.binary_skipped += 1
-        return []
-    stats.replacement_chars += replaced
-    if url.removesuffix(".gz").endswith(".jsonl"):
-        docs = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{url}:{lineno}: not valid JSON") from None
-            value = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise UserError(f"{url}:{lineno}: no string field {text_field!r} (set data.text_field)")
-            docs.append(value)
-    else:
-        docs = [text]
-    kept = [d for d in docs if d.strip()]
-    stats.empty_skipped += len(docs) - len(kept)
-    stats.documents += len(kept)
-    return kept
-
-
 # ---------------------------------------------------------------- tokenising
-
-def doc_in_val(text: str, val_fraction: float) -> bool:
-    """Deterministic document-level split by the hash of the text."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < val_fraction
-
 
 @dataclass
 class TokenisedPart:
@@ -191,75 +121,8 @@ def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) ->
     return part
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
-
-
-def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
-    """UTF-8 bytes each token stands for (specials: 0). Byte-level tokens spell one byte per char."""
-    lengths = np.zeros(tok.vocab_size, dtype=np.int64)
-    special = {tok.pad_id, tok.bos_id, tok.eos_id}
-    for token, idx in tok.hf.get_vocab().items():
-        if idx not in special:
-            lengths[idx] = len(token)
-    return lengths
-
-
-def pack(stream: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
-    """(L,) token stream -> (n, seq_len + 1) samples with stride seq_len, last one right-padded."""
-    if len(stream) < 2:
-        return np.zeros((0, seq_len + 1), dtype=stream.dtype)
-    n = -(-(len(stream) - 1) // seq_len)  # ceil((L - 1) / T)
-    padded = np.full(n * seq_len + 1, pad_id, dtype=stream.dtype)
-    padded[: len(stream)] = stream
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]  # (n, T+1)
-    return padded[idx]
-
-
-# ---------------------------------------------------------------- shards
-
-def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[dict]:
-    """Write `samples` as `<split>-NNNNNN.tar` shards (keys `<split>-<row index>`), in order."""
-    shards: list[dict] = []
-    for i, lo in enumerate(range(0, len(samples), shard_samples)):
-        rows = samples[lo:lo + shard_samples]
-        data = encode_shard([f"{split}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
-        name = f"{split}-{i:06d}.tar"
-        url = storage.join(out_url, name)
-        if len(data) <= storage.MULTIPART_THRESHOLD:
-            storage.write_bytes(url, data)
-        else:  # big shards go up in parallel parts
-            local = Path(tmpdir) / name
-            local.write_bytes(data)
-            storage.upload_file(local, url)
-            local.unlink()
-        shards.append({"name": name, "samples": int(len(rows)), "bytes": len(data),
-                       "sha256": hashlib.sha256(data).hexdigest()})
-    return shards
-
-
-# ---------------------------------------------------------------- the command
-
-def _fingerprint(sources: list[dict], cfg: DataConfig) -> str:
-    payload = json.dumps({"sources": [(s["url"], s["sha256"]) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _verify_existing(out_url: str, fingerprint: str) -> dict | None:
-    """The existing manifest if it is this very dataset and all its shards verify, else None."""
-    manifest = load_manifest(out_url)
-    if manifest.sha256 != fingerprint:
-        return None
-    for split in SPLITS:
-        for shard in manifest.shards(split):
-            data = storage.read_bytes(manifest.shard_url(shard))
-            if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
-                log.warning("shard %s does not verify; preparing again", shard.name)
-                return None
-    return manifest.raw
-
-
-def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int) -> TokenisedPart:
+def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int,
+                  address: str | None) -> TokenisedPart:
     """Tokenise every source, in Ray tasks when the corpus is large; merge in source order."""
     tok_json, cfg_dict = tok.to_json(), cfg.model_dump()
     chunk = max(1, len(sources) // 64)
@@ -269,8 +132,9 @@ def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_byt
     if total_bytes >= cfg.parallel_min_bytes and len(groups) > 1:
         import ray
 
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        from genpt_dist.raycluster import init_ray
+
+        init_ray(address)  # never a bare ray.init: a local Ray must bind 127.0.0.1 only
         remote = ray.remote(tokenise_files)
         refs = [remote.remote(g, tok_json, cfg_dict) for g in groups]
         pending = list(refs)
@@ -304,8 +168,69 @@ def _tail_split(merged: TokenisedPart, val_fraction: float, dtype: np.dtype) -> 
     return {"train": stream[:cut], "val": stream[cut:]}
 
 
-def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Run the whole `prepare` command; returns the JSON summary."""
+# ---------------------------------------------------------------- shards
+
+def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[ShardInfo]:
+    """Write `samples` as `<split>-NNNNNN.tar` shards (keys `<split>-<row index>`), in order."""
+    shards: list[ShardInfo] = []
+    for i, lo in enumerate(range(0, len(samples), shard_samples)):
+        rows = samples[lo:lo + shard_samples]
+        data = encode_shard([f"{split}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
+        name = f"{split}-{i:06d}.tar"
+        url = storage.join(out_url, name)
+        if len(data) <= storage.MULTIPART_THRESHOLD:
+            storage.write_bytes(url, data)
+        else:  # big shards go up in parallel parts
+            local = Path(tmpdir) / name
+            local.write_bytes(data)
+            storage.upload_file(local, url)
+            local.unlink()
+        shards.append(ShardInfo(name=name, samples=int(len(rows)), bytes=len(data),
+                                sha256=hashlib.sha256(data).hexdigest()))
+    return shards
+
+
+# ---------------------------------------------------------------- the command
+
+def _fingerprint(sources: list[SourceInfo], cfg: DataConfig) -> str:
+    payload = json.dumps({"sources": [(s.url, s.sha256) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _verify_existing(out_url: str, fingerprint: str) -> Manifest | None:
+    """The existing manifest if it is this very dataset and all its shards verify, else None."""
+    manifest = load_manifest(out_url)
+    if manifest.fingerprint != fingerprint:
+        return None
+    for split in SPLITS:
+        for shard in manifest.shards(split):
+            data = storage.read_bytes(manifest.shard_url(shard))
+            if len(data) != shard.bytes or hashlib.sha256(data).hexdigest() != shard.sha256:
+                log.warning("shard %s does not verify; preparing again", shard.name)
+                return None
+    return manifest
+
+
+def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
+    if cfg.tokenizer == "byte":
+        return byte_tokenizer()
+    sample_stats = ReadStats()
+
+    def sample_texts():
+        for url in urls:
+            yield from read_documents(url, cfg.text_field, sample_stats)
+    sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
+    first = next(sample, None)
+    if first is None:  # the sampler read every file and found no text
+        _refuse_empty(sample_stats)
+    log.info("training a %d-token byte-level BPE", cfg.vocab_size)
+    return train_bpe(itertools.chain([first], sample), cfg.vocab_size)
+
+
+def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False,
+            address: str | None = None) -> dict[str, Any]:
+    """Run the whole `prepare` command; returns the JSON summary. `address`: the Ray cluster to tokenise
+    a large corpus on (as `--address`; default RAY_ADDRESS, else a local Ray)."""
     t0 = time.time()
     output = storage.normalize(output)
     storage.check_bucket(output)
@@ -313,8 +238,8 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
     sources = []
     for url in tqdm(urls, desc="hash sources", unit="file", leave=False, disable=None):
         data = storage.read_bytes(url)
-        sources.append({"url": url, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    total_bytes = sum(s["bytes"] for s in sources)
+        sources.append(SourceInfo(url=url, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    total_bytes = sum(s.bytes for s in sources)
     fingerprint = _fingerprint(sources, cfg)
     manifest_url = storage.join(output, MANIFEST)
 
@@ -322,29 +247,16 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
         reused = _verify_existing(output, fingerprint)
         if reused is not None:
             log.info("re-using the verified dataset at %s", output)
-            return _summary(output, reused, reused=True, seconds=time.time() - t0, mb=total_bytes / 1e6)
-        if load_manifest(output).sha256 != fingerprint and not overwrite:
+            return _summary(reused, reused=True, seconds=time.time() - t0, mb=total_bytes / 1e6)
+        if load_manifest(output).fingerprint != fingerprint and not overwrite:
             raise UserError(f"{output} already holds a different dataset (pass --overwrite to replace it)")
     storage.delete(manifest_url)  # from here on the output is incomplete until the new manifest lands
     for url in storage.list_files(output):  # only what an earlier prepare wrote; other files stay
         if OUTPUT_FILE.fullmatch(url[len(output) + 1:]):
             storage.delete(url)
 
-    if cfg.tokenizer == "byte":
-        tok = byte_tokenizer()
-    else:
-        sample_stats = ReadStats()
-
-        def sample_texts():
-            for url in urls:
-                yield from read_documents(url, cfg.text_field, sample_stats)
-        sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
-        first = next(sample, None)
-        if first is None:  # the sampler read every file and found no text
-            _refuse_empty(sample_stats)
-        log.info("training a %d-token byte-level BPE", cfg.vocab_size)
-        tok = train_bpe(itertools.chain([first], sample), cfg.vocab_size)
-    merged = _tokenise_all(urls, tok, cfg, total_bytes)
+    tok = _train_tokenizer(urls, cfg)
+    merged = _tokenise_all(urls, tok, cfg, total_bytes, address)
     stats = merged.stats
     if stats.documents == 0:
         _refuse_empty(stats)
@@ -355,7 +267,7 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
     else:
         streams = {s: np.concatenate(merged.streams[s]) if merged.streams[s] else np.zeros(0, dtype) for s in SPLITS}
     byte_len = token_byte_lengths(tok)
-    split_info: dict[str, Any] = {}
+    splits: dict[str, SplitInfo] = {}
     with tempfile.TemporaryDirectory(prefix="genpt-prepare-") as tmpdir:
         for split in SPLITS:
             samples = pack(streams[split], cfg.seq_len, tok.pad_id)
@@ -364,34 +276,25 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
                 raise UserError(f"the {split} split is empty{hint}")
             if split == "train":
                 samples = samples[np.random.default_rng(cfg.seed).permutation(len(samples))]
-            shards = write_shards(samples, split, output, cfg.shard_samples, tmpdir)
-            split_info[split] = {
-                "shards": shards,
-                "samples": int(len(samples)),
-                "documents": merged.documents[split] if cfg.split == "hash" else None,
-                "tokens": int(len(streams[split])),
-                "targets": int(max(len(streams[split]) - 1, 0)),
-                "bytes": int(byte_len[streams[split]].sum()),
-            }
+            splits[split] = SplitInfo(
+                shards=write_shards(samples, split, output, cfg.shard_samples, tmpdir),
+                samples=int(len(samples)),
+                documents=merged.documents[split] if cfg.split == "hash" else None,
+                tokens=int(len(streams[split])),
+                targets=int(max(len(streams[split]) - 1, 0)),
+                bytes=int(byte_len[streams[split]].sum()),
+            )
     tok.save(storage.join(output, TOKENIZER_FILE))
-    manifest = {
-        "format": FORMAT,
-        "fingerprint": fingerprint,
-        "seq_len": cfg.seq_len,
-        "sample_tokens": cfg.seq_len + 1,
-        "token_dtype": dtype.name,
-        "tokenizer": {"file": TOKENIZER_FILE, "sha256": tok.sha256, "kind": cfg.tokenizer, "vocab_size": tok.vocab_size,
-                      "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id},
-        "splits": split_info,
-        "documents": stats.documents,
-        "sources": sources,
-        "stats": stats.__dict__,
-        "config": cfg.model_dump(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    required = [TOKENIZER_FILE] + [s["name"] for split in SPLITS for s in split_info[split]["shards"]]
-    storage.publish(output, MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), required)
-    return _summary(output, manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
+    manifest = Manifest(
+        url=output, fingerprint=fingerprint, seq_len=cfg.seq_len, sample_tokens=cfg.seq_len + 1,
+        token_dtype=dtype.name,
+        tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=tok.sha256, kind=cfg.tokenizer, vocab_size=tok.vocab_size,
+                                pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id),
+        splits=splits, documents=stats.documents, sources=sources, stats=stats,
+        config=cfg.model_dump(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    publish_manifest(manifest)
+    return _summary(manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
 
 
 def _refuse_empty(stats: ReadStats) -> None:
@@ -400,22 +303,22 @@ def _refuse_empty(stats: ReadStats) -> None:
     raise UserError(f"empty corpus: {stats.files} file(s) hold no text")
 
 
-def _summary(output: str, manifest: dict, reused: bool, seconds: float, mb: float) -> dict[str, Any]:
-    splits = manifest["splits"]
+def _summary(manifest: Manifest, reused: bool, seconds: float, mb: float) -> dict[str, Any]:
+    splits = manifest.splits
     return {
         "command": "prepare",
-        "output": output,
-        "manifest": storage.join(output, MANIFEST),
+        "output": manifest.url,
+        "manifest": storage.join(manifest.url, MANIFEST),
         "reused": reused,
-        "train_samples": splits["train"]["samples"],
-        "val_samples": splits["val"]["samples"],
-        "train_tokens": splits["train"]["tokens"],
-        "val_tokens": splits["val"]["tokens"],
-        "shards": sum(len(splits[s]["shards"]) for s in SPLITS),
-        "documents": manifest["documents"],
-        "vocab_size": manifest["tokenizer"]["vocab_size"],
-        "binary_skipped": manifest["stats"]["binary_skipped"],
-        "replacement_chars": manifest["stats"]["replacement_chars"],
+        "train_samples": splits["train"].samples,
+        "val_samples": splits["val"].samples,
+        "train_tokens": splits["train"].tokens,
+        "val_tokens": splits["val"].tokens,
+        "shards": sum(len(splits[s].shards) for s in SPLITS),
+        "documents": manifest.documents,
+        "vocab_size": manifest.tokenizer.vocab_size,
+        "binary_skipped": manifest.stats.binary_skipped,
+        "replacement_chars": manifest.stats.replacement_chars,
         "seconds": round(seconds, 2),
         "mb_per_s": round(mb / max(seconds, 1e-9), 2),
     }

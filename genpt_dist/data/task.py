@@ -20,7 +20,7 @@ import torch
 
 from genpt_dist import storage
 from genpt_dist.config import FinetuneConfig
-from genpt_dist.data.prepare import normalise
+from genpt_dist.data.text import normalise
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer
 
