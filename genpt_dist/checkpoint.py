@@ -1,13 +1,16 @@
 """Checkpoints: where they live, which one is the latest valid one, and how to read weights back.
 
 A checkpoint is a folder (in a run's storage, local or s3://) that explains itself:
-    meta.json          format, stage, step, tokens seen, world size, ZeRO stage, precision, model config,
-                       run config, tokenizer hash, dataset fingerprint, loader state, metrics, and the size
-                       of every file below (written last, by rank 0, after all ranks' files are listed)
+    meta.json          a `CheckpointMeta`: format, stage, step, tokens seen, world size, ZeRO stage,
+                       precision, micro batch, model config, run config, tokenizer hash, dataset, loader
+                       state, metrics, the RL / fine-tune counters, and the size of every file below
+                       (written last, by rank 0, after all ranks' files are listed)
     tokenizer.json     the tokenizer the model was trained with
     ds/state/...       DeepSpeed's checkpoint: module states and each rank's ZeRO optimizer shard
     rng/rank_<r>.pt    each rank's RNG states
-An export folder (see `export`) holds model.safetensors + config.json + tokenizer.json + meta.json.
+An export folder (see `export`) holds model.safetensors + config.json + tokenizer.json + meta.json
+(an `ExportMeta`). Only this module turns meta.json into records and back; a format it does not know
+(`genpt-dist/checkpoint-v2`, `-v1` and `genpt-dist/export-v1` are read) is a `UserError` naming it.
 
 `resolve` takes a run URL (its newest complete checkpoint), a checkpoint folder or an export folder.
 A checkpoint whose files are missing or have the wrong size is skipped with a warning, so a truncated
@@ -20,13 +23,15 @@ allows it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import pickle
 import re
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +44,8 @@ from genpt_dist.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "genpt-dist/checkpoint-v1"
+CHECKPOINT_FORMAT = "genpt-dist/checkpoint-v2"
+CHECKPOINT_FORMAT_V1 = "genpt-dist/checkpoint-v1"  # before CheckpointMeta: still read
 EXPORT_FORMAT = "genpt-dist/export-v1"
 META = "meta.json"
 TOKENIZER = "tokenizer.json"
@@ -49,48 +55,204 @@ DS_TAG = "state"
 FROZEN = "frozen.safetensors"
 
 
+# ---------------------------------------------------------------------------------------------- meta.json
+# The records below are the only code that writes or reads a meta.json. On disk a checkpoint keeps v1's
+# layout (the dataset as "data": {"url", "fingerprint"}); v2 adds "micro_batch_size" at the top level.
+
+
+@dataclass(frozen=True)
+class RLState:
+    """The adversarial stage's counters."""
+
+    baseline: dict[str, Any]  # rl.reinforce.BaselineState as a dict
+    policy_version: int  # policy weight versions published to the rollout actors
+    disc_version: int  # discriminator updates made
+    d_pretrained: int  # discriminator warm-up steps done before the first policy step
+    discriminator: dict[str, Any] | None  # model.discriminator.DiscriminatorConfig as a dict
+
+
+@dataclass(frozen=True)
+class FinetuneState:
+    """The fine-tune stage's early-stopping bookkeeping."""
+
+    best_val: float  # lowest val loss so far
+    bad_evals: int  # evaluations since it last improved
+    stopped: bool  # patience ran out: the stage is finished
+    frozen: list[str]  # parameters held fixed (their exact values are in frozen.safetensors)
+
+
+def _invalid(where: str, fmt: str, exc: Exception) -> UserError:
+    reason = f"field {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+    return UserError(f"{where}: {META} is not a valid {fmt} record ({type(exc).__name__}: {reason})")
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """A checkpoint's meta.json: what was trained, how, on what, and where the stage stood."""
+
+    stage: str  # pretrain | adversarial | finetune
+    step: int  # optimizer steps done
+    tokens_seen: int  # training tokens consumed, all ranks
+    world_size: int  # workers that wrote it (a resume at another size re-partitions)
+    zero_stage: int  # DeepSpeed ZeRO stage of ds/
+    precision: str  # fp32 | bf16 | fp16, as resolved for the run
+    model: GPTConfig  # the generator's shape
+    config: dict[str, Any]  # the run's Config dump as written (old recipes need not validate today)
+    tokenizer_sha256: str  # hash of tokenizer.json
+    data_url: str | None  # the dataset (or task) the stage trained on
+    data_fingerprint: str | None  # its manifest's sha256 (a task: None)
+    init: str | None  # the checkpoint the stage started from
+    loader: dict[str, Any]  # the train loader's position
+    metrics: dict[str, Any]  # the latest logged metrics (step, train_loss, val_loss, ...)
+    files: dict[str, int] = field(default_factory=dict)  # rel path -> size, every file of the folder
+    rl: RLState | None = None  # adversarial stage only
+    finetune: FinetuneState | None = None  # finetune stage only
+    saved_at: str = ""  # UTC, ISO 8601
+    micro_batch_size: int | None = None  # per-rank micro batch of the writing run (v1: from config.train)
+    format: str = CHECKPOINT_FORMAT
+
+    def to_json(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["data"] = {"url": raw.pop("data_url"), "fingerprint": raw.pop("data_fingerprint")}
+        return json.dumps(raw, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any], where: str) -> CheckpointMeta:
+        fmt = raw.get("format")
+        if fmt not in (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_V1):
+            raise UserError(f"{where}: unknown {META} format {fmt!r} (this version reads {CHECKPOINT_FORMAT}, "
+                            f"{CHECKPOINT_FORMAT_V1} and {EXPORT_FORMAT})")
+        try:
+            data = raw.get("data") or {}
+            config = dict(raw.get("config") or {})
+            micro = raw.get("micro_batch_size") if fmt == CHECKPOINT_FORMAT else (
+                (config.get("train") or {}).get("micro_batch_size"))
+            return cls(
+                stage=str(raw["stage"]), step=int(raw["step"]), tokens_seen=int(raw["tokens_seen"]),
+                world_size=int(raw["world_size"]), zero_stage=int(raw["zero_stage"]),
+                precision=str(raw["precision"]), model=GPTConfig(**raw["model"]), config=config,
+                tokenizer_sha256=str(raw["tokenizer_sha256"]), data_url=data.get("url"),
+                data_fingerprint=data.get("fingerprint"), init=raw.get("init"), loader=dict(raw.get("loader") or {}),
+                metrics=dict(raw.get("metrics") or {}), files={k: int(v) for k, v in (raw.get("files") or {}).items()},
+                rl=RLState(**raw["rl"]) if raw.get("rl") else None,
+                finetune=FinetuneState(**raw["finetune"]) if raw.get("finetune") else None,
+                saved_at=str(raw.get("saved_at") or ""), micro_batch_size=None if micro is None else int(micro),
+                format=fmt)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _invalid(where, fmt, exc) from None
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """The checkpoint an export was first made from (re-exports keep it)."""
+
+    checkpoint: str  # its folder URL
+    run: str | None = None  # the run URL it belongs to, if it lies in one
+    format: str | None = None  # its meta.json format
+    stage: str | None = None
+    zero_stage: int | None = None
+    world_size: int | None = None
+    precision: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportMeta:
+    """An export folder's meta.json (built and published last by `export.write_export`)."""
+
+    model: GPTConfig
+    tokenizer_sha256: str  # hash of tokenizer.json
+    export_format: str  # safetensors | hf
+    weights_layout: str  # genpt (our names, nn.Linear) | hf (HF names, Conv1D)
+    stage: str | None = None  # the stage that trained the weights
+    step: int = 0
+    tokens_seen: int | None = None
+    data_url: str | None = None  # the training data of the source checkpoint
+    data_fingerprint: str | None = None
+    config: dict[str, Any] | None = None  # the source run's Config dump (its `sampling` = generate's defaults)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None  # the checkpoint the source stage started from
+    source: ExportSource | None = None  # None: weights made without a checkpoint (tests, benches)
+    weights: str = "model.safetensors"  # the weights file, relative to the folder
+    dtype: str = "float32"
+    files: dict[str, int] = field(default_factory=dict)  # file name -> size, every file but meta.json
+    exported_from: str | None = None  # a re-export: the export folder it was read from
+    exported_at: str = ""  # UTC, ISO 8601
+    format: str = EXPORT_FORMAT
+
+    def to_json(self) -> str:
+        raw = dataclasses.asdict(self)
+        raw["data"] = {"url": raw.pop("data_url"), "fingerprint": raw.pop("data_fingerprint")}
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_dict(cls, raw: dict[str, Any], where: str) -> ExportMeta:
+        fmt = raw.get("format")
+        if fmt != EXPORT_FORMAT:
+            raise UserError(f"{where}: unknown {META} format {fmt!r} for an export "
+                            f"(this version reads {EXPORT_FORMAT})")
+        try:
+            data = raw.get("data") or {}
+            tokens = raw.get("tokens_seen")
+            return cls(
+                stage=raw.get("stage"), step=int(raw.get("step") or 0),
+                tokens_seen=None if tokens is None else int(tokens),
+                model=GPTConfig(**raw["model"]), tokenizer_sha256=str(raw["tokenizer_sha256"]),
+                data_url=data.get("url"), data_fingerprint=data.get("fingerprint"), config=raw.get("config"),
+                metrics=dict(raw.get("metrics") or {}), init=raw.get("init"),
+                source=ExportSource(**raw["source"]) if raw.get("source") else None,
+                export_format=str(raw["export_format"]), weights_layout=str(raw["weights_layout"]),
+                weights=str(raw.get("weights") or "model.safetensors"), dtype=str(raw.get("dtype") or "float32"),
+                files={k: int(v) for k, v in (raw.get("files") or {}).items()}, exported_from=raw.get("exported_from"),
+                exported_at=str(raw.get("exported_at") or ""), format=fmt)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _invalid(where, fmt, exc) from None
+
+
+def parse_meta(raw: Any, where: str) -> CheckpointMeta | ExportMeta:
+    """A meta.json's parsed JSON -> its record; an unknown format or a malformed record is a UserError."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {META} is not a JSON object")
+    if raw.get("format") == EXPORT_FORMAT:
+        return ExportMeta.from_json_dict(raw, where)
+    return CheckpointMeta.from_json_dict(raw, where)
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     url: str  # the checkpoint (or export) folder
-    meta: dict[str, Any]  # its meta.json
+    meta: CheckpointMeta | ExportMeta  # its meta.json
 
     @property
     def is_export(self) -> bool:
-        return self.meta.get("format") == EXPORT_FORMAT
+        return isinstance(self.meta, ExportMeta)
 
     @property
     def step(self) -> int:
-        return int(self.meta.get("step", 0))
+        return self.meta.step
 
     @property
     def model_config(self) -> GPTConfig:
-        return GPTConfig(**self.meta["model"])
+        return self.meta.model
 
 
-def _read_meta(folder: str) -> dict[str, Any] | None:
+def read_meta(folder: str) -> CheckpointMeta | ExportMeta | None:
+    """The folder's meta.json record; None when it has none, or one that is not JSON."""
     url = storage.join(folder, META)
-    if not storage.exists(url):
-        return None
     try:
-        meta = storage.read_json(url)
-    except ValueError:
+        raw = storage.read_json(url)
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # NotADirectory: `folder` is a file
         return None
-    return meta if meta.get("format") in (CHECKPOINT_FORMAT, EXPORT_FORMAT) else None
+    return parse_meta(raw, url)
 
 
-def is_complete(folder: str, meta: dict[str, Any]) -> bool:
+def is_complete(folder: str, meta: CheckpointMeta | ExportMeta) -> bool:
     """Every file meta.json lists is there with its recorded size."""
-    for rel, size in meta.get("files", {}).items():
-        url = storage.join(folder, rel)
+    for rel, size in meta.files.items():
         try:
-            if storage.size(url) != size:
+            if storage.size(storage.join(folder, rel)) != size:
                 return False
-        except (FileNotFoundError, OSError, UserError):
+        except FileNotFoundError:
             return False
-        except Exception as exc:  # noqa: BLE001 - an S3 404 on head_object
-            if "404" in str(exc) or "Not Found" in str(exc):
-                return False
-            raise
     return True
 
 
@@ -107,8 +269,8 @@ def list_checkpoints(run_url: str) -> list[CheckpointRef]:
     _, files, folders = _checkpoint_folders(run_url)
     refs = []
     for folder in folders:
-        meta = _read_meta(folder) if storage.join(folder, META) in files else None
-        if meta is None:
+        meta = read_meta(folder) if storage.join(folder, META) in files else None
+        if not isinstance(meta, CheckpointMeta):
             continue
         if not is_complete(folder, meta):
             log.warning("checkpoint %s is incomplete or corrupt; skipping it", folder)
@@ -135,7 +297,7 @@ def remove_incomplete(run_url: str) -> list[str]:
     for folder in folders:
         if storage.name(folder) in reported:
             continue
-        meta = _read_meta(folder) if storage.join(folder, META) in files else None
+        meta = read_meta(folder) if storage.join(folder, META) in files else None
         if meta is None or not is_complete(folder, meta):
             log.warning("removing %s: an interrupted upload left it incomplete", folder)
             storage.delete_prefix(folder)
@@ -151,7 +313,7 @@ def latest_checkpoint(run_url: str) -> CheckpointRef | None:
 def resolve(url: str) -> CheckpointRef:
     """A run URL, a checkpoint folder or an export folder -> the checkpoint to load."""
     url = storage.normalize(url)
-    meta = _read_meta(url)
+    meta = read_meta(url)
     if meta is not None:
         if not is_complete(url, meta):
             raise UserError(f"checkpoint {url} is incomplete: files listed in {META} are missing or truncated")
@@ -164,7 +326,7 @@ def resolve(url: str) -> CheckpointRef:
 
 def load_tokenizer(ref: CheckpointRef) -> Tokenizer:
     tok = Tokenizer.load(storage.join(ref.url, TOKENIZER))
-    if tok.sha256 != ref.meta["tokenizer_sha256"]:
+    if tok.sha256 != ref.meta.tokenizer_sha256:
         raise UserError(f"{ref.url}: tokenizer.json does not match the hash in {META}")
     if tok.vocab_size > ref.model_config.vocab_size:
         raise UserError(f"{ref.url}: tokenizer has {tok.vocab_size} tokens, model only {ref.model_config.vocab_size}")
@@ -220,10 +382,10 @@ def _stage0_fp32(states: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def consolidate_local(folder: str | Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def consolidate_local(folder: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
     """fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage and world size."""
     ds_dir = Path(folder) / DS_DIR
-    if int(meta["zero_stage"]) == 0:
+    if zero_stage == 0:
         states = torch.load(ds_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return _stage0_fp32(states)
     if not torch.cuda.is_available():
@@ -239,17 +401,18 @@ def consolidate_local(folder: str | Path, meta: dict[str, Any]) -> dict[str, tor
 
 def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint (consolidated from its ZeRO shards) or of an export."""
-    if ref.is_export:
+    meta = ref.meta
+    if isinstance(meta, ExportMeta):
         from safetensors.torch import load as load_safetensors
 
         from safetensors import SafetensorError
 
-        weights = storage.join(ref.url, ref.meta.get("weights", "model.safetensors"))
+        weights = storage.join(ref.url, meta.weights)
         try:
             state = load_safetensors(storage.read_bytes(weights))
         except SafetensorError as exc:
             raise UserError(f"cannot read {weights}: {exc}".splitlines()[0]) from None
-        if ref.meta.get("weights_layout") == "hf":  # an `export --format hf` folder: HF names and Conv1D layout
+        if meta.weights_layout == "hf":  # an `export --format hf` folder: HF names and Conv1D layout
             from genpt_dist.hf_compat import from_hf_state_dict
 
             state = from_hf_state_dict(state)
@@ -257,7 +420,7 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     with tempfile.TemporaryDirectory(prefix="genpt-ckpt-") as tmp:
         storage.download_dir(storage.join(ref.url, DS_DIR), Path(tmp) / DS_DIR)
         try:
-            state = consolidate_local(tmp, ref.meta)
+            state = consolidate_local(tmp, meta.zero_stage)
         except (FileNotFoundError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
             raise UserError(f"cannot consolidate {ref.url}: {exc}".splitlines()[0]) from None
     frozen = storage.join(ref.url, FROZEN)
@@ -280,3 +443,11 @@ def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, Token
         raise UserError(f"{ref.url}: weights do not match the model config (missing {real_missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
     return model.to(device).eval(), tok, ref
+
+
+def check_init_matches(init: str, tokenizer_sha256: str, data_url: str) -> None:
+    """`--init` must be a generator checkpoint (or export) trained with the data's tokenizer."""
+    ref = resolve(init)
+    tok = load_tokenizer(ref)
+    if tok.sha256 != tokenizer_sha256:
+        raise UserError(f"--init {ref.url} was trained with a different tokenizer than the data at {data_url}")

@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (CHECKPOINTS_DIR, EXPORT_FORMAT, META, TOKENIZER, CheckpointRef,
-                                   load_state_dict, load_tokenizer, resolve)
+from genpt_dist.checkpoint import (CHECKPOINTS_DIR, META, TOKENIZER, CheckpointMeta, CheckpointRef, ExportMeta,
+                                   ExportSource, load_state_dict, load_tokenizer, resolve)
 from genpt_dist.errors import UserError
 from genpt_dist.hf_compat import hf_config_dict, to_hf_state_dict
 from genpt_dist.model.gpt import GPTConfig
@@ -59,28 +59,34 @@ def source_run(checkpoint_url: str) -> str | None:
     return m.group(1) if m else None
 
 
-def export_meta(ref: CheckpointRef) -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class ExportProvenance:
+    """What an export's weights are and where they came from: the part of its `ExportMeta` that
+    `write_export` does not fill in itself."""
+
+    stage: str | None = None  # the stage that trained them
+    step: int = 0
+    tokens_seen: int | None = None
+    data_url: str | None = None
+    data_fingerprint: str | None = None
+    config: dict[str, Any] | None = None  # the run's Config dump; its `sampling` -> generation_config.json
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init: str | None = None
+    source: ExportSource | None = None  # the checkpoint first exported
+    exported_from: str | None = None  # a re-export: the export folder read
+
+
+def export_meta(ref: CheckpointRef) -> ExportProvenance:
     """The provenance part of an export's meta.json: what the model is and where it came from."""
-    src = ref.meta.get("source") if ref.is_export else None  # re-exporting keeps the original provenance
+    m = ref.meta
+    src = m.source if isinstance(m, ExportMeta) else None  # re-exporting keeps the original provenance
     if src is None:
-        src = {"checkpoint": ref.url, "run": source_run(ref.url), "format": ref.meta.get("format"),
-               "stage": ref.meta.get("stage"), "zero_stage": ref.meta.get("zero_stage"),
-               "world_size": ref.meta.get("world_size"), "precision": ref.meta.get("precision")}
-    meta = {
-        "stage": ref.meta.get("stage"),
-        "step": ref.step,
-        "tokens_seen": ref.meta.get("tokens_seen"),
-        "model": dataclasses.asdict(ref.model_config),
-        "tokenizer_sha256": ref.meta["tokenizer_sha256"],
-        "data": ref.meta.get("data"),
-        "config": ref.meta.get("config"),
-        "metrics": ref.meta.get("metrics", {}),
-        "init": ref.meta.get("init"),
-        "source": src,
-    }
-    if ref.is_export:
-        meta["exported_from"] = ref.url
-    return meta
+        src = ExportSource(checkpoint=ref.url, run=source_run(ref.url), format=m.format, stage=m.stage)
+        if isinstance(m, CheckpointMeta):
+            src = dataclasses.replace(src, zero_stage=m.zero_stage, world_size=m.world_size, precision=m.precision)
+    return ExportProvenance(stage=m.stage, step=m.step, tokens_seen=m.tokens_seen, data_url=m.data_url,
+                            data_fingerprint=m.data_fingerprint, config=m.config, metrics=dict(m.metrics),
+                            init=m.init, source=src, exported_from=ref.url if ref.is_export else None)
 
 
 def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, Any]]:
@@ -103,8 +109,8 @@ def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, 
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
 
 
-def _generation_config(provenance: dict[str, Any], tok: Tokenizer) -> dict[str, Any]:
-    sampling = (provenance.get("config") or {}).get("sampling") or {}
+def _generation_config(provenance: ExportProvenance, tok: Tokenizer) -> dict[str, Any]:
+    sampling = (provenance.config or {}).get("sampling") or {}
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "do_sample": True}
     for ours, theirs in (("max_new_tokens", "max_new_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
                          ("temperature", "temperature")):
@@ -133,7 +139,7 @@ def _check_output(output: str, ref: CheckpointRef, overwrite: bool) -> None:
 
 
 def write_export(output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tok: Tokenizer,
-                 provenance: dict[str, Any]) -> dict[str, int]:
+                 provenance: ExportProvenance) -> dict[str, int]:
     """Write an export of our-layout fp32 weights `state` to `output` (checked empty); meta.json last.
 
     `provenance` (see `export_meta`) goes into meta.json; returns {file name: bytes} of what was written."""
@@ -167,11 +173,11 @@ def write_export(output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPT
         data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
         storage.write_bytes(storage.join(output, name), data)
         files[name] = len(data)
-    meta = {**provenance, "format": EXPORT_FORMAT, "export_format": fmt, "weights": WEIGHTS,
-            "weights_layout": "hf" if fmt == "hf" else "genpt", "dtype": "float32",
-            "model": dataclasses.asdict(cfg), "tokenizer_sha256": tok.sha256, "files": files,
-            "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    storage.publish(output, META, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode(), required=list(files))
+    meta = ExportMeta(**{f.name: getattr(provenance, f.name) for f in dataclasses.fields(provenance)},
+                      model=cfg, tokenizer_sha256=tok.sha256, export_format=fmt,
+                      weights_layout="hf" if fmt == "hf" else "genpt", weights=WEIGHTS, dtype="float32", files=files,
+                      exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage.publish(output, META, meta.to_json().encode(), required=list(files))
     return files
 
 
@@ -181,8 +187,6 @@ def export(model: str, output: str, fmt: str = "safetensors", overwrite: bool = 
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
     ref = resolve(model)
-    if ref.meta.get("model") is None:
-        raise UserError(f"{ref.url} is not a generator checkpoint (its meta.json has no model config)")
     output = storage.normalize(output)
     storage.check_bucket(output)
     _check_output(output, ref, overwrite)

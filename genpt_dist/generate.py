@@ -60,10 +60,11 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None, stdin: IO[s
     return out
 
 
-def sampling_settings(meta: dict[str, Any], max_new_tokens: int | None, top_k: int | None,
+def sampling_settings(run_config: dict[str, Any] | None, max_new_tokens: int | None, top_k: int | None,
                       top_p: float | None, temperature: float | None) -> SamplingConfig:
-    """The checkpoint's sampling defaults with the command line's overrides; 0 / 1 switch filters off."""
-    base = ((meta.get("config") or {}).get("sampling")) or {}
+    """The checkpoint's sampling defaults (`run_config`: the run's Config dump in its meta.json) with the
+    command line's overrides; 0 / 1 switch filters off."""
+    base = ((run_config or {}).get("sampling")) or {}
     merged = {k: v for k, v in base.items() if k in SamplingConfig.model_fields}
     for key, value in (("max_new_tokens", max_new_tokens), ("temperature", temperature)):
         if value is not None:
@@ -94,7 +95,7 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int | None = Non
     dev = pick_device(device)
     net, tok, ref = load_model(model, device=dev)
     net = net.to(DTYPES[dtype])
-    cfg = sampling_settings(ref.meta, max_new_tokens, top_k, top_p, temperature)
+    cfg = sampling_settings(ref.meta.config, max_new_tokens, top_k, top_p, temperature)
     block = net.config.block_size
 
     encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]

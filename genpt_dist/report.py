@@ -50,7 +50,7 @@ def stage_metrics(run: str) -> dict[str, list[dict[str, Any]]]:
             from genpt_dist.checkpoint import latest_checkpoint
 
             ref = latest_checkpoint(run)
-            found[ref.meta.get("stage", "pretrain") if ref else "pretrain"] = own
+            found[(ref.meta.stage if ref else None) or "pretrain"] = own
     return found
 
 

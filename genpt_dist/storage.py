@@ -5,6 +5,9 @@ and nowhere else. URLs are plain strings. S3 settings come from the standard AWS
 from `AWS_ENDPOINT_URL_S3` (or `AWS_ENDPOINT_URL`) so MinIO, R2 or a local moto server work the same;
 retries use botocore's `standard` mode (`AWS_RETRY_MODE=adaptive` switches) with `AWS_MAX_ATTEMPTS`.
 
+Every read (`size`, `read_bytes`, `read_json`, `open_stream`, `download_file`, ...) raises
+`FileNotFoundError` for a missing local path or S3 key, so callers test for absence one way.
+
 Multi-file outputs become visible through `publish`: the files go first, the marker (a manifest or
 meta file) last, and readers treat a folder without its marker as absent.
 """
@@ -144,9 +147,12 @@ def pyarrow_filesystem(url: str):
 
 
 def _s3_error(exc: Exception, url: str) -> Exception:
-    """Turn the boto errors a user can fix into a one-line `UserError`."""
+    """A missing key -> `FileNotFoundError` (as for a local path); the boto errors a user can fix -> a
+    one-line `UserError`; anything else unchanged."""
     from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
+    if _is_missing(exc):
+        return FileNotFoundError(f"no such S3 object: {url}")
     if isinstance(exc, NoCredentialsError):
         return UserError(f"no AWS credentials found for {url} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
     if isinstance(exc, EndpointConnectionError):
@@ -173,6 +179,7 @@ def _call(url: str, fn, *args, **kwargs):
 
 
 def _is_missing(exc: Exception) -> bool:
+    """A 404 on a key (HEAD answers a bare "404", GET "NoSuchKey"); a missing bucket is not this."""
     from botocore.exceptions import ClientError
 
     return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
@@ -184,19 +191,16 @@ def exists(url: str) -> bool:
     """True if a file (object) exists at `url`."""
     if not is_s3(url):
         return Path(url).is_file()
-    from botocore.exceptions import BotoCoreError, ClientError
-
     bucket, key = split_s3(url)
     try:
-        s3_client().head_object(Bucket=bucket, Key=key)
+        _call(url, s3_client().head_object, Bucket=bucket, Key=key)
         return True
-    except (ClientError, BotoCoreError) as exc:
-        if _is_missing(exc):
-            return False
-        raise _s3_error(exc, url) from exc
+    except FileNotFoundError:
+        return False
 
 
 def size(url: str) -> int:
+    """The file's size in bytes (`FileNotFoundError` if there is none)."""
     if not is_s3(url):
         return Path(url).stat().st_size
     bucket, key = split_s3(url)

@@ -40,7 +40,7 @@ def _forget_s3_clients() -> None:
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1; its endpoint and test keys are set process-wide."""
-    from genpt_dist.testing import MotoS3Server
+    from genpt_dist.local_s3 import MotoS3Server
 
     saved = {k: os.environ.get(k) for k in (*S3_TEST_ENV, "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE")}
     with MotoS3Server() as server:
@@ -60,7 +60,7 @@ def s3_server():
 @pytest.fixture(scope="session")
 def s3_auth_server(s3_server):
     """A second moto server that checks credentials: the session's test keys are unknown to it."""
-    from genpt_dist.testing import MotoS3Server
+    from genpt_dist.local_s3 import MotoS3Server
 
     with MotoS3Server(enforce_auth=True) as server:
         yield server

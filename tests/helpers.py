@@ -18,7 +18,7 @@ import torch
 
 from genpt_dist.checkpoint import latest_checkpoint
 from genpt_dist.config import load_config
-from genpt_dist.export import write_export
+from genpt_dist.export import ExportProvenance, write_export
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.tokenizer import byte_tokenizer
 
@@ -47,7 +47,7 @@ def get_trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path)
         prepare([str(tiny_corpus)], data, load_config(TINY).data)
         pretrain(data, run, load_config(TINY, RUN_OVERRIDES))
         ref = latest_checkpoint(run)
-    assert ref is not None and ref.meta["zero_stage"] == 3 and ref.meta["world_size"] == 2
+    assert ref is not None and ref.meta.zero_stage == 3 and ref.meta.world_size == 2
     return TrainedRun(data=data, run=run, checkpoint=ref.url)
 
 
@@ -60,7 +60,7 @@ def random_export(folder: Path, fmt: str = "safetensors", block_size: int = 64, 
     with torch.no_grad():  # larger than the GPT-2 init, so outputs depend on the context
         for p in model.parameters():
             p.normal_(0.0, 0.2)
-    provenance = {"stage": "test", "step": 0, "config": {"sampling": {"max_new_tokens": 8, "top_k": 20}}}
+    provenance = ExportProvenance(stage="test", config={"sampling": {"max_new_tokens": 8, "top_k": 20}})
     write_export(str(folder), fmt, model.state_dict(), cfg, tok, provenance)
     return str(folder)
 

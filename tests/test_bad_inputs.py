@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CHECKPOINT_FORMAT, CHECKPOINTS_DIR, DS_DIR, DS_TAG, META, TOKENIZER
+from genpt_dist.checkpoint import CHECKPOINTS_DIR, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointMeta
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.model.gpt import GPT, GPTConfig
@@ -54,10 +54,10 @@ def fake_checkpoint(folder: Path, seed: int = 0, step: int = 4) -> Path:
     torch.save({"module": state}, folder / DS_DIR / DS_TAG / "mp_rank_00_model_states.pt")
     (folder / TOKENIZER).write_text(tok.to_json())
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-    meta = {"format": CHECKPOINT_FORMAT, "stage": "pretrain", "step": step, "tokens_seen": 0, "world_size": 1,
-            "zero_stage": 0, "precision": "fp32", "model": {**cfg.__dict__}, "tokenizer_sha256": tok.sha256,
-            "config": load_config(TINY).model_dump(mode="json"), "metrics": {}, "files": files}
-    (folder / META).write_text(json.dumps(meta, indent=2))
+    meta = CheckpointMeta(stage="pretrain", step=step, tokens_seen=0, world_size=1, zero_stage=0, precision="fp32",
+                          model=cfg, config=load_config(TINY).model_dump(mode="json"), tokenizer_sha256=tok.sha256,
+                          data_url=None, data_fingerprint=None, init=None, loader={}, metrics={}, files=files)
+    (folder / META).write_text(meta.to_json())
     return folder
 
 
@@ -191,7 +191,7 @@ CASES: dict[str, Callable[[World, str], Case]] = {
     "impossible-offload": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY,
                                              "--set", "deepspeed.offload_params=true"]),
     "impossible-negative-lr": lambda w, o: Case(["finetune", "--task", TINY, "--init", w.export, "--run", o,
-                                                 "--config", TINY, "--set", "finetune.lr=-1"]),
+                                                 "--config", TINY, "--set", "finetune.optim.lr=-1"]),
     "data-longer-than-context": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY,
                                                    "--set", "data.seq_len=32", "model.block_size=32"]),
     # ---- storage
@@ -261,7 +261,7 @@ EXPECT = {
     "impossible-context": "model.block_size=16 is shorter than data.seq_len=64",
     "impossible-worker-range": "config error at scaling.num_workers: min 4 > max 2",
     "impossible-offload": "offload_params needs zero_stage 3",
-    "impossible-negative-lr": "config error at finetune.lr:",
+    "impossible-negative-lr": "config error at finetune.optim.lr:",
     "data-longer-than-context": "the data has 64-token samples, model.block_size is 32",
     "storage-missing-bucket": "S3 bucket 'genpt-no-such-bucket' does not exist",
     "storage-no-dataset-in-bucket": "neither a prepared dataset",

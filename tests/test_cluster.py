@@ -457,7 +457,7 @@ def _multinode_script(root: str, data: str) -> None:
         trainer.join(timeout=400)
         assert not trainer.is_alive(), "the training run did not end"
         training["result"] = result
-        training["checkpoints"] = [(r.step, r.meta["world_size"]) for r in list_checkpoints(run)]
+        training["checkpoints"] = [(r.step, r.meta.world_size) for r in list_checkpoints(run)]
         rows = [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
         training["losses"] = [m["train_loss"] for m in rows if "train_loss" in m]
         report["training"] = training

@@ -31,19 +31,19 @@ from helpers import TINY, assert_user_error, cli, random_export
 def test_export_roundtrip_both_formats(tmp_path):
     src = random_export(tmp_path / "src")
     ref = resolve(src)
-    assert ref.is_export and ref.meta["weights_layout"] == "genpt"
+    assert ref.is_export and ref.meta.weights_layout == "genpt"
     want = load_state_dict(ref)
     assert "lm_head.weight" not in want  # tied: left out of the file
     for fmt in ("safetensors", "hf"):
         out = export(src, str(tmp_path / fmt), fmt=fmt)
         assert out["format"] == fmt and out["source"] == src
         model, _, eref = load_model(out["output"])
-        assert eref.meta["export_format"] == fmt and eref.meta["exported_from"] == src
+        assert eref.meta.export_format == fmt and eref.meta.exported_from == src
         for name, tensor in want.items():
             assert torch.equal(model.state_dict()[name], tensor), name
         assert model.lm_head.weight is model.transformer.wte.weight
     back = export(str(tmp_path / "hf"), str(tmp_path / "back"))  # hf layout -> ours again
-    assert resolve(back["output"]).meta["source"]["checkpoint"] == src  # provenance survives re-exports
+    assert resolve(back["output"]).meta.source.checkpoint == src  # provenance survives re-exports
     assert all(torch.equal(a, want[k]) for k, a in load_state_dict(resolve(back["output"])).items())
 
 
@@ -67,7 +67,7 @@ def test_export_s3_to_s3(tmp_path, bucket):
         out = export(f"{bucket}/models/src", f"{bucket}/exports/{fmt}", fmt=fmt)
         assert out["output"] == f"{bucket}/exports/{fmt}"
         got, _, ref = load_model(out["output"])
-        assert ref.meta["format"] == EXPORT_FORMAT and set(ref.meta["files"]) <= set(
+        assert ref.meta.format == EXPORT_FORMAT and set(ref.meta.files) <= set(
             storage.name(u) for u in storage.list_files(out["output"]))
         ref_model, _, _ = load_model(src)
         for (name, a), b in zip(got.state_dict().items(), ref_model.state_dict().values()):
@@ -97,16 +97,16 @@ def test_export_zero3_checkpoint_both_formats(trained_run, tmp_path):
         names = {p.name for p in out.iterdir()}
         assert {"model.safetensors", "config.json", "tokenizer.json", "meta.json"} <= names
         assert not any(n.endswith((".pt", ".bin", ".pkl", ".pickle")) for n in names)  # no pickle
-        meta = json.loads((out / "meta.json").read_text())
-        assert meta["format"] == EXPORT_FORMAT and meta["export_format"] == fmt and meta["step"] == 6
-        assert meta["source"]["checkpoint"] == trained_run.checkpoint and meta["source"]["run"] == trained_run.run
-        assert meta["source"]["zero_stage"] == 3 and meta["source"]["world_size"] == 2
-        assert meta["data"]["fingerprint"] == ckpt_ref.meta["data"]["fingerprint"]
-        assert meta["tokenizer_sha256"] == ckpt_ref.meta["tokenizer_sha256"]
-        assert meta["model"] == ckpt_ref.meta["model"]
-        assert set(meta["files"]) == names - {"meta.json"}
+        meta = resolve(str(out)).meta
+        assert meta.format == EXPORT_FORMAT and meta.export_format == fmt and meta.step == 6
+        assert meta.source.checkpoint == trained_run.checkpoint and meta.source.run == trained_run.run
+        assert meta.source.zero_stage == 3 and meta.source.world_size == 2
+        assert meta.data_fingerprint == ckpt_ref.meta.data_fingerprint is not None
+        assert meta.tokenizer_sha256 == ckpt_ref.meta.tokenizer_sha256
+        assert meta.model == ckpt_ref.meta.model
+        assert set(meta.files) == names - {"meta.json"}
         model, tok, ref = load_model(str(out))
-        assert ref.is_export and tok.sha256 == meta["tokenizer_sha256"]
+        assert ref.is_export and tok.sha256 == meta.tokenizer_sha256
         for (name, a), b in zip(model.state_dict().items(), ckpt_model.state_dict().values()):
             assert torch.equal(a, b), name
 
@@ -178,14 +178,14 @@ def test_export_zero0_single_worker_keeps_fp32_masters(trained_run, tmp_path):
                                                        "train.steps=3", "train.checkpoint_every=3",
                                                        "train.eval_every=3"]))
     ref = latest_checkpoint(run)
-    assert ref.meta["zero_stage"] == 0 and ref.meta["world_size"] == 1
+    assert ref.meta.zero_stage == 0 and ref.meta.world_size == 1
     out = export(run, str(tmp_path / "export"), fmt="hf")
     model, _, eref = load_model(out["output"])
-    assert eref.meta["source"]["zero_stage"] == 0
+    assert eref.meta.source.zero_stage == 0
     module = torch.load(Path(ref.url) / "ds" / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
                         weights_only=False)["module"]
     exported = model.state_dict()
     for name, tensor in module.items():
         assert torch.equal(exported[name].to(tensor.dtype), tensor), name  # the module is its masters, rounded
-    if ref.meta["precision"] == "bf16":
+    if ref.meta.precision == "bf16":
         assert any(not torch.equal(exported[n], t.float()) for n, t in module.items())  # not the bf16 copy

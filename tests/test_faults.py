@@ -76,7 +76,7 @@ def test_prepare_loader_checkpoint_and_export_survive_s3_faults(s3_server, bucke
     monkeypatch.undo()
     storage.reset_clients()
 
-    clean, faulty = (load_manifest(f"{bucket}/{name}").raw for name in ("clean", "faulty"))
+    clean, faulty = (load_manifest(f"{bucket}/{name}").to_json() for name in ("clean", "faulty"))
     assert faulty["fingerprint"] == clean["fingerprint"]
     assert faulty["splits"] == clean["splits"]  # every shard's name, size and sha256
     assert len(faulty_batches) == len(clean_batches)
@@ -383,7 +383,7 @@ def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, 
     # The same commands again complete what was interrupted: the same dataset as a clean prepare's.
     _summary(cli("prepare", "--input", str(tiny_corpus), "--output", data, "--config", str(TINY)).run())
     prepare([str(tiny_corpus)], f"{bucket}/clean", load_config(TINY).data)
-    got, want = (load_manifest(u).raw for u in (data, f"{bucket}/clean"))
+    got, want = (load_manifest(u).to_json() for u in (data, f"{bucket}/clean"))
     assert got["fingerprint"] == want["fingerprint"] and got["splits"] == want["splits"]
     _summary(cli("export", "--model", str(run), "--output", export_url).run())  # replaces the unfinished one
     out = _summary(cli("generate", "--model", export_url, "--prompt", "To be", "--max-new-tokens", "4",

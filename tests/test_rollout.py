@@ -11,8 +11,10 @@ from genpt_dist.errors import UserError
 from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import filter_logits
-from genpt_dist.rl.rollout import (PackedState, RolloutBatch, RolloutGroup, RolloutRequest, RolloutWorker,
-                                   pack_state, unpack_state)
+from genpt_dist.rl.batch import RolloutBatch, RolloutRequest
+from genpt_dist.rl.rollout import RolloutGroup
+from genpt_dist.rl.rollout_worker import RolloutWorker
+from genpt_dist.rl.weights import PackedState, pack_state, unpack_state
 
 V, PAD, BOS, EOS = 50, 0, 1, 2
 MODEL = dict(vocab_size=V, block_size=48, n_layer=2, n_head=2, d_model=32)

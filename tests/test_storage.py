@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -81,6 +82,37 @@ def test_upload_above_threshold_goes_multipart(bucket, tmp_path, monkeypatch):
     storage.upload_file(small, storage.join(bucket, "small.bin"))
     etag = storage.s3_client().head_object(Bucket=b, Key="small.bin")["ETag"]
     assert "-" not in etag
+
+
+MISSING_READS = {
+    "size": lambda url, tmp: storage.size(url),
+    "read_bytes": lambda url, tmp: storage.read_bytes(url),
+    "read_range": lambda url, tmp: storage.read_bytes(url, 0, 4),
+    "read_text": lambda url, tmp: storage.read_text(url),
+    "read_json": lambda url, tmp: storage.read_json(url),
+    "open_stream": lambda url, tmp: storage.open_stream(url).read(),
+    "download_file": lambda url, tmp: storage.download_file(url, tmp / "dl" / "x"),
+}
+
+
+@pytest.mark.parametrize("read", sorted(MISSING_READS))
+def test_every_read_of_a_missing_file_raises_file_not_found(root, tmp_path, read):
+    """One way to test for absence, local or S3 (a 404 on HEAD, NoSuchKey on GET, a 404 in a transfer)."""
+    storage.write_bytes(storage.join(root, "there"), b"x")  # the folder / bucket prefix exists
+    missing = storage.join(root, "missing.bin")
+    with pytest.raises(FileNotFoundError):
+        MISSING_READS[read](missing, tmp_path)
+    assert not storage.exists(missing)
+
+
+def test_complete_checkpoint_check_uses_file_not_found(root):
+    """`checkpoint.is_complete`: a listed file that is missing or has another size -> incomplete."""
+    from genpt_dist.checkpoint import is_complete
+
+    storage.write_bytes(storage.join(root, "ds/a.pt"), b"1234")
+    assert is_complete(root, SimpleNamespace(files={"ds/a.pt": 4}))
+    assert not is_complete(root, SimpleNamespace(files={"ds/a.pt": 4, "ds/b.pt": 2}))
+    assert not is_complete(root, SimpleNamespace(files={"ds/a.pt": 5}))
 
 
 def test_publish_writes_marker_last_and_refuses_missing_files(root):

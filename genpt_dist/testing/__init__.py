@@ -1,5 +1,3 @@
-"""Helpers shared by the tests and the benchmarks (a real local S3 endpoint); nothing runs at import."""
+"""Test-only helpers: the S3 fault-injecting proxy (`faultproxy`). Nothing runs at import.
 
-from genpt_dist.testing.s3server import MotoS3Server, start_s3_server
-
-__all__ = ["MotoS3Server", "start_s3_server"]
+The local S3 server that tests and benches share lives in `genpt_dist.local_s3`."""

@@ -1,8 +1,10 @@
-"""A real S3 endpoint on this machine: `moto_server` (from `moto[server]`) as a subprocess.
+"""A real S3 endpoint on this machine, for benches and tests: `moto_server` (from `moto[server]`) as a
+subprocess, bound to the loopback interface only (127.0.0.1, a free port). Nothing else is served.
 
-Tests and benchmarks talk to it over HTTP exactly as they would to AWS, MinIO or R2; nothing is
-patched in-process. It binds 127.0.0.1 only, on a free port, and is stopped (process group and all)
-by `stop()` or by leaving the `with` block.
+Benches and tests talk to it over HTTP exactly as they would to AWS, MinIO or R2; nothing is
+patched in-process. It is stopped (process group and all) by `stop()` or by leaving the `with` block.
+Importing this module starts nothing, and moto is only looked for when a server starts (it is a
+test/bench dependency, not a runtime one).
 
     with MotoS3Server() as server:
         os.environ["AWS_ENDPOINT_URL_S3"] = server.endpoint
@@ -62,7 +64,7 @@ class MotoS3Server:
             raise RuntimeError("server not started")
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> "MotoS3Server":
+    def start(self) -> MotoS3Server:
         last_error = ""
         for _ in range(3):  # a free port can be taken between probing and binding: try another
             if self._start_once():
@@ -130,7 +132,7 @@ class MotoS3Server:
             Path(self._log.name).unlink(missing_ok=True)
             self._log = None
 
-    def __enter__(self) -> "MotoS3Server":
+    def __enter__(self) -> MotoS3Server:
         return self.start()
 
     def __exit__(self, *exc) -> None:
