@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto",
                    help="where train and generate measure: cpu, cuda, cuda:N or auto (the GPU when one is visible)")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.steps=300")
+                   help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.train.steps=300")
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -8,10 +8,10 @@ values fail once, here, before any Ray worker starts, with the dotted path of th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from genpt_dist.errors import UserError
 
@@ -21,6 +21,16 @@ BYTE_ALPHABET = 256
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _stage_section(cls: type[_Strict], **defaults: Any) -> Any:
+    """The type of a stage's own copy of a shared section (`finetune.train`, `adversarial.optim`, ...):
+    the same class, with this stage's defaults for the keys a recipe leaves out (not the class's)."""
+
+    def merge(value: Any) -> Any:
+        return {**defaults, **value} if isinstance(value, dict) else value
+
+    return Annotated[cls, BeforeValidator(merge), Field(default_factory=lambda: cls(**defaults))]
 
 
 class DataConfig(_Strict):
@@ -52,20 +62,25 @@ class DataConfig(_Strict):
         return self
 
 
-class ModelConfig(_Strict):
-    """The decoder-only GPT (GPT-2 layout)."""
+class TransformerShape(_Strict):
+    """The shape of a transformer stack: the GPT's, and the discriminator's encoder."""
 
     n_layer: int = Field(4, ge=1, description="transformer blocks")
     n_head: int = Field(4, ge=1, description="attention heads per block")
     d_model: int = Field(128, ge=1, description="embedding width")
-    block_size: int | None = Field(None, ge=2, description="context length; defaults to data.seq_len")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and MLP")
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "ModelConfig":
+    def _check_heads(self) -> "TransformerShape":
         if self.d_model % self.n_head:
             raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
         return self
+
+
+class ModelConfig(TransformerShape):
+    """The decoder-only GPT (GPT-2 layout)."""
+
+    block_size: int | None = Field(None, ge=2, description="context length; defaults to data.seq_len")
 
 
 class LoaderConfig(_Strict):
@@ -95,7 +110,7 @@ class DeepSpeedConfig(_Strict):
     offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
     offload_params: bool = Field(False, description="keep parameters on the CPU (ZeRO 3)")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 where supported")
-    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step")
+    grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (pretrain, finetune)")
 
     @model_validator(mode="after")
     def _check_offload(self) -> "DeepSpeedConfig":
@@ -132,7 +147,11 @@ class ScalingConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """The MLE loop shared by pretrain and finetune."""
+    """A stage's schedule: steps, batch, and the cadence of logs, evaluations and checkpoints.
+
+    `train` is pretraining's; `finetune.train` and `adversarial.train` are the same type with their
+    stage's defaults. In the RL stage micro_batch_size is the rows per forward/backward of a policy
+    update (the step's rows are accumulated) and the val batch size."""
 
     steps: int = Field(200, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(8, ge=1, description="samples per rank per micro step")
@@ -162,39 +181,37 @@ class RolloutConfig(_Strict):
     threads: int = Field(1, ge=1, description="torch threads per actor")
     max_restarts: int = Field(3, ge=-1, description="restarts of a dead actor (-1 = forever)")
     prompt_len: int = Field(0, ge=0, description="real-text prefix tokens per prompt after <bos> (0 = from <bos>)")
-    max_new_tokens: int = Field(64, ge=1, description="tokens sampled per rollout")
-    top_k: int | None = Field(50, ge=1, description="top-k of the sampling distribution")
-    top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass of the sampling distribution")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
     samples_per_prompt: int = Field(4, ge=1, description="rollouts per prompt (the group of group/RLOO baselines)")
-    max_staleness: int = Field(0, ge=0, description="policy versions a rollout may lag (0 = strictly on-policy)")
+    sampling: _stage_section(SamplingConfig, max_new_tokens=64) = Field(  # type: ignore[valid-type]
+        description="how each rollout is sampled (max_new_tokens: tokens per rollout)")
+
+
+_DISC_SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.1}
 
 
 class DiscriminatorTrainConfig(_Strict):
     """The Transformer-encoder discriminator (real vs generated) and its training schedule."""
 
-    n_layer: int = Field(2, ge=1, description="encoder blocks")
-    n_head: int = Field(4, ge=1, description="attention heads")
-    d_model: int = Field(128, ge=1, description="width")
-    dropout: float = Field(0.1, ge=0, lt=1, description="dropout")
+    model: _stage_section(TransformerShape, **_DISC_SHAPE) = Field(  # type: ignore[valid-type]
+        description="the encoder's shape")
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
     pretrain_steps: int = Field(20, ge=0, description="D updates on real vs initial-policy samples before RL")
     d_steps: int = Field(1, ge=0, description="D updates per generator update (0 = D fixed after pre-training)")
 
-    @model_validator(mode="after")
-    def _check_heads(self) -> "DiscriminatorTrainConfig":
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
-        return self
+
+_ADV_TRAIN = {"steps": 50, "micro_batch_size": 16, "eval_every": 25, "eval_batches": 2, "checkpoint_every": 25,
+              "log_every": 5}
+_ADV_OPTIM = {"lr": 2e-5, "warmup_steps": 0, "min_lr_ratio": 1.0}
 
 
 class AdversarialConfig(_Strict):
     """SeqGAN-style REINFORCE against an online discriminator, with a KL guard to the pretrained model."""
 
-    steps: int = Field(50, ge=1, description="policy updates")
+    train: _stage_section(TrainConfig, **_ADV_TRAIN) = Field(  # type: ignore[valid-type]
+        description="policy updates (steps), rows per forward/backward, cadence")
+    optim: _stage_section(OptimConfig, **_ADV_OPTIM) = Field(  # type: ignore[valid-type]
+        description="the policy's optimizer (constant LR after warmup by default)")
     prompts_per_step: int = Field(8, ge=1, description="prompts per update, over all workers")
-    lr: float = Field(2e-5, gt=0, description="policy learning rate (constant after warmup)")
-    warmup_steps: int = Field(0, ge=0, description="policy LR warmup")
     reward: Literal["prob", "log"] = Field("prob", description="sequence reward D(x) or log D(x)")
     baseline: Literal["ema", "group", "rloo", "none"] = Field("rloo", description="REINFORCE baseline")
     ema_decay: float = Field(0.9, ge=0, lt=1, description="moving-average baseline decay")
@@ -204,25 +221,24 @@ class AdversarialConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     mc_rollouts: int = Field(0, ge=0, description="SeqGAN Monte Carlo completions per prefix (0 = sequence reward)")
     mc_stride: int = Field(8, ge=1, description="token positions between Monte Carlo prefixes")
-    log_every: int = Field(5, ge=1, description="steps between progress lines")
-    eval_every: int = Field(25, ge=1, description="steps between val evaluations")
-    checkpoint_every: int = Field(25, ge=1, description="steps between checkpoints")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)
+
+
+_FT_TRAIN = {"steps": 200, "micro_batch_size": 8, "eval_every": 25, "eval_batches": 8, "checkpoint_every": 25,
+             "log_every": 10}
+_FT_OPTIM = {"lr": 3e-4, "warmup_steps": 10}
 
 
 class FinetuneConfig(_Strict):
     """Supervised fine-tuning on a downstream task, with parts of the model held fixed."""
 
-    steps: int = Field(200, ge=1, description="optimizer steps at most (early stopping may end sooner)")
-    micro_batch_size: int = Field(8, ge=1, description="examples per rank per step")
-    lr: float = Field(3e-4, gt=0, description="peak learning rate (warmup + cosine)")
-    warmup_steps: int = Field(10, ge=0, description="linear warmup steps")
+    train: _stage_section(TrainConfig, **_FT_TRAIN) = Field(  # type: ignore[valid-type]
+        description="steps at most (early stopping may end sooner), examples per rank, cadence")
+    optim: _stage_section(OptimConfig, **_FT_OPTIM) = Field(  # type: ignore[valid-type]
+        description="AdamW, warmup + cosine")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out (by hash) for val")
-    eval_every: int = Field(25, ge=1, description="steps between val evaluations (each saves a checkpoint)")
-    eval_batches: int = Field(8, ge=1, description="val batches per rank per evaluation")
     patience: int = Field(4, ge=0, description="evaluations without improvement before stopping (0 = never)")
-    log_every: int = Field(10, ge=1, description="steps between progress lines")
     prompt_field: str = Field("prompt", description="JSONL field of the prompt")
     completion_field: str = Field("completion", description="JSONL field of the completion (the loss is on it)")
     text_field: str = Field("text", description="JSONL field of plain text examples (loss everywhere)")
@@ -230,6 +246,22 @@ class FinetuneConfig(_Strict):
     freeze_embeddings: bool = Field(False, description="hold token/position embeddings (and the tied head) fixed")
     freeze_first_blocks: int = Field(0, ge=0, description="hold the first N transformer blocks fixed")
     train_last_blocks: int | None = Field(None, ge=0, description="train only the last N blocks and ln_f")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _checkpoint_at_evals(cls, raw: Any) -> Any:
+        """Unless set, checkpoint_every follows eval_every: every evaluation saves a checkpoint."""
+        train = raw.get("train") if isinstance(raw, dict) else None
+        if isinstance(train, dict) and "eval_every" in train and "checkpoint_every" not in train:
+            raw = {**raw, "train": {**train, "checkpoint_every": train["eval_every"]}}
+        return raw
+
+    @model_validator(mode="after")
+    def _check_cadence(self) -> "FinetuneConfig":
+        if self.train.checkpoint_every % self.train.eval_every:
+            raise ValueError(f"train.checkpoint_every={self.train.checkpoint_every} must be a multiple of "
+                             f"train.eval_every={self.train.eval_every}: the best checkpoint is chosen by val loss")
+        return self
 
 
 class PipelineConfig(_Strict):
@@ -266,6 +298,13 @@ class Config(_Strict):
     @property
     def block_size(self) -> int:
         return self.model.block_size or self.data.seq_len
+
+    def stage_schedule(self, stage: str) -> tuple[TrainConfig, OptimConfig]:
+        """The schedule and optimizer sections a stage trains with."""
+        if stage == "pretrain":
+            return self.train, self.optim
+        section = {"finetune": self.finetune, "adversarial": self.adversarial}[stage]
+        return section.train, section.optim
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

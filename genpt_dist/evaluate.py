@@ -4,31 +4,33 @@ On a prepared dataset (a URL holding manifest.json) the split (default val) is r
 `ShardLoader`; the dataset must have been tokenised with the model's tokenizer (same sha256). On a raw
 text file (local or s3://; .gz, .jsonl and normalisation as in `prepare`) every document is
 tokenised with the model's tokenizer and wrapped in <bos> ... <eos>, the documents are concatenated
-and cut into windows of block_size + 1 tokens with stride block_size (`prepare.pack`), so every token
+and cut into windows of block_size + 1 tokens with stride block_size (`data.packing.pack`), so every token
 after the first is a prediction target exactly once, with as much context as the window gives.
 
-Pad targets are ignored. `loss` is the mean cross-entropy over the targets; `bpb` is total nats /
-ln 2 / the UTF-8 bytes the target tokens stand for (`prepare.token_byte_lengths`; <eos> counts its
-nats and no bytes, as in training's val_bpb), so it compares across tokenizers. Computed in fp32.
+Pad targets are ignored. The figures are training's val figures, computed by the same code
+(`val_loss`): `loss` is the mean cross-entropy over the targets; `bpb` is total nats / ln 2 / the
+UTF-8 bytes the target tokens stand for (<eos> counts its nats and no bytes), so it compares across
+tokenizers. Computed in fp32.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import load_model
 from genpt_dist.data.manifest import MANIFEST, load_manifest
-from genpt_dist.data.prepare import ReadStats, pack, read_documents, token_byte_lengths
+from genpt_dist.data.packing import pack, token_byte_lengths
+from genpt_dist.data.text import ReadStats, read_documents
 from genpt_dist.errors import UserError
 from genpt_dist.model.gpt import GPT
 from genpt_dist.tokenizer import Tokenizer
+from genpt_dist.train.sources import to_batch
+from genpt_dist.val_loss import LossSums, batch_loss_sums
 
 
 def _dataset_batches(url: str, split: str, tok: Tokenizer, block: int, batch_size: int) -> Iterator[torch.Tensor]:
@@ -40,7 +42,7 @@ def _dataset_batches(url: str, split: str, tok: Tokenizer, block: int, batch_siz
                         f"(sha256 {manifest.tokenizer_sha256[:12]} vs {tok.sha256[:12]})")
     if manifest.seq_len > block:
         raise UserError(f"the data has {manifest.seq_len}-token samples, the model's context is {block}")
-    if split not in manifest.raw["splits"] or manifest.num_samples(split) == 0:
+    if not manifest.has_split(split) or manifest.num_samples(split) == 0:
         raise UserError(f"the dataset at {url} has no {split} samples")
     loader = ShardLoader(manifest, split, batch_size=batch_size, shuffle=False)
     yield from loader.iter_epoch()
@@ -59,24 +61,18 @@ def _text_batches(url: str, tok: Tokenizer, block: int, batch_size: int) -> Iter
 
 def score(model: GPT, batches: Iterator[torch.Tensor], pad_id: int, byte_lengths: np.ndarray,
           device: torch.device | str = "cpu") -> dict[str, float]:
-    """Sum of nats, target count and target bytes over (B, T + 1) token batches -> the metrics."""
+    """Loss, perplexity and bits-per-byte over (B, T + 1) token batches (pad targets carry no loss)."""
     table = torch.from_numpy(byte_lengths).to(device)
-    nats, targets, n_bytes = 0.0, 0, 0
+    sums = LossSums()
     with torch.inference_mode():
-        for batch in batches:
-            batch = batch.to(device)
-            idx, tgt = batch[:, :-1], batch[:, 1:]  # (B, T), (B, T)
-            valid = tgt != pad_id  # (B, T)
-            logits, _ = model(idx)  # (B, T, V)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none")  # (B*T,)
-            nats += float(ce[valid.flatten()].double().sum())
-            targets += int(valid.sum())
-            n_bytes += int(table[tgt[valid]].sum())
-    if targets == 0:
+        for tokens in batches:
+            batch = to_batch(tokens.to(device), pad_id)
+            sums += batch_loss_sums(lambda idx: model(idx)[0], batch.idx, batch.targets, table)
+    if sums.targets == 0:
         raise UserError("nothing to evaluate: no target tokens")
-    loss = nats / targets
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bpb": nats / math.log(2) / max(n_bytes, 1),
-            "tokens": targets, "bytes": n_bytes}
+    m = sums.metrics(prefix="")
+    return {"loss": m["loss"], "perplexity": m["ppl"], "bpb": m["bpb"], "tokens": int(sums.targets),
+            "bytes": int(sums.bytes)}
 
 
 def evaluate(model: str, data: str, *, split: str = "val", batch_size: int = 8, device: str | None = None) -> dict[str, Any]:

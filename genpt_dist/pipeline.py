@@ -14,7 +14,7 @@ import time
 from typing import Any, Callable
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CheckpointRef, latest_checkpoint
+from genpt_dist.checkpoint import CheckpointMeta, CheckpointRef, ExportMeta, latest_checkpoint, read_meta
 from genpt_dist.config import Config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.raycluster import init_ray
@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 def finished(run: str, steps: int) -> CheckpointRef | None:
     """The stage's final checkpoint if it is done (all steps, or stopped early), else None."""
     ref = latest_checkpoint(run)
-    if ref is not None and (ref.step >= steps or ref.meta.get("finetune", {}).get("stopped")):
-        return ref
-    return None
+    if ref is None or not isinstance(ref.meta, CheckpointMeta):
+        return None
+    stopped = ref.meta.finetune is not None and ref.meta.finetune.stopped
+    return ref if ref.step >= steps or stopped else None
 
 
 def _timed(summary: dict[str, Any], stage: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -68,18 +69,18 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
                                                                    address=address))
     if cfg.pipeline.adversarial:
         init = current
-        current = stage("adversarial", cfg.adversarial.steps,
+        current = stage("adversarial", cfg.adversarial.train.steps,
                         lambda: adversarial(data, init, storage.join(run, "adversarial"), cfg, address=address))
     generator = current  # the last model trained on the corpus itself
     if task and cfg.pipeline.finetune:
         init = current
-        current = stage("finetune", cfg.finetune.steps,
+        current = stage("finetune", cfg.finetune.train.steps,
                         lambda: finetune(task, init, storage.join(run, "finetune"), cfg, address=address),
                         pick=best_checkpoint)
 
     export_url = storage.join(run, "export")
-    exported = storage.join(export_url, "meta.json")
-    if not (storage.exists(exported) and storage.read_json(exported).get("source", {}).get("checkpoint") == current):
+    exported = read_meta(export_url)
+    if not (isinstance(exported, ExportMeta) and exported.source is not None and exported.source.checkpoint == current):
         _timed(summary, "export", lambda: export(current, export_url, cfg.pipeline.export_format, overwrite=True))
     summary["final_model"] = export_url
     storage.write_json(summary_url, summary)
@@ -94,22 +95,18 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
 
 
 def sample_texts(model: str, prompts: list[str], cfg: Config, greedy: bool = False) -> list[str]:
-    """Top-k samples (the seed's sampling strategy; greedy: top-1) continuing each prompt after <bos>."""
+    """Samples with the recipe's sampling settings (greedy: top-1) continuing each prompt after <bos>,
+    drawn by `generate` with seed 0, so a report shows the same texts each time."""
     if not prompts:
         return []
-    from genpt_dist.checkpoint import load_model
-    from genpt_dist.model.sampling import sample
+    import io
 
-    gpt, tok, _ = load_model(model)
+    from genpt_dist.generate import generate
+
     s = cfg.sampling
-    texts = []
-    for prompt in prompts:
-        ids = [tok.bos_id, *tok.encode(prompt)]
-        new = min(s.max_new_tokens, gpt.config.block_size - len(ids))
-        out = sample(gpt, [ids], max_new_tokens=new, top_k=1 if greedy else s.top_k, top_p=s.top_p,
-                     temperature=s.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=len(texts))
-        texts.append(prompt + tok.decode(out.tokens[0, out.prompt_width:].tolist()))
-    return texts
+    out = generate(model, prompts, max_new_tokens=s.max_new_tokens, top_k=1 if greedy else (s.top_k or 0),
+                   top_p=s.top_p or 1.0, temperature=s.temperature, seed=0, out=io.StringIO())
+    return [prompt + text for prompt, text in zip(prompts, out["completions"])]
 
 
 def task_completions(model: str, task: str, n: int, cfg: Config) -> list[str]:

@@ -47,10 +47,10 @@ def _adversarial(data: str, base: str, run: str, *overrides: str) -> dict:
 def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_base, tmp_path):
     data, base = data_and_base
     run = str(tmp_path / "run")
-    out = _adversarial(data, base, run, "adversarial.steps=16", "adversarial.discriminator.pretrain_steps=20",
+    out = _adversarial(data, base, run, "adversarial.train.steps=16", "adversarial.discriminator.pretrain_steps=20",
                        "adversarial.discriminator.lr=1e-3", "adversarial.discriminator.d_steps=0",
-                       "adversarial.lr=1e-3", "adversarial.kl_coef=0", "adversarial.eval_every=16",
-                       "adversarial.checkpoint_every=16")
+                       "adversarial.optim.lr=1e-3", "adversarial.kl_coef=0", "adversarial.train.eval_every=16",
+                       "adversarial.train.checkpoint_every=16")
     steps = [m for m in _metrics(run) if "reward_mean" in m]
     assert [m["step"] for m in steps] == list(range(1, 17))
     # D, pre-trained on real text vs the weak generator's samples, tells them apart...
@@ -59,34 +59,34 @@ def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_bas
     # ...and REINFORCE against it (held fixed here) raises the reward, D(x), it gives the samples.
     rewards = [round(m["reward_mean"], 3) for m in steps]
     assert sum(m["reward_mean"] for m in last) / 3 > first["reward_mean"] + 0.3, rewards
-    assert all(m["version_lag"] == 0 for m in steps), "max_staleness=0 must be strictly on-policy"
+    assert all(m["version_lag"] == 0 for m in steps), "the stage samples strictly on-policy"
     assert out["step"] == 16 and out["publish_s"] >= 0 and out["checkpoint"]
     meta = list_checkpoints(run)[-1].meta
-    assert meta["rl"]["policy_version"] == 16 and meta["rl"]["d_pretrained"] == 20
+    assert meta.rl.policy_version == 16 and meta.rl.d_pretrained == 20
     # the policy's entropy is measured every step (not only when an entropy bonus is configured)
-    assert all(0.0 < m["entropy"] < math.log(meta["model"]["vocab_size"]) for m in steps), steps
+    assert all(0.0 < m["entropy"] < math.log(meta.model.vocab_size) for m in steps), steps
 
 
 @pytest.mark.slow
 def test_actor_killed_mid_stage_then_resumed(data_and_base, tmp_path, monkeypatch):
     data, base = data_and_base
     run = str(tmp_path / "run")
-    common = ("adversarial.discriminator.pretrain_steps=2", "adversarial.checkpoint_every=2",
-              "adversarial.eval_every=4")
+    common = ("adversarial.discriminator.pretrain_steps=2", "adversarial.train.checkpoint_every=2",
+              "adversarial.train.eval_every=4", "adversarial.train.micro_batch_size=8")  # 2 micro batches a step
     monkeypatch.setenv("GENPT_TEST_KILL_ACTOR_AT_STEP", "2")
-    out = _adversarial(data, base, run, "adversarial.steps=4", *common)
+    out = _adversarial(data, base, run, "adversarial.train.steps=4", *common)
     assert out["step"] == 4
     steps = [m for m in _metrics(run) if "reward_mean" in m]
     assert [m["step"] for m in steps] == [1, 2, 3, 4], "each step exactly once"
     assert sum(m["reissued"] for m in steps) >= 1, "the dead actor's rows were re-issued"
     monkeypatch.delenv("GENPT_TEST_KILL_ACTOR_AT_STEP")
 
-    resumed = _adversarial(data, base, run, "adversarial.steps=6", *common)
+    resumed = _adversarial(data, base, run, "adversarial.train.steps=6", *common)
     assert resumed["step"] == 6
     steps = [m["step"] for m in _metrics(run) if "reward_mean" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
     meta = list_checkpoints(run)[-1].meta
-    assert meta["rl"]["d_pretrained"] == 2 and meta["rl"]["policy_version"] == 6
+    assert meta.rl.d_pretrained == 2 and meta.rl.policy_version == 6
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -96,25 +96,27 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["not-a-generator", "top-k", "temperature", "disc-heads", "too-long",
-                                  "too-many-actors"])
+                                  "too-many-actors", "micro-batch"])
 def test_adversarial_bad_input(case, data_and_base, tmp_path):
     data, base = data_and_base
     init, sets = base, []
     expect = {
         "not-a-generator": "no checkpoint at",
-        "top-k": "adversarial.rollout.top_k",
-        "temperature": "adversarial.rollout.temperature",
+        "top-k": "adversarial.rollout.sampling.top_k",
+        "temperature": "adversarial.rollout.sampling.temperature",
         "disc-heads": "n_head=3 does not divide d_model=128",
         "too-long": "exceeds the model's context of 64",
         "too-many-actors": "rollout actors",
+        "micro-batch": "micro_batch_size=5 must divide the 16 rollout rows per worker",
     }[case]
     if case == "not-a-generator":
         init = data
     else:
-        sets = {"top-k": ["adversarial.rollout.top_k=0"], "temperature": ["adversarial.rollout.temperature=0"],
-                "disc-heads": ["adversarial.discriminator.n_head=3"],
-                "too-long": ["adversarial.rollout.max_new_tokens=80"],
-                "too-many-actors": ["adversarial.rollout.num_actors=64"]}[case]
+        sets = {"top-k": ["adversarial.rollout.sampling.top_k=0"], "temperature": ["adversarial.rollout.sampling.temperature=0"],
+                "disc-heads": ["adversarial.discriminator.model.n_head=3"],
+                "too-long": ["adversarial.rollout.sampling.max_new_tokens=80"],
+                "too-many-actors": ["adversarial.rollout.num_actors=64"],
+                "micro-batch": ["adversarial.train.micro_batch_size=5"]}[case]
     proc = _cli("adversarial", "--data", data, "--init", init, "--run", str(tmp_path / "run"),
                 "--config", str(TINY), *(["--set", *sets] if sets else []))
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -30,8 +30,10 @@ if str(REPO) not in sys.path:  # the script mode has no conftest
     sys.path.insert(0, str(REPO))
 
 from genpt_dist import storage  # noqa: E402
+from genpt_dist.checkpoint import CheckpointMeta  # noqa: E402
 from genpt_dist.config import load_config  # noqa: E402
 from genpt_dist.errors import UserError  # noqa: E402
+from genpt_dist.model.gpt import GPTConfig  # noqa: E402
 from genpt_dist.train import elastic  # noqa: E402
 
 TINY = REPO / "configs" / "tiny.yaml"
@@ -49,20 +51,27 @@ def test_num_workers_range_in_config():
         load_config(TINY, ["scaling.num_workers=[0, 2]"])
 
 
-def _meta(step: int, world: int, global_batch: int, batch: int, micro: int = 8, seq_len: int = 64) -> dict:
-    return {"step": step, "world_size": world, "tokens_seen": step * global_batch * seq_len,
-            "loader": {"epoch": 1, "batch": batch}, "config": {"train": {"micro_batch_size": micro}}}
+def _meta(step: int, world: int, global_batch: int, batch: int, micro: int = 8, seq_len: int = 64) -> CheckpointMeta:
+    return CheckpointMeta(stage="pretrain", step=step, tokens_seen=step * global_batch * seq_len, world_size=world,
+                          zero_stage=2, precision="bf16", model=GPTConfig(vocab_size=259, block_size=seq_len, n_layer=1, n_head=1, d_model=8),
+                          config={}, tokenizer_sha256="", data_url=None, data_fingerprint=None, init=None,
+                          loader={"epoch": 1, "batch": batch}, metrics={}, micro_batch_size=micro)
+
+
+def _accum(cfg, world: int, meta: CheckpointMeta | None) -> int:
+    return elastic.grad_accum_for(cfg.deepspeed.grad_accum, cfg.train.micro_batch_size, cfg.scaling.worker_range,
+                                  cfg.data.seq_len, world, meta)
 
 
 def test_global_batch_is_kept_across_world_sizes():
     cfg = load_config(TINY, ["scaling.num_workers=[1, 2]"])  # micro 8, grad_accum 1, seq_len 64
-    assert elastic.grad_accum_for(cfg, 2, None) == 1  # a fresh run at its largest size
-    assert elastic.grad_accum_for(cfg, 1, None) == 2  # a fresh run below it: the largest size's batch
-    assert elastic.grad_accum_for(cfg, 1, _meta(10, 2, 16, 10)) == 2  # 2 -> 1 worker
-    assert elastic.grad_accum_for(cfg, 2, _meta(10, 1, 16, 20)) == 1  # 1 -> 2 workers
-    assert elastic.grad_accum_for(cfg, 4, _meta(10, 2, 16, 10)) == 1  # 16 / (4 x 8) does not divide: kept
+    assert _accum(cfg, 2, None) == 1  # a fresh run at its largest size
+    assert _accum(cfg, 1, None) == 2  # a fresh run below it: the largest size's batch
+    assert _accum(cfg, 1, _meta(10, 2, 16, 10)) == 2  # 2 -> 1 worker
+    assert _accum(cfg, 2, _meta(10, 1, 16, 20)) == 1  # 1 -> 2 workers
+    assert _accum(cfg, 4, _meta(10, 2, 16, 10)) == 1  # 16 / (4 x 8) does not divide: kept
     fixed = load_config(TINY, ["scaling.num_workers=2", "deepspeed.grad_accum=3"])
-    assert elastic.grad_accum_for(fixed, 2, None) == 3 and elastic.grad_accum_for(fixed, 2, _meta(5, 2, 48, 15)) == 3
+    assert _accum(fixed, 2, None) == 3 and _accum(fixed, 2, _meta(5, 2, 48, 15)) == 3
 
 
 def test_loader_position_keeps_the_share_of_the_epoch():
@@ -150,7 +159,9 @@ def _rank_main(rank: int, world: int, port: int, stage: int, root: str, phase: s
     torch.manual_seed(rank + 1)  # a different init per phase and rank: the load must overwrite it
     model = GPT(GPTConfig(vocab_size=259, block_size=64, n_layer=2, n_head=2, d_model=64))
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps)
-    engine = build_engine(model, build_ds_config(cfg.deepspeed, cfg.train, cfg.optim, "bf16"), opt, sched)
+    ds_config = build_ds_config(cfg.deepspeed, micro_batch_size=cfg.train.micro_batch_size, grad_accum=1,
+                                grad_clip=cfg.optim.grad_clip, precision="bf16")
+    engine = build_engine(model, ds_config, opt, sched)
     out = Path(root)
     if phase == "train":
         g = torch.Generator().manual_seed(100 + rank)
@@ -251,7 +262,7 @@ def test_resume_on_another_world_size_continues_the_run(ray_session, tiny_data, 
     up = _pretrain(tiny_data, str(tmp_path / "up"), "scaling.num_workers=2")  # 1 -> 2 at step 15
 
     assert straight["step"] == down["step"] == up["step"] == 20
-    assert [_last(tmp_path / r).meta["world_size"] for r in ("straight", "down", "up")] == [2, 1, 2]
+    assert [_last(tmp_path / r).meta.world_size for r in ("straight", "down", "up")] == [2, 1, 2]
     # The same global batch at every size: the same tokens per step.
     assert straight["tokens_seen"] == down["tokens_seen"] == up["tokens_seen"]
     # The loss goes on from where it was (the samples differ: each rank reads another slice).

@@ -54,9 +54,9 @@ def test_dataset_val_split(export_dir, byte_data):
     from genpt_dist.data.manifest import load_manifest
 
     got = evaluate(export_dir, byte_data)
-    val = load_manifest(byte_data).raw["splits"]["val"]
+    val = load_manifest(byte_data).splits["val"]
     assert got["kind"] == "dataset" and got["split"] == "val"
-    assert got["tokens"] == val["targets"] and got["bytes"] <= val["bytes"]
+    assert got["tokens"] == val.targets and got["bytes"] <= val.bytes
     assert all(np.isfinite([got["loss"], got["perplexity"], got["bpb"]]))
     assert got["bpb"] == pytest.approx(got["loss"] * got["tokens"] / math.log(2) / got["bytes"])
 

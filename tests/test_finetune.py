@@ -65,8 +65,8 @@ def test_finetune_learns_held_back_prompts(base_run, tmp_path):
     from genpt_dist.train.finetune import finetune
 
     task = _swap_task(tmp_path / "swap.jsonl")
-    cfg = load_config(TINY, ["finetune.steps=400", "finetune.eval_every=100", "finetune.micro_batch_size=16",
-                             "finetune.lr=3e-3", "finetune.warmup_steps=20"])
+    cfg = load_config(TINY, ["finetune.train.steps=400", "finetune.train.eval_every=100", "finetune.train.micro_batch_size=16",
+                             "finetune.optim.lr=3e-3", "finetune.optim.warmup_steps=20"])
     out = finetune(str(task), base_run, str(tmp_path / "run"), cfg)
     assert out["checkpoint"] and out["val_loss"] < 0.05
     model, tok, _ = load_model(out["checkpoint"])
@@ -84,7 +84,7 @@ def test_finetune_learns_held_back_prompts(base_run, tmp_path):
 def test_frozen_weights_stay_bit_identical(base_run, tmp_path):
     from genpt_dist.train.finetune import finetune
 
-    cfg = load_config(TINY, ["finetune.steps=6", "finetune.eval_every=3", "finetune.freeze_embeddings=true",
+    cfg = load_config(TINY, ["finetune.train.steps=6", "finetune.train.eval_every=3", "finetune.freeze_embeddings=true",
                              "finetune.freeze_first_blocks=1", "finetune.patience=0"])
     out = finetune(str(_swap_task(tmp_path / "swap.jsonl")), base_run, str(tmp_path / "run"), cfg)
     before, after = load_state_dict(resolve(base_run)), load_state_dict(resolve(out["checkpoint"]))

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import list_checkpoints
+from genpt_dist.checkpoint import list_checkpoints, resolve
 from genpt_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-SMALL = ["train.steps=6", "train.checkpoint_every=6", "train.eval_every=6", "adversarial.steps=2",
-         "adversarial.discriminator.pretrain_steps=1", "adversarial.checkpoint_every=2", "finetune.steps=4",
-         "finetune.eval_every=2", "pipeline.report_samples=2"]
+SMALL = ["train.steps=6", "train.checkpoint_every=6", "train.eval_every=6", "adversarial.train.steps=2",
+         "adversarial.discriminator.pretrain_steps=1", "adversarial.train.checkpoint_every=2", "finetune.train.steps=4",
+         "finetune.train.eval_every=2", "pipeline.report_samples=2"]
 
 
 @pytest.mark.slow
@@ -37,8 +37,7 @@ def test_pipeline_runs_every_stage_then_skips_them(ray_session, tiny_corpus, mak
         assert refs and refs[-1].step == steps, stage
     assert out["model"] == storage.join(run, "export")
     assert storage.exists(storage.join(run, "data", "manifest.json"))
-    meta = storage.read_json(storage.join(run, "export", "meta.json"))
-    assert meta["source"]["stage"] == "finetune"
+    assert resolve(storage.join(run, "export")).meta.source.stage == "finetune"
     assert {r["stage"] for r in out["stages"]} == {"pretrain", "adversarial", "finetune"}
     assert len(out["samples"]) == 4  # 2 from the corpus model, 2 task completions
 

@@ -50,11 +50,11 @@ def test_zero_stages_learn_and_checkpoint_to_s3(stage, offload, ray_session, mak
     assert losses[-1] < losses[0] - 0.5, losses
     refs = list_checkpoints(run)
     assert [r.step for r in refs] == [12, 24]
-    assert all(r.url.startswith("s3://") and r.meta["world_size"] == 2 for r in refs)
-    assert refs[-1].meta["zero_stage"] == stage
-    ds = refs[-1].meta["config"]["deepspeed"]
+    assert all(r.url.startswith("s3://") and r.meta.world_size == 2 for r in refs)
+    assert refs[-1].meta.zero_stage == stage
+    ds = refs[-1].meta.config["deepspeed"]
     assert (ds["offload_optimizer"], ds["offload_params"]) == (stage >= 2, stage == 3)
-    names = set(refs[-1].meta["files"])
+    names = set(refs[-1].meta.files)
     assert {"meta.json", "tokenizer.json"} - names == {"meta.json"}  # meta.json lists the others
     assert any("zero_pp_rank_1" in n for n in names) and any("zero_pp_rank_0" in n for n in names)
     assert out["checkpoint"] == refs[-1].url and out["val_bpb"] > 0

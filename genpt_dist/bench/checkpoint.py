@@ -5,11 +5,11 @@ The files are laid out as one ZeRO-2 bf16 checkpoint of 2 workers (`ds/state/` m
 parameter, each rank's optimizer shard = 12 bytes a parameter / 2, plus rng, tokenizer.json and meta.json),
 of incompressible bytes: ~100 MB (quick: ~20 MB).
 
-- upload, ours: what `ray.train.report(checkpoint=...)` does with it (`train.loop.Trainer.save_and_report`):
+- upload, ours: what `ray.train.report(checkpoint=...)` does with it (`train.engine.Engine.save_and_report`):
   Ray Train's `persist_current_checkpoint` = `create_dir` + Ray's `pyarrow.fs.copy_files` helper onto the
   `pyarrow.fs.S3FileSystem` that `storage.pyarrow_filesystem` builds for `RunConfig`.
 - upload, peer: `client.upload_file` per file (boto3's default transfer settings), one after another.
-- restore, ours: `storage.download_dir` (what `Trainer._restore` and `checkpoint.download` call).
+- restore, ours: `storage.download_dir` (what `Engine.restore` and `checkpoint.download` call).
 - restore, peer: `client.download_file` per file (default settings), one after another.
 Each is timed `repeats` times (best kept); restored bytes are checked against what was written.
 Target: ours >= 0.5x raw boto3's MB/s, both ways.

@@ -38,7 +38,7 @@ def corpus_path() -> Path:
 @contextlib.contextmanager
 def local_s3() -> Iterator[str]:
     """A moto S3 server for the bench; its endpoint and test keys are in os.environ meanwhile. Yields a bucket."""
-    from genpt_dist.testing import MotoS3Server
+    from genpt_dist.local_s3 import MotoS3Server
 
     keys = {"AWS_ENDPOINT_URL_S3": None, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
             "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
@@ -140,7 +140,8 @@ def _peer_prepare(sources: list[str], out_dir: str, seq_len: int, shard_samples:
     np.save per sample through webdataset's ShardWriter."""
     import webdataset as wds
 
-    from genpt_dist.data.prepare import ReadStats, pack, read_documents
+    from genpt_dist.data.packing import pack
+    from genpt_dist.data.text import ReadStats, read_documents
     from genpt_dist.tokenizer import byte_tokenizer, train_bpe
 
     docs_per_file = [read_documents(src, "text", ReadStats()) for src in sources]

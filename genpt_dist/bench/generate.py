@@ -32,7 +32,7 @@ TOP_K, TEMPERATURE = 50, 0.8
 
 
 def _export_random_model(folder: str, quick: bool):
-    from genpt_dist.export import write_export
+    from genpt_dist.export import ExportProvenance, write_export
     from genpt_dist.model.gpt import GPT, GPTConfig
     from genpt_dist.tokenizer import byte_tokenizer
 
@@ -41,8 +41,7 @@ def _export_random_model(folder: str, quick: bool):
     torch.manual_seed(0)
     model = GPT(cfg)
     tok = byte_tokenizer()  # the model's vocabulary is larger than the tokenizer's: allowed
-    provenance = {"stage": "bench", "step": 0, "source": {"note": "freshly initialised by bench generate"}}
-    write_export(folder, "hf", model.state_dict(), cfg, tok, provenance)
+    write_export(folder, "hf", model.state_dict(), cfg, tok, ExportProvenance(stage="bench"))  # no source
     return cfg
 
 

@@ -14,7 +14,7 @@ which catches a generator that only drops modes, is the perplexity of G on held-
 (the dataset's val split). Reported for a random (untrained, the MLE run's initial weights), the
 MLE and the adversarial generator, plus the oracle's own NLL on its samples (its entropy rate, a floor
 for a generator that matches it; a sharper-than-oracle generator can go below it). The adversarial
-stage runs `stage_runs` times from the one MLE generator (train.seed, seed + 1, ...: its discriminator
+stage runs `stage_runs` times from the one MLE generator (adversarial.train.seed, seed + 1, ...: its discriminator
 initialisation, rollouts and real windows differ); the mean is the headline figure, each run and the
 standard deviation are reported beside it.
 
@@ -41,34 +41,8 @@ Choices, and how they differ from SeqGAN:
   probability mass that removes is reported (`outside_mass`): ~0 for trained generators.
 * The train/val split is prepare's (hash of the sequence text, 10% val; duplicates never straddle).
 
-What limits it (tuning on a loaded 2-core CPU, MLE 2000 steps: NLL_oracle 3.49 vs the oracle's 2.10):
-the discriminator stays near chance (accuracy 0.45-0.65 after 200-400 pre-training rounds, ~1 s each
-here), so the policy gradient carries little signal and the stage moves NLL_oracle by a few percent
-either way (-1.2% / +1.8% val ppl with configs/oracle.yaml; +3.3% with a wider D and reward log at
-64 x 4 rollouts). SeqGAN's D is pre-trained for 50 x 3 epochs on 10k real vs 10k generated sequences.
-Why D cannot do better here (measured offline on the same oracle and corpus, a plain-loop MLE generator
-of the same shape: val NLL 2.64, NLL_oracle 3.46): the MLE generator is calibrated on its own samples;
-its mean log-probability per token is -2.70 on them and -2.77 on real held-out sequences, so no
-statistic of the generator separates the two (best threshold accuracy 0.500), and a discriminator must
-model the oracle better than the generator does. A fresh 2 x 64 encoder and one initialised from the
-generator's weights both stay at 0.40-0.60 held-out accuracy after 300 rounds of 256 + 256 sequences.
-A residual (density-ratio) discriminator, logit = sum_t log q(x_t|x_<t) - log p_ref(x_t|x_<t) + b with
-q a GPT initialised as the generator (noise-contrastive estimation with the generator as the noise),
-does separate the two (0.6-0.75 held-out accuracy after 200 rounds), but REINFORCE against it (RLOO
-groups of 8, KL loss 0.02-0.05, policy lr 1e-4 to 5e-4, sequence or per-token rewards, the noise
-model frozen or the current policy; 200-300 updates) only random-walks NLL_oracle, -1.6% to +5.0% at
-checkpoints 50 updates apart: with 9,000 real sequences q cannot model the oracle much better than
-the MLE generator does. What the metric does reward is sharpening: the frontier has NLL_oracle -4.3%
-at temperature 0.95 for +0.8% val perplexity (-9.4% at 0.9 for +2.2%), the mode seeking SeqGAN's
-reported gain is usually attributed to; the bench samples every generator at temperature 1, so a
-stage can only get there by learning a sharper policy. Measured with this recipe (2026-11-29, quiet
-machine, 10.5 min): MLE 3.4905 -> adversarial 3.4645 / 3.4775 / 3.5545 in three stage runs (-0.7%,
--0.4%, +1.8%), mean 3.4988 (+0.2%, std 0.049), val ppl +1.4%, 7.1% above the frontier at that
-perplexity. Single runs from before D's real side was made of distinct windows (it repeated each
-prompt window samples_per_prompt times): -2.3% (val ppl +1.7%, 5.7% above the frontier); without the KL guard
-(`--set adversarial.kl_coef=0 adversarial.steps=300`) +2.5% (val ppl +3.7%); with a slower D
-(`--set adversarial.discriminator.lr=2e-4 adversarial.discriminator.pretrain_steps=400`) +4.0% (val
-ppl +1.6%). Same MLE generator, same seeds: the sign is set by the discriminator's noise.
+What limits it, measured (why the discriminator stays near chance on MLE samples, the offline probes,
+the residual discriminator, the runs of this recipe and their variants): BENCHMARKS.md, "Oracle".
 """
 
 from __future__ import annotations
@@ -86,7 +60,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genpt_dist.model.cross_entropy import cross_entropy
+from genpt_dist.val_loss import LossSums, batch_loss_sums
 from genpt_dist.model.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
@@ -109,12 +83,12 @@ class OracleSpec:
     train_sequences: int = 10_000  # corpus size before prepare's 10% val split (SeqGAN: 10,000)
     eval_samples: int = 2_000  # generator samples scored by the oracle
     eval_seed: int = 7  # seed of the evaluation samples (the same for every generator)
-    stage_runs: int = 3  # adversarial stages from the one MLE generator, train.seed + 0, 1, ...: the mean counts
+    stage_runs: int = 3  # adversarial stages from the one MLE generator, adversarial.train.seed + 0, 1, ...: the mean counts
 
 
 QUICK = OracleSpec(train_sequences=1_000, eval_samples=200, stage_runs=1)
-QUICK_OVERRIDES = ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "adversarial.steps=2",
-                   "adversarial.eval_every=2", "adversarial.checkpoint_every=2",
+QUICK_OVERRIDES = ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "adversarial.train.steps=2",
+                   "adversarial.train.eval_every=2", "adversarial.train.checkpoint_every=2",
                    "adversarial.discriminator.pretrain_steps=2"]
 
 
@@ -180,13 +154,13 @@ def oracle_nll(oracle: GPT, tokens: torch.Tensor, symbols: torch.Tensor, bos_id:
 @torch.inference_mode()
 def val_nll(model: GPT, docs: torch.Tensor, bos_id: int, eos_id: int, temperature: float = 1.0) -> float:
     """Mean NLL per target of `<bos> x <eos>` over held-out sequences `docs` (n, T): symbols and <eos>,
-    under the model's next-token distributions at `temperature`."""
-    total, count = 0.0, 0
+    under the model's next-token distributions at `temperature` (`val_loss`, as training's val loss)."""
+    no_bytes = torch.zeros(model.config.vocab_size)  # bits-per-byte is not wanted here
+    sums = LossSums()
     for chunk in docs.split(500):
         x = torch.cat([torch.full((len(chunk), 1), bos_id), chunk, torch.full((len(chunk), 1), eos_id)], 1)
-        total += cross_entropy(model(x)[0][:, :-1] / temperature, x[:, 1:]).sum().item()  # (B, T+1) summed
-        count += x[:, 1:].numel()
-    return total / count
+        sums += batch_loss_sums(lambda idx: model(idx)[0], x[:, :-1], x[:, 1:], no_bytes, temperature)
+    return sums.loss
 
 
 def frontier_at(points: list[dict[str, float]], val_ppl: float) -> float | None:
@@ -217,7 +191,8 @@ def _row(name: str, nll: float, vppl: float | None, outside: float | None, note:
 def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     from genpt_dist.checkpoint import load_model
     from genpt_dist.config import load_config
-    from genpt_dist.data.prepare import doc_in_val, prepare
+    from genpt_dist.data.prepare import prepare
+    from genpt_dist.data.text import doc_in_val
     from genpt_dist.errors import UserError
     from genpt_dist.rl.stage import adversarial
     from genpt_dist.tokenizer import byte_tokenizer
@@ -226,11 +201,11 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
     spec = QUICK if quick else OracleSpec()
     overrides = [*(QUICK_OVERRIDES if quick else []), *(overrides or [])]
     cfg = load_config(RECIPE, overrides)
-    r = cfg.adversarial.rollout
-    if cfg.data.seq_len != spec.seq_len + 2 or r.max_new_tokens != spec.seq_len or r.prompt_len != 0:
+    r, rs = cfg.adversarial.rollout, cfg.adversarial.rollout.sampling
+    if cfg.data.seq_len != spec.seq_len + 2 or rs.max_new_tokens != spec.seq_len or r.prompt_len != 0:
         raise UserError(f"{RECIPE.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
-                        f"sample), adversarial.rollout.max_new_tokens {spec.seq_len} and prompt_len 0")
-    if r.top_k is not None or r.top_p is not None or r.temperature != 1.0:
+                        f"sample), adversarial.rollout.sampling.max_new_tokens {spec.seq_len} and prompt_len 0")
+    if rs.top_k is not None or rs.top_p is not None or rs.temperature != 1.0:
         raise UserError(f"{RECIPE.name}: rollouts must sample the policy itself (top_k/top_p null, temperature 1)")
     tok = byte_tokenizer()
     symbols = torch.tensor(tok.encode(ALPHABET))  # (64,) one byte token per character
@@ -254,12 +229,12 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         times["mle_s"] = time.time() - t0
         t0 = time.time()
         adv_outs = [adversarial(str(root / "data"), str(root / "mle"), str(root / f"adv-{i}"),
-                                load_config(RECIPE, [*overrides, f"train.seed={cfg.train.seed + i}"]))
+                                load_config(RECIPE, [*overrides, f"adversarial.train.seed={cfg.adversarial.train.seed + i}"]))
                     for i in range(spec.stage_runs)]
         times["adversarial_s"] = time.time() - t0
 
         t0 = time.time()
-        torch.manual_seed(cfg.train.seed)  # the MLE run's initial weights (Trainer.build seeds the same way)
+        torch.manual_seed(cfg.train.seed)  # the MLE run's initial weights (Engine.new_model seeds the same way)
         m = cfg.model
         random_gen = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=m.n_layer,
                                    n_head=m.n_head, d_model=m.d_model)).eval()
@@ -284,7 +259,7 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
             run, outside = score(load_model(str(root / f"adv-{i}"))[0])
             runs.append(run)
             rows.append(_row(f"adversarial-{i}", run["nll_oracle"], run["val_ppl"], outside,
-                             f"stage run, train.seed={cfg.train.seed + i}"))
+                             f"stage run, adversarial.train.seed={cfg.adversarial.train.seed + i}"))
         results["adversarial"] = {k: sum(r[k] for r in runs) / len(runs) for k in ("nll_oracle", "val_ppl")}
         spread = (sum((r["nll_oracle"] - results["adversarial"]["nll_oracle"]) ** 2 for r in runs)
                   / max(len(runs) - 1, 1)) ** 0.5

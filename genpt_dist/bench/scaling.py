@@ -3,7 +3,7 @@
 Both go through the real `pretrain` path (Ray Train `TorchTrainer`, DeepSpeed ZeRO-2 bf16, gloo, the
 shard loader in-process) on tinyshakespeare prepared with the byte tokenizer into a local folder. Same
 model, same global batch (2 x micro batch 8: grad_accum 2 on one worker, 1 on two), same step count; the
-worker's torch threads are its `scaling.cpus_per_worker` (`train.loop.run_worker`). Throughput is taken
+worker's torch threads are its `scaling.cpus_per_worker` (`train.launcher.init_worker`). Throughput is taken
 from the loop's own progress windows (`metrics.jsonl`), leaving out the first window (start-up, first
 steps); eval and the checkpoint happen only after the last window. Wall time (Ray Train start-up,
 DeepSpeed init, checkpoint) is reported too. So is how much a second thread speeds up a bf16 matmul in

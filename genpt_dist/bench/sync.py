@@ -1,6 +1,6 @@
 """`bench sync`: publishing policy weights to 2 rollout actors, end to end, against a plain memory copy.
 
-What the adversarial stage does after every policy step (`rl.stage.AdversarialTrainer.publish`):
+What the adversarial stage does after every policy step (`rl.stage.RLWorker.publish`):
 `gather_full_state_dict` (full fp32 weights) -> `RolloutGroup.publish` (`pack_state` + one `ray.put`) ->
 each actor, before its next rollout, `ray.get`s the packed state and `RolloutWorker.load`s it into its
 policy. Here that path runs for GPT-shaped state dicts of ~10M / 50M / 100M parameters (fp32, as the

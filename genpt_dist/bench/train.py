@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import socket
 import time
 from typing import Any, Callable
 
 import torch
 
-from genpt_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from genpt_dist.config import DeepSpeedConfig, OptimConfig
 from genpt_dist.device import describe, pick_device, synchronize
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.train.metrics import measure_matmul_flops
@@ -73,28 +71,15 @@ def _plain_step(model: torch.nn.Module, x: torch.Tensor, hf: bool) -> Callable[[
     return step
 
 
-def _init_single_process_group(device: torch.device) -> None:
-    """World size 1 on loopback: gloo and DeepSpeed's cpu accelerator, or nccl and cuda on a GPU."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK=str(device.index or 0), DS_ACCELERATOR=device.type)  # DeepSpeed's device
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
 def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Callable[[], None]:
+    from genpt_dist.train.collective import init_single_process_group
     from genpt_dist.train.deepspeed import build_ds_config, build_engine, build_optimizer
 
-    _init_single_process_group(x.device)
+    init_single_process_group(x.device)
     model = GPT(cfg)
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
-    ds = build_ds_config(DeepSpeedConfig(zero_stage=stage), TrainConfig(micro_batch_size=batch), optim, "bf16",
-                         use_gpu=x.device.type == "cuda")
+    ds = build_ds_config(DeepSpeedConfig(zero_stage=stage), micro_batch_size=batch, grad_accum=1,
+                         grad_clip=optim.grad_clip, precision="bf16", use_gpu=x.device.type == "cuda")
     opt, sched = build_optimizer(model, optim, 1000)
     engine = build_engine(model, ds, opt, sched)
 

@@ -41,11 +41,9 @@ Two ways to apply it (``kl_mode``):
 An entropy bonus ``-entropy_coef * mean_t(H(pi(. | s_<t)))`` can be added to counter early collapse.
 
 Left out, and why: no PPO importance ratio or clipping and no value network. The stage takes one
-optimizer step per rollout batch, so with ``rollout.max_staleness = 0`` the samples come from the
-policy being updated (on-policy) and the plain estimator is exact in expectation. With
-``max_staleness > 0`` rollouts may come from a policy up to that many versions old: the update is
-then mildly off-policy and *uncorrected* (no importance weights), which biases it towards the
-older policy; keep the staleness small. Rollouts are sampled with temperature / top-k / top-p, so
+optimizer step per rollout batch, sampled by the policy it updates (strictly on-policy: the
+rollouts of step s are requested after step s-1's weights are published), so the plain estimator
+is exact in expectation. Rollouts are sampled with temperature / top-k / top-p, so
 strictly the behaviour distribution is the filtered one; the loss uses log-probs of the unfiltered
 policy at temperature 1 (the distribution being trained), the usual approximation.
 
@@ -187,10 +185,14 @@ def token_advantages(seq_adv: Tensor, mask: Tensor, *, token_rewards: Tensor | N
     return adv.masked_fill(~m, 0.0)
 
 
+def entropy_of_logprobs(logp_all: Tensor) -> Tensor:
+    """Entropy (...,) of the distributions whose log-probabilities are `logp_all` (..., V); differentiable."""
+    return -(logp_all.exp() * logp_all).sum(dim=-1)  # (...,)
+
+
 def token_entropy(logits: Tensor) -> Tensor:
     """Entropy (...,) of softmax(logits) over the last dim, float32; differentiable."""
-    logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
-    return -(logp.exp() * logp).sum(dim=-1)  # (...,)
+    return entropy_of_logprobs(F.log_softmax(logits.float(), dim=-1))
 
 
 # ---------------------------------------------------------------------------------------- loss

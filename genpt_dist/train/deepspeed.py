@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from genpt_dist.config import DeepSpeedConfig, OptimConfig, TrainConfig
+from genpt_dist.config import DeepSpeedConfig, OptimConfig
 
 
 def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
@@ -23,9 +23,10 @@ def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
     return "bf16"
 
 
-def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig, precision: str,
-                    use_gpu: bool = False) -> dict[str, Any]:
-    """The DeepSpeed JSON config, built from the typed config in one function.
+def build_ds_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: int, grad_clip: float,
+                    precision: str, use_gpu: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config, built from the typed config in one function (`ds.grad_accum` is the
+    recipe's; the caller passes the one in force, which an elastic resume may have rescaled).
 
     Contiguous gradient buffers only on GPUs, where they stop memory fragmenting; on CPUs the extra
     copy of every gradient costs ~4% of a ZeRO-1/2 step (`bench train`) and saves nothing."""
@@ -40,9 +41,9 @@ def build_ds_config(ds: DeepSpeedConfig, train: TrainConfig, optim: OptimConfig,
     if ds.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False)
     conf: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": ds.grad_accum,
-        "gradient_clipping": optim.grad_clip,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,
         # ZeRO-Offload steps our optimizer on the CPU partitions: torch's fused AdamW runs there (DeepSpeed

@@ -22,8 +22,8 @@ Two more things depend on the world size, and are kept:
 * the global batch (micro_batch_size x grad_accum x workers): `grad_accum_for` keeps the
   checkpoint's global batch by scaling grad_accum when it divides evenly, so the LR schedule and the
   Adam moments keep meaning what they meant; a fresh elastic run starts with the global batch of its
-  largest size. Only for the stages whose loop (`Trainer.run`) takes grad_accum micro batches per
-  step; the adversarial stage sizes its batches itself (prompts_per_step is already global).
+  largest size. Only for the MLE loop (`train.loop.run_mle`); the RL stage sizes its batches
+  itself (prompts_per_step is already global).
 * the loader position, counted in this rank's batches: `loader_state_for` rescales it so that the
   same share of the epoch counts as consumed.
 Not kept: the exact sample order (each rank reads a contiguous slice of the epoch, and the slices
@@ -40,22 +40,16 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from genpt_dist.config import Config
+from genpt_dist.checkpoint import CheckpointMeta
 
 log = logging.getLogger(__name__)
 
-GRAD_ACCUM_STAGES = ("pretrain", "finetune")  # stages whose loop takes grad_accum micro batches per step
 _SHARD = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 
 
 def zero_shard_folders(root: Path) -> list[Path]:
     """DeepSpeed checkpoint tag folders under `root` that hold per-rank ZeRO optimizer shards."""
     return sorted({p.parent for p in root.rglob("*_optim_states.pt") if _SHARD.match(p.name)})
-
-
-def shard_world_size(tag_folder: Path) -> int:
-    """How many data-parallel ranks wrote the shards in a tag folder."""
-    return len({_SHARD.match(p.name).group(1) for p in tag_folder.iterdir() if _SHARD.match(p.name)})
 
 
 def to_universal(tag_folder: Path) -> None:
@@ -69,13 +63,6 @@ def to_universal(tag_folder: Path) -> None:
     # ds_to_universal prints its progress to stdout, which belongs to the command's JSON line.
     with contextlib.redirect_stdout(sys.stderr):
         ds_to_universal.main(args)
-
-
-def deepspeed_engines(obj: Any) -> list[Any]:
-    """The DeepSpeed engines an object holds as attributes (the policy's and any a stage adds)."""
-    from deepspeed import DeepSpeedEngine
-
-    return [v for v in vars(obj).values() if isinstance(v, DeepSpeedEngine)]
 
 
 @contextlib.contextmanager
@@ -92,8 +79,9 @@ def resharded(folder: Path, saved_world: int, world: int, engines: Iterable[Any]
                     saved_world, world, ", ".join(str(f.relative_to(folder)) for f in folders))
     for tag_folder in folders:
         to_universal(tag_folder)
-    # DeepSpeed reads `checkpoint.load_universal` only while loading, through this attribute; it has
-    # no public setter, and engines built by stage hooks do not pass through our config.
+    # DeepSpeed reads `checkpoint.load_universal` only while loading, through this private attribute
+    # (checked against deepspeed 0.19.8); it has no public setter, and a stage's other engines (the
+    # discriminator's) are built from configs of their own.
     engines = list(engines)
     saved = [e._config.load_universal_checkpoint for e in engines]
     for e in engines:
@@ -105,19 +93,19 @@ def resharded(folder: Path, saved_world: int, world: int, engines: Iterable[Any]
             e._config.load_universal_checkpoint = value
 
 
-def checkpoint_global_batch(meta: dict[str, Any], seq_len: int) -> int | None:
+def checkpoint_global_batch(meta: CheckpointMeta, seq_len: int) -> int | None:
     """Samples per optimizer step the checkpointed run trained with (None when it cannot tell)."""
-    step, tokens = int(meta.get("step", 0)), int(meta.get("tokens_seen", 0))
-    if step <= 0 or tokens <= 0 or seq_len <= 0:
+    if meta.step <= 0 or meta.tokens_seen <= 0 or seq_len <= 0:
         return None
-    return round(tokens / (step * seq_len))
+    return round(meta.tokens_seen / (meta.step * seq_len))
 
 
-def grad_accum_for(cfg: Config, world: int, meta: dict[str, Any] | None) -> int:
-    """grad_accum that keeps the run's global batch at this world size (see the module docstring)."""
-    accum, micro = cfg.deepspeed.grad_accum, cfg.train.micro_batch_size
-    _, hi = cfg.scaling.worker_range
-    target = checkpoint_global_batch(meta, cfg.data.seq_len) if meta is not None else micro * accum * hi
+def grad_accum_for(accum: int, micro: int, worker_range: tuple[int, int], seq_len: int, world: int,
+                   meta: CheckpointMeta | None) -> int:
+    """grad_accum that keeps the run's global batch at this world size (see the module docstring):
+    `accum` and `micro` are the recipe's, `worker_range` its (min, max) workers."""
+    _, hi = worker_range
+    target = checkpoint_global_batch(meta, seq_len) if meta is not None else micro * accum * hi
     if target is None or target == micro * accum * world:
         return accum
     if target % (micro * world):
@@ -129,12 +117,11 @@ def grad_accum_for(cfg: Config, world: int, meta: dict[str, Any] | None) -> int:
     return target // (micro * world)
 
 
-def loader_state_for(meta: dict[str, Any], micro_batch: int, world: int) -> dict[str, Any]:
+def loader_state_for(meta: CheckpointMeta, micro_batch: int, world: int) -> dict[str, Any]:
     """The checkpoint's loader state for this world size: the same share of the epoch consumed."""
-    state = dict(meta["loader"])
-    saved_world = int(meta["world_size"])
-    saved_micro = int(meta.get("config", {}).get("train", {}).get("micro_batch_size", micro_batch))
-    if (saved_world, saved_micro) == (world, micro_batch) or not isinstance(state.get("batch"), int):
+    state = dict(meta.loader)
+    saved_micro = meta.micro_batch_size or micro_batch
+    if (meta.world_size, saved_micro) == (world, micro_batch) or not isinstance(state.get("batch"), int):
         return state
-    state["batch"] = state["batch"] * saved_micro * saved_world // (micro_batch * world)
+    state["batch"] = state["batch"] * saved_micro * meta.world_size // (micro_batch * world)
     return state

@@ -1,16 +1,18 @@
 """`finetune`: supervised fine-tuning of any checkpoint or export on a downstream task.
 
-The same per-worker loop and engine code as pretraining (`train.loop.Trainer`) with three changes:
+The same engine and MLE loop as pretraining (`train.engine.Engine`, `train.loop.run_mle`) with
+three changes:
 the data source is a task (prompt/completion with the prompt masked, or plain text); parameters can
 be held fixed (embeddings, the first N blocks, or all but the last N blocks) and their exact fp32
 values are stored beside the ZeRO state (`frozen.safetensors`) so they stay bit-identical even when
 the engine computes in bf16; every evaluation saves a checkpoint and training stops early after
-`patience` evaluations without a better val loss. The best checkpoint (lowest val loss) is the
-stage's output.
+`patience` evaluations without a better val loss (`loop.EarlyStop`). The best checkpoint (lowest val
+loss) is the stage's output. The frozen values and the early-stop counters are one `CheckpointPart`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -18,13 +20,16 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import FROZEN, CheckpointRef, list_checkpoints, load_tokenizer, resolve
+from genpt_dist.checkpoint import (FROZEN, CheckpointMeta, CheckpointRef, FinetuneState, list_checkpoints,
+                                   load_tokenizer, resolve)
 from genpt_dist.config import Config, FinetuneConfig
 from genpt_dist.data.task import ExampleLoader, collate, load_task
 from genpt_dist.errors import UserError
 from genpt_dist.model.gpt import GPT
-from genpt_dist.train.loop import Batch, Job, Trainer, run_worker
-from genpt_dist.train.pretrain import ShardSource
+from genpt_dist.train import elastic
+from genpt_dist.train.engine import Engine, Job, Reporter
+from genpt_dist.train.loop import EarlyStop, run_mle
+from genpt_dist.train.sources import Batch, DataSource, ShardSource
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +54,17 @@ def frozen_parameter_names(model: GPT, ft: FinetuneConfig) -> list[str]:
 class TaskSource:
     """Task examples for the loop: shuffled train batches, fixed val batches."""
 
-    def __init__(self, job: Job, cfg: Config, rank: int, world: int):
+    def __init__(self, job: Job, ft: FinetuneConfig, rank: int, world: int):
         ref = resolve(job.init)
         self.tokenizer = load_tokenizer(ref)
         self.data_fingerprint = job.extra["task_sha256"]
-        ft = cfg.finetune
-        self.task = load_task(job.data, self.tokenizer, ft, cfg.block_size)
-        kw = dict(batch_size=ft.micro_batch_size, rank=rank, world_size=world, seed=cfg.train.seed)
+        self.task = load_task(job.data, self.tokenizer, ft, job.model["block_size"])
+        self.batch_size = ft.train.micro_batch_size
+        kw = dict(batch_size=self.batch_size, rank=rank, world_size=world, seed=ft.train.seed)
         self.train = ExampleLoader(self.task.train, shuffle=True, **kw)
         self.val = ExampleLoader(self.task.val, shuffle=False, **{**kw, "world_size": min(world, len(self.task.val)),
                                                                   "rank": min(rank, len(self.task.val) - 1)})
-        self.eval_batches_n = ft.eval_batches
+        self.eval_batches_n = ft.train.eval_batches
 
     def _batch(self, examples) -> Batch:
         idx, targets = collate(examples, self.tokenizer.pad_id)
@@ -80,75 +85,91 @@ class TaskSource:
         self.train.load_state_dict(state)
 
 
-class FinetuneTrainer(Trainer):
-    """Freezing before the engine, best/patience bookkeeping after each evaluation."""
+class FinetunePart:
+    """Fine-tuning's checkpoint part: the exact fp32 values of the frozen parameters and the early stop."""
 
-    def __init__(self, job: Job, make_source):
-        super().__init__(job, make_source)
-        self.best_val, self.bad_evals, self.stopped = float("inf"), 0, False
-        self.frozen: dict[str, torch.Tensor] = {}
+    def __init__(self, frozen: dict[str, torch.Tensor], early_stop: EarlyStop):
+        self.frozen, self.early_stop = frozen, early_stop
 
-    def before_engine(self, model: GPT) -> None:
-        names = set(frozen_parameter_names(model, self.cfg.finetune))
-        for name, p in model.named_parameters():
-            if name in names:
-                p.requires_grad_(False)
-                self.frozen[name] = p.detach().float().clone()
-        if names and self.rank == 0:
-            log.info("finetune: %d parameter tensors held fixed", len(names))
+    def engines(self) -> list[Any]:
+        return []
 
-    def on_eval(self) -> None:
-        val = self.metrics["val_loss"]
-        if val < self.best_val - 1e-6:
-            self.best_val, self.bad_evals = val, 0
-        else:
-            self.bad_evals += 1
-        patience = self.cfg.finetune.patience
-        self.stopped = patience > 0 and self.bad_evals >= patience
-        self.metrics.update(best_val_loss=self.best_val, stopped_early=self.stopped)
-
-    def should_stop(self) -> bool:
-        return self.stopped
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        meta = super().checkpoint_meta()
-        meta["finetune"] = {"best_val": self.best_val, "bad_evals": self.bad_evals, "stopped": self.stopped,
-                            "frozen": sorted(self.frozen)}
-        return meta
-
-    def save_extra(self, folder: Path) -> None:
-        if self.rank == 0 and self.frozen:
+    def save(self, folder: Path, rank: int) -> None:
+        if rank == 0 and self.frozen:
             from safetensors.torch import save_file
 
             save_file({k: v.contiguous() for k, v in self.frozen.items()}, str(folder / FROZEN))
 
-    def restore_extra(self, folder: Path, meta: dict[str, Any]) -> None:
-        ft = meta["finetune"]
-        self.best_val, self.bad_evals, self.stopped = ft["best_val"], ft["bad_evals"], ft["stopped"]
+    def load(self, folder: Path, meta: CheckpointMeta) -> None:
+        if meta.finetune is not None:
+            st = meta.finetune
+            self.early_stop.best_val, self.early_stop.bad_evals, self.early_stop.stopped = (st.best_val, st.bad_evals,
+                                                                                            st.stopped)
         if (folder / FROZEN).exists():  # the exact values, not the engine's (possibly bf16) copies
             from safetensors.torch import load_file
 
-            self.frozen = load_file(str(folder / FROZEN))
+            self.frozen.update(load_file(str(folder / FROZEN)))
+
+    def meta_fields(self) -> dict[str, Any]:
+        es = self.early_stop
+        return {"finetune": FinetuneState(best_val=es.best_val, bad_evals=es.bad_evals, stopped=es.stopped,
+                                          frozen=sorted(self.frozen))}
+
+
+def freeze(model: GPT, ft: FinetuneConfig, rank: int) -> dict[str, torch.Tensor]:
+    """Hold the configured parameters fixed; returns their exact fp32 values by name."""
+    names = set(frozen_parameter_names(model, ft))
+    frozen = {}
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+            frozen[name] = p.detach().float().clone()
+    if names and rank == 0:
+        log.info("finetune: %d parameter tensors held fixed", len(names))
+    return frozen
+
+
+def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None:
+    """One fine-tuning worker: task (or prepared shards) source, freezing, the engine, the MLE loop with
+    early stopping."""
+    cfg = Config.model_validate(job.config)
+    ft = cfg.finetune
+    source: DataSource
+    if job.extra["prepared"]:
+        source = ShardSource(job.data, batch_size=ft.train.micro_batch_size, eval_batches=ft.train.eval_batches,
+                             loader=cfg.loader, rank=rank, world=world)
+    else:
+        source = TaskSource(job, ft, rank, world)
+    engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
+    resume = engine.resume_point()
+    accum = elastic.grad_accum_for(cfg.deepspeed.grad_accum, ft.train.micro_batch_size, cfg.scaling.worker_range,
+                                   job.seq_len, world, resume.meta if resume else None)
+    early_stop = EarlyStop(patience=ft.patience)
+    part = FinetunePart({}, early_stop)
+    engine.parts.append(part)
+    # Freezing after the --init weights are in (their exact values are kept), before DeepSpeed wraps the model.
+    engine.build(engine.new_model(), grad_accum=accum, resume=resume,
+                 before_wrap=lambda model: part.frozen.update(freeze(model, ft, rank)))
+    if resume is not None:
+        engine.restore(resume)
+    run_mle(engine, early_stop)
 
 
 def best_checkpoint(run: str) -> CheckpointRef | None:
     """The kept checkpoint with the lowest val loss."""
-    refs = [r for r in list_checkpoints(run) if "val_loss" in r.meta.get("metrics", {})]
-    return min(refs, key=lambda r: (r.meta["metrics"]["val_loss"], -r.step)) if refs else None
+    refs = [r for r in list_checkpoints(run) if "val_loss" in r.meta.metrics]
+    return min(refs, key=lambda r: (r.meta.metrics["val_loss"], -r.step)) if refs else None
 
 
-def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
-    """Driver: validate the task and the init checkpoint at the edge, then train on Ray Train."""
+def finetune_job(task: str, init: str, run: str, cfg: Config) -> tuple[Job, dict[str, Any]]:
+    """Validate the task and the init checkpoint at the edge (before any worker); the job, and what the
+    summary reports of the task."""
     import hashlib
 
-    from genpt_dist.train.launcher import fit, stage_config
-
     ref = resolve(init)
-    if ref.meta.get("model") is None:
-        raise UserError(f"--init {init} is not a generator checkpoint")
+    model_cfg = ref.model_config
     tok = load_tokenizer(ref)
     task = storage.normalize(task)
-    model_cfg = ref.model_config
     ft = cfg.finetune
     if ft.train_last_blocks is not None and ft.train_last_blocks > model_cfg.n_layer:
         raise UserError(f"finetune.train_last_blocks={ft.train_last_blocks} but the model has "
@@ -157,27 +178,30 @@ def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = 
     if manifest is not None:  # domain adaptation on a prepared dataset: its shards, its tokenizer
         if manifest.tokenizer_sha256 != tok.sha256:
             raise UserError(f"the task at {task} was tokenised with a different tokenizer than --init {ref.url}")
-        make_source, n_examples, truncated = ShardSource, manifest.num_samples("train"), 0
-        task_sha = manifest.sha256
+        info = {"examples": manifest.num_samples("train"), "truncated": 0}
+        task_sha, seq_len = manifest.sha256, manifest.seq_len
     else:
         data = load_task(task, tok, ft, model_cfg.block_size)  # fails here, before any worker, on bad input
         log.info("task %s: %d train / %d val %s examples (%d cut to fit)", task, len(data.train), len(data.val),
                  data.kind, data.truncated)
-        make_source, n_examples, truncated = TaskSource, len(data.train) + len(data.val), data.truncated
-        task_sha = hashlib.sha256(storage.read_bytes(task)).hexdigest()
-    stage_cfg = stage_config(cfg, model_cfg, seq_len=model_cfg.block_size,
-                             train={"steps": ft.steps, "micro_batch_size": ft.micro_batch_size,
-                                    "eval_every": ft.eval_every, "checkpoint_every": ft.eval_every,
-                                    "eval_batches": ft.eval_batches, "log_every": ft.log_every},
-                             optim={"lr": ft.lr, "warmup_steps": ft.warmup_steps})
-    run = storage.normalize(run)
-    job = Job(stage="finetune", config=stage_cfg.model_dump(mode="json"), data=task, run=run, init=ref.url,
-              extra={"task_sha256": task_sha})
-    metrics = fit(job, stage_cfg, run_worker, address=address, make_source=make_source, trainer_cls=FinetuneTrainer)
-    best = best_checkpoint(run)
+        info = {"examples": len(data.train) + len(data.val), "truncated": data.truncated}
+        task_sha, seq_len = hashlib.sha256(storage.read_bytes(task)).hexdigest(), model_cfg.block_size
+    job = Job(stage="finetune", config=cfg.model_dump(mode="json"), model=dataclasses.asdict(model_cfg),
+              seq_len=seq_len, data=task, run=storage.normalize(run), init=ref.url,
+              extra={"task_sha256": task_sha, "prepared": manifest is not None})
+    return job, info
+
+
+def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
+    """Driver: validate at the edge, train on Ray Train, report the best checkpoint."""
+    from genpt_dist.train.launcher import fit
+
+    job, info = finetune_job(task, init, run, cfg)
+    metrics = fit(job, cfg, finetune_worker, address=address)
+    best = best_checkpoint(job.run)
     keys = ("step", "train_loss", "val_loss", "val_ppl", "val_bpb", "best_val_loss", "stopped_early")
-    return {"command": "finetune", "run": run, "init": ref.url, "examples": n_examples, "truncated": truncated,
-            **{k: metrics.get(k) for k in keys}, "checkpoint": best.url if best else metrics.get("checkpoint")}
+    return {"command": "finetune", "run": job.run, "init": job.init, **info, **{k: metrics.get(k) for k in keys},
+            "checkpoint": best.url if best else metrics.get("checkpoint")}
 
 
 def _prepared_dataset(task: str):

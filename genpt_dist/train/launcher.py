@@ -1,4 +1,8 @@
-"""Stage drivers hand a worker function to `fit`, which owns the Ray Train set-up.
+"""Stage drivers hand their per-worker function to `fit`, which owns the Ray Train set-up.
+
+A stage's worker function is `run_stage(job, rank, world, reporter)`: plain code over the `Engine`
+that knows nothing of Ray Train; `ray_train_worker` is the adapter Ray Train calls on each worker
+(environment, threads, rank and world size from Ray Train's context, `ray.train.report` as reporter).
 
 `TorchTrainer` with `ScalingConfig` (workers, CPUs/GPUs each), `TorchConfig` (gloo on CPU, nccl on GPU,
 timeout), `RunConfig(storage_path=<run URL>, name="checkpoints")` with the storage seam's pyarrow
@@ -16,27 +20,55 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 from typing import Any, Callable
+
+import torch
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_incomplete
 from genpt_dist.config import Config
-from genpt_dist.model.gpt import GPTConfig
 from genpt_dist.raycluster import init_ray, room_for, worker_env
-from genpt_dist.train.loop import Job
+from genpt_dist.train.engine import Job, Reporter
 
 log = logging.getLogger(__name__)
 
+StageFn = Callable[[Job, int, int, Reporter], None]  # (job, rank, world, reporter): one worker's stage
 
-def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | None = None, *,
-        also_needs: tuple[float, float, str] = (0.0, 0.0, ""), **worker_kwargs: Any) -> dict[str, Any]:
-    """Run `worker_fn(job_dict, **worker_kwargs)` on N Ray Train workers; returns the final metrics.
+
+def init_worker(job: Job) -> Config:
+    """A worker's environment and threads, before any engine is built."""
+    os.environ.update(job.env)
+    cfg = Config.model_validate(job.config)
+    if not cfg.scaling.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return cfg
+
+
+def ray_train_worker(job_dict: dict[str, Any], run_stage: StageFn) -> None:
+    """Ray Train's `train_loop_per_worker`."""
+    import ray.train
+
+    from genpt_dist.train.engine import ray_train_reporter
+
+    ctx = ray.train.get_context()
+    job = Job(**job_dict)
+    init_worker(job)
+    run_stage(job, ctx.get_world_rank(), ctx.get_world_size(), ray_train_reporter)
+
+
+def fit(job: Job, cfg: Config, run_stage: StageFn, address: str | None = None, *,
+        also_needs: tuple[float, float, str] = (0.0, 0.0, "")) -> dict[str, Any]:
+    """Run `run_stage` on N Ray Train workers; returns the final metrics and the latest checkpoint.
 
     `also_needs` = (CPUs, GPUs, what) the stage holds besides the workers (e.g. rollout actors)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     init_ray(address)
+    schedule, _ = cfg.stage_schedule(job.stage)
     lo, hi = cfg.scaling.worker_range
     extra_cpus, extra_gpus, extra_what = also_needs
     with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
@@ -48,7 +80,7 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
         if cfg.scaling.use_gpu:
             resources["GPU"] = 1
         trainer = TorchTrainer(
-            functools.partial(worker_fn, **worker_kwargs),
+            functools.partial(ray_train_worker, run_stage=run_stage),
             train_loop_config=dataclasses.asdict(job),
             scaling_config=ray.train.ScalingConfig(num_workers=hi if lo == hi else (lo, hi),
                                                    use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
@@ -58,7 +90,7 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
                 name=CHECKPOINTS_DIR,
                 storage_path=path,
                 storage_filesystem=fs,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=schedule.keep_checkpoints),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             ),
         )
@@ -69,15 +101,3 @@ def fit(job: Job, cfg: Config, worker_fn: Callable[..., None], address: str | No
     ref = latest_checkpoint(job.run)
     metrics["checkpoint"] = ref.url if ref else None
     return metrics
-
-
-def stage_config(cfg: Config, init: GPTConfig, *, seq_len: int, train: dict[str, Any], optim: dict[str, Any]) -> Config:
-    """The config a stage that starts from a checkpoint runs with: the model shape of its `init`, the
-    data's sample length, and the stage's own train (steps, batch, ...) and optim (LR, ...) settings."""
-    shape = {"n_layer": init.n_layer, "n_head": init.n_head, "d_model": init.d_model, "block_size": init.block_size}
-    return cfg.model_copy(update={
-        "model": cfg.model.model_copy(update=shape),
-        "data": cfg.data.model_copy(update={"seq_len": seq_len}),
-        "train": cfg.train.model_copy(update=train),
-        "optim": cfg.optim.model_copy(update=optim),
-    })
