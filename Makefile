@@ -1,9 +1,10 @@
 # Two entry points: `make demo` and `make test`. Both create .venv if missing and install
 # torch==2.13.0 first (the CPU build on disk), then the package with its dev extra.
+# `make lint` (same install): ruff's lint rules and format check, then mypy; .ci/run runs it before the tests.
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -19,6 +20,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 clean:
 	rm -rf .venv runs

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe (configs/*.yaml); defaults if omitted")
+    p.add_argument("--config", help="YAML recipe: a file, or a shipped recipe's name (tiny, demo, shakespeare, "
+                   "seed-300d, oracle); defaults if omitted")
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config value by its dotted path, e.g. train.steps=100 (repeatable)")
 

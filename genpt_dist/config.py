@@ -340,8 +340,13 @@ def _format_validation_error(exc: ValidationError) -> str:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML recipe (or the defaults), apply `--set` overrides, validate once."""
+    """Read a YAML recipe (a file, a shipped recipe's name, or the defaults), apply `--set` overrides,
+    validate once."""
     raw: dict[str, Any] = {}
+    if path is not None and not Path(path).exists() and "/" not in str(path) and not str(path).endswith(".yaml"):
+        from genpt_dist.recipes import recipe_path
+
+        path = recipe_path(str(path))  # a shipped recipe by name: `--config tiny`
     if path is not None:
         try:
             text = Path(path).read_text()

@@ -16,10 +16,10 @@ from typing import Any
 
 from genpt_dist import storage
 from genpt_dist.config import load_config
+from genpt_dist.recipes import recipe_path
 from genpt_dist.report import format_table
 
 log = logging.getLogger(__name__)
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 
 def stdlib_dir() -> Path:
@@ -54,7 +54,7 @@ def docstring_task(limit: int = 2000) -> list[dict[str, str]]:
 def run_demo(run: str, config: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     from genpt_dist.pipeline import pipeline
 
-    cfg = load_config(config or DEMO_CONFIG, overrides)
+    cfg = load_config(config or recipe_path("demo"), overrides)
     run = storage.normalize(run)
     task_url = storage.join(run, "task.jsonl")
     if not storage.exists(task_url):

@@ -51,7 +51,7 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
     summary_url = storage.join(run, "pipeline.json")
     summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}
     data = storage.join(run, "data")
-    _timed(summary, "prepare", lambda: prepare(inputs, data, cfg.data))
+    _timed(summary, "prepare", lambda: prepare(inputs, data, cfg.data, address=address))
     storage.write_json(summary_url, summary)
 
     def stage(name: str, steps: int, go: Callable[[], dict[str, Any]], pick=latest_checkpoint) -> str:

@@ -70,6 +70,7 @@ def worker_env() -> dict[str, str]:
 
 def job_runtime_env() -> dict[str, Any] | None:
     """The runtime env a joined cluster's workers need from this driver (None: nothing to add)."""
+    # Ray-private env var, checked against Ray 2.60.0
     submitted = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")  # set by `ray job submit` for the entrypoint
     if submitted:
         job_env = json.loads(submitted).get("runtime_env") or {}
@@ -83,6 +84,7 @@ def _bootstrap_host_port(address: str) -> tuple[str, int]:
     if address.startswith("ray://"):
         hostport = address.removeprefix("ray://")
     elif address == "auto":
+        # Ray-private API, checked against Ray 2.60.0
         from ray._private.services import canonicalize_bootstrap_address_or_die
 
         try:
@@ -142,6 +144,7 @@ def init_ray(address: str | None = None) -> None:
 # by its file path), and, as a local Ray has no dashboard and so no state API, a placement-group
 # watchdog's warning every second that it cannot look up the controller. A moved module only brings
 # the lines back.
+# Ray Train v2 private module paths, checked against Ray 2.60.0
 _NOISY_RAY_MODULES = ("train/v2/_internal/execution/context.py",
                       "train/v2/_internal/execution/controller/placement_group_cleaner.py")
 
@@ -156,7 +159,7 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
     the driver's copy is set too; the processes Ray spawns inherit the environment.
     """
     import ray
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # Ray-private, checked against Ray 2.60.0
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -188,6 +191,7 @@ def _worker_output_to_stderr() -> None:
     """Ray shows what workers print to stdout on the driver's stdout, which carries only the command's
     final JSON line (a contract); route all worker output to the driver's stderr instead."""
     try:
+        # Ray-private API, checked against Ray 2.60.0
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
     except ImportError:  # another Ray layout: leave Ray's behaviour
         return
@@ -218,8 +222,8 @@ def _autoscaler_state() -> dict[str, Any] | None:
      "pending": nodes being launched, "node_types": [resources of one node] from the cluster config
      GCS holds (when the autoscaler reported one), "max": {resource: amount} over all node types}"""
     import ray
-    from ray._private import ray_constants
-    from ray._private.state import state as global_state
+    from ray._private import ray_constants  # Ray-private, checked against Ray 2.60.0
+    from ray._private.state import state as global_state  # Ray-private, checked against Ray 2.60.0
 
     out: dict[str, Any] = {"kind": None, "infeasible": [], "pending": 0, "node_types": [], "max": None}
     try:
@@ -231,6 +235,7 @@ def _autoscaler_state() -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001 - a GCS without a cluster config
         log.debug("no cluster config: %s", exc)
     try:
+        # Ray-private API, checked against Ray 2.60.0
         from ray._raylet import GcsClient
         from ray.core.generated.autoscaler_pb2 import GetClusterStatusReply
 
@@ -246,6 +251,7 @@ def _autoscaler_state() -> dict[str, Any] | None:
     except Exception as exc:  # noqa: BLE001 - no autoscaler v2 state in this GCS
         log.debug("no autoscaler v2 state: %s", exc)
     if out["kind"] is None:  # v1: its monitor's status; a local Ray's read-only monitor names types node_<id>
+        # Ray-private API, checked against Ray 2.60.0
         from ray.experimental.internal_kv import _internal_kv_get
 
         raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)

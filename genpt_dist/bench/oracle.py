@@ -60,11 +60,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpt_dist.recipes import recipe_path
 from genpt_dist.val_loss import LossSums, batch_loss_sums
 from genpt_dist.model.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "oracle.yaml"
 ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # 64 oracle symbols
 SEQGAN = {"mle": 9.038, "seqgan": 8.736}  # Yu et al. 2017, table 1 (NLL_oracle)
 FRONTIER_TEMPERATURES = (0.8, 0.85, 0.9, 0.95, 1.0)  # the MLE generator cooled: the mode-seeking peer
@@ -200,13 +200,14 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
 
     spec = QUICK if quick else OracleSpec()
     overrides = [*(QUICK_OVERRIDES if quick else []), *(overrides or [])]
-    cfg = load_config(RECIPE, overrides)
+    recipe = recipe_path("oracle")
+    cfg = load_config(recipe, overrides)
     r, rs = cfg.adversarial.rollout, cfg.adversarial.rollout.sampling
     if cfg.data.seq_len != spec.seq_len + 2 or rs.max_new_tokens != spec.seq_len or r.prompt_len != 0:
-        raise UserError(f"{RECIPE.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
+        raise UserError(f"{recipe.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
                         f"sample), adversarial.rollout.sampling.max_new_tokens {spec.seq_len} and prompt_len 0")
     if rs.top_k is not None or rs.top_p is not None or rs.temperature != 1.0:
-        raise UserError(f"{RECIPE.name}: rollouts must sample the policy itself (top_k/top_p null, temperature 1)")
+        raise UserError(f"{recipe.name}: rollouts must sample the policy itself (top_k/top_p null, temperature 1)")
     tok = byte_tokenizer()
     symbols = torch.tensor(tok.encode(ALPHABET))  # (64,) one byte token per character
     id_to_char = dict(zip(symbols.tolist(), ALPHABET))
@@ -229,7 +230,7 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         times["mle_s"] = time.time() - t0
         t0 = time.time()
         adv_outs = [adversarial(str(root / "data"), str(root / "mle"), str(root / f"adv-{i}"),
-                                load_config(RECIPE, [*overrides, f"adversarial.train.seed={cfg.adversarial.train.seed + i}"]))
+                                load_config(recipe, [*overrides, f"adversarial.train.seed={cfg.adversarial.train.seed + i}"]))
                     for i in range(spec.stage_runs)]
         times["adversarial_s"] = time.time() - t0
 
@@ -289,7 +290,7 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         "sampling": "every generator sampled at temperature 1, top_k None, top_p None (over the oracle's 64 symbols); "
                     "the peer, MLE cooled, at the temperatures of mle_temperature_frontier",
         "spec": asdict(spec),
-        "recipe": str(RECIPE), "overrides": overrides,
+        "recipe": str(recipe), "overrides": overrides,
         "train_sequences": summary["train_samples"], "val_sequences": int(in_val.sum()),
         "nll_oracle_oracle": rows[0]["nll_oracle"],
         **{f"nll_oracle_{k}": round(v["nll_oracle"], 4) for k, v in results.items()},
