@@ -120,24 +120,40 @@ class CheckpointMeta:
     def from_json_dict(cls, raw: dict[str, Any], where: str) -> CheckpointMeta:
         fmt = raw.get("format")
         if fmt not in (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_V1):
-            raise UserError(f"{where}: unknown {META} format {fmt!r} (this version reads {CHECKPOINT_FORMAT}, "
-                            f"{CHECKPOINT_FORMAT_V1} and {EXPORT_FORMAT})")
+            raise UserError(
+                f"{where}: unknown {META} format {fmt!r} (this version reads {CHECKPOINT_FORMAT}, "
+                f"{CHECKPOINT_FORMAT_V1} and {EXPORT_FORMAT})"
+            )
         try:
             data = raw.get("data") or {}
             config = dict(raw.get("config") or {})
-            micro = raw.get("micro_batch_size") if fmt == CHECKPOINT_FORMAT else (
-                (config.get("train") or {}).get("micro_batch_size"))
+            micro = (
+                raw.get("micro_batch_size")
+                if fmt == CHECKPOINT_FORMAT
+                else ((config.get("train") or {}).get("micro_batch_size"))
+            )
             return cls(
-                stage=str(raw["stage"]), step=int(raw["step"]), tokens_seen=int(raw["tokens_seen"]),
-                world_size=int(raw["world_size"]), zero_stage=int(raw["zero_stage"]),
-                precision=str(raw["precision"]), model=GPTConfig(**raw["model"]), config=config,
-                tokenizer_sha256=str(raw["tokenizer_sha256"]), data_url=data.get("url"),
-                data_fingerprint=data.get("fingerprint"), init=raw.get("init"), loader=dict(raw.get("loader") or {}),
-                metrics=dict(raw.get("metrics") or {}), files={k: int(v) for k, v in (raw.get("files") or {}).items()},
+                stage=str(raw["stage"]),
+                step=int(raw["step"]),
+                tokens_seen=int(raw["tokens_seen"]),
+                world_size=int(raw["world_size"]),
+                zero_stage=int(raw["zero_stage"]),
+                precision=str(raw["precision"]),
+                model=GPTConfig(**raw["model"]),
+                config=config,
+                tokenizer_sha256=str(raw["tokenizer_sha256"]),
+                data_url=data.get("url"),
+                data_fingerprint=data.get("fingerprint"),
+                init=raw.get("init"),
+                loader=dict(raw.get("loader") or {}),
+                metrics=dict(raw.get("metrics") or {}),
+                files={k: int(v) for k, v in (raw.get("files") or {}).items()},
                 rl=RLState(**raw["rl"]) if raw.get("rl") else None,
                 finetune=FinetuneState(**raw["finetune"]) if raw.get("finetune") else None,
-                saved_at=str(raw.get("saved_at") or ""), micro_batch_size=None if micro is None else int(micro),
-                format=fmt)
+                saved_at=str(raw.get("saved_at") or ""),
+                micro_batch_size=None if micro is None else int(micro),
+                format=fmt,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _invalid(where, fmt, exc) from None
 
@@ -188,22 +204,33 @@ class ExportMeta:
     def from_json_dict(cls, raw: dict[str, Any], where: str) -> ExportMeta:
         fmt = raw.get("format")
         if fmt != EXPORT_FORMAT:
-            raise UserError(f"{where}: unknown {META} format {fmt!r} for an export "
-                            f"(this version reads {EXPORT_FORMAT})")
+            raise UserError(
+                f"{where}: unknown {META} format {fmt!r} for an export (this version reads {EXPORT_FORMAT})"
+            )
         try:
             data = raw.get("data") or {}
             tokens = raw.get("tokens_seen")
             return cls(
-                stage=raw.get("stage"), step=int(raw.get("step") or 0),
+                stage=raw.get("stage"),
+                step=int(raw.get("step") or 0),
                 tokens_seen=None if tokens is None else int(tokens),
-                model=GPTConfig(**raw["model"]), tokenizer_sha256=str(raw["tokenizer_sha256"]),
-                data_url=data.get("url"), data_fingerprint=data.get("fingerprint"), config=raw.get("config"),
-                metrics=dict(raw.get("metrics") or {}), init=raw.get("init"),
+                model=GPTConfig(**raw["model"]),
+                tokenizer_sha256=str(raw["tokenizer_sha256"]),
+                data_url=data.get("url"),
+                data_fingerprint=data.get("fingerprint"),
+                config=raw.get("config"),
+                metrics=dict(raw.get("metrics") or {}),
+                init=raw.get("init"),
                 source=ExportSource(**raw["source"]) if raw.get("source") else None,
-                export_format=str(raw["export_format"]), weights_layout=str(raw["weights_layout"]),
-                weights=str(raw.get("weights") or "model.safetensors"), dtype=str(raw.get("dtype") or "float32"),
-                files={k: int(v) for k, v in (raw.get("files") or {}).items()}, exported_from=raw.get("exported_from"),
-                exported_at=str(raw.get("exported_at") or ""), format=fmt)
+                export_format=str(raw["export_format"]),
+                weights_layout=str(raw["weights_layout"]),
+                weights=str(raw.get("weights") or "model.safetensors"),
+                dtype=str(raw.get("dtype") or "float32"),
+                files={k: int(v) for k, v in (raw.get("files") or {}).items()},
+                exported_from=raw.get("exported_from"),
+                exported_at=str(raw.get("exported_at") or ""),
+                format=fmt,
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _invalid(where, fmt, exc) from None
 
@@ -291,8 +318,11 @@ def remove_incomplete(run_url: str) -> list[str]:
     uploading. Folders Ray Train reported stay: they are its to rotate."""
     root, files, folders = _checkpoint_folders(run_url)
     snapshot = storage.join(root, RAY_TRAIN_SNAPSHOT)
-    reported = ({c["checkpoint_dir_name"] for c in storage.read_json(snapshot).get("checkpoint_results", [])}
-                if snapshot in files else set())
+    reported = (
+        {c["checkpoint_dir_name"] for c in storage.read_json(snapshot).get("checkpoint_results", [])}
+        if snapshot in files
+        else set()
+    )
     removed = []
     for folder in folders:
         if storage.name(folder) in reported:
@@ -341,7 +371,7 @@ def download(ref: CheckpointRef, local_dir: str | Path, only_rank: int | None = 
     states are left out: a resume at the world size the checkpoint was written with reads only its own."""
     root = ref.url.rstrip("/") + "/"
     for file_url in storage.list_files(ref.url):
-        rel = file_url[len(root):]
+        rel = file_url[len(root) :]
         other = _RANK_FILE.search(rel)
         if only_rank is not None and other and int(other.group(1)) != only_rank:
             continue
@@ -376,8 +406,10 @@ def _stage0_fp32(states: dict[str, Any]) -> dict[str, torch.Tensor]:
         else:
             out[name] = tensor.float()
     if any(groups):
-        log.warning("ZeRO-0 checkpoint: fp32 master weights do not line up with the module; using its %s weights",
-                    next(iter(module.values())).dtype)
+        log.warning(
+            "ZeRO-0 checkpoint: fp32 master weights do not line up with the module; using its %s weights",
+            next(iter(module.values())).dtype,
+        )
         return {k: v.float() for k, v in module.items()}
     return out
 
@@ -403,9 +435,8 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
     """fp32 weights of a checkpoint (consolidated from its ZeRO shards) or of an export."""
     meta = ref.meta
     if isinstance(meta, ExportMeta):
-        from safetensors.torch import load as load_safetensors
-
         from safetensors import SafetensorError
+        from safetensors.torch import load as load_safetensors
 
         weights = storage.join(ref.url, meta.weights)
         try:
@@ -440,8 +471,10 @@ def load_model(url: str, device: str | torch.device = "cpu") -> tuple[GPT, Token
     missing, unexpected = model.load_state_dict(state, strict=False)
     real_missing = [k for k in missing if k != "lm_head.weight"]
     if real_missing or unexpected:
-        raise UserError(f"{ref.url}: weights do not match the model config (missing {real_missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        raise UserError(
+            f"{ref.url}: weights do not match the model config (missing {real_missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     return model.to(device).eval(), tok, ref
 
 

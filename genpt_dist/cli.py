@@ -11,7 +11,8 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from genpt_dist.errors import UserError
 
@@ -32,10 +33,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML recipe: a file, or a shipped recipe's name (tiny, demo, shakespeare, "
-                   "seed-300d, oracle); defaults if omitted")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override a config value by its dotted path, e.g. train.steps=100 (repeatable)")
+    p.add_argument(
+        "--config",
+        help="YAML recipe: a file, or a shipped recipe's name (tiny, demo, shakespeare, "
+        "seed-300d, oracle); defaults if omitted",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value by its dotted path, e.g. train.steps=100 (repeatable)",
+    )
 
 
 def _cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,17 +105,27 @@ def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    return run_bench(args.name, args.output, quick=args.quick, only=only, device=args.device,
-                     overrides=args.overrides)
+    return run_bench(args.name, args.output, quick=args.quick, only=only, device=args.device, overrides=args.overrides)
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.generate import generate, read_prompts
 
     prompts = read_prompts(args.prompt, args.prompt_file)
-    return generate(args.model, prompts, max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p,
-                    temperature=args.temperature, num_samples=args.num_samples, seed=args.seed, fmt=args.format,
-                    batch_size=args.batch_size, device=args.device, dtype=args.dtype)
+    return generate(
+        args.model,
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        temperature=args.temperature,
+        num_samples=args.num_samples,
+        seed=args.seed,
+        fmt=args.format,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,8 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_adversarial)
 
     p = sub.add_parser("finetune", help="supervised fine-tuning of a checkpoint on a downstream task")
-    p.add_argument("--task", required=True, metavar="SRC",
-                   help="prompt/completion JSONL, text/JSONL 'text', or a prepared dataset folder")
+    p.add_argument(
+        "--task",
+        required=True,
+        metavar="SRC",
+        help="prompt/completion JSONL, text/JSONL 'text', or a prepared dataset folder",
+    )
     p.add_argument("--init", required=True, metavar="CKPT", help="checkpoint, run or export to start from")
     p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
     _stage_args(p)
@@ -182,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample continuations of prompts from a checkpoint or export")
     p.add_argument("--model", required=True, metavar="CKPT", help="a run (its latest checkpoint), checkpoint or export")
-    p.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeatable); - reads one per stdin line")
+    p.add_argument(
+        "--prompt", action="append", metavar="TEXT", help="a prompt (repeatable); - reads one per stdin line"
+    )
     p.add_argument("--prompt-file", metavar="FILE", help="prompts, one per line")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="default: the checkpoint's sampling config")
     p.add_argument("--top-k", type=int, metavar="K", help="sample among the K most likely (0 = off)")
@@ -190,7 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, metavar="T")
     p.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt")
     p.add_argument("--seed", type=int, metavar="S", help="same seed, same tokens (default: drawn and reported)")
-    p.add_argument("--format", choices=["text", "jsonl"], default="text", help="stdout: text blocks or one JSON per sample")
+    p.add_argument(
+        "--format", choices=["text", "jsonl"], default="text", help="stdout: text blocks or one JSON per sample"
+    )
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="rows sampled together")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype while sampling")
@@ -212,15 +241,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("bench", help="benchmarks: ours vs the peer, same run")
-    p.add_argument("name", help="all | train | scaling | generate | sync | checkpoint | loader | prepare | oracle "
-                                "(all = every one but oracle, which measures learning)")
+    p.add_argument(
+        "name",
+        help="all | train | scaling | generate | sync | checkpoint | loader | prepare | oracle "
+        "(all = every one but oracle, which measures learning)",
+    )
     p.add_argument("--output", default="bench-results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.add_argument("--only", default=None, metavar="A,B", help="with all: run only these benches")
-    p.add_argument("--device", default="auto",
-                   help="where train and generate measure: cpu, cuda, cuda:N or auto (the GPU when one is visible)")
-    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.train.steps=300")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where train and generate measure: cpu, cuda, cuda:N or auto (the GPU when one is visible)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.train.steps=300",
+    )
     p.set_defaults(fn=_cmd_bench)
     return parser
 

@@ -52,7 +52,7 @@ class DataConfig(_Strict):
     seed: int = Field(0, description="seed of the segment shuffle across shards")
 
     @model_validator(mode="after")
-    def _check_vocab(self) -> "DataConfig":
+    def _check_vocab(self) -> DataConfig:
         need = BYTE_ALPHABET + NUM_SPECIAL_TOKENS
         if self.tokenizer == "bpe" and self.vocab_size < need:
             raise ValueError(
@@ -71,7 +71,7 @@ class TransformerShape(_Strict):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on embeddings, attention and MLP")
 
     @model_validator(mode="after")
-    def _check_heads(self) -> "TransformerShape":
+    def _check_heads(self) -> TransformerShape:
         if self.d_model % self.n_head:
             raise ValueError(f"n_head={self.n_head} does not divide d_model={self.d_model}")
         return self
@@ -113,7 +113,7 @@ class DeepSpeedConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (pretrain, finetune)")
 
     @model_validator(mode="after")
-    def _check_offload(self) -> "DeepSpeedConfig":
+    def _check_offload(self) -> DeepSpeedConfig:
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params needs zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
@@ -183,7 +183,8 @@ class RolloutConfig(_Strict):
     prompt_len: int = Field(0, ge=0, description="real-text prefix tokens per prompt after <bos> (0 = from <bos>)")
     samples_per_prompt: int = Field(4, ge=1, description="rollouts per prompt (the group of group/RLOO baselines)")
     sampling: _stage_section(SamplingConfig, max_new_tokens=64) = Field(  # type: ignore[valid-type]
-        description="how each rollout is sampled (max_new_tokens: tokens per rollout)")
+        description="how each rollout is sampled (max_new_tokens: tokens per rollout)"
+    )
 
 
 _DISC_SHAPE = {"n_layer": 2, "n_head": 4, "d_model": 128, "dropout": 0.1}
@@ -193,14 +194,21 @@ class DiscriminatorTrainConfig(_Strict):
     """The Transformer-encoder discriminator (real vs generated) and its training schedule."""
 
     model: _stage_section(TransformerShape, **_DISC_SHAPE) = Field(  # type: ignore[valid-type]
-        description="the encoder's shape")
+        description="the encoder's shape"
+    )
     lr: float = Field(2e-4, gt=0, description="AdamW learning rate")
     pretrain_steps: int = Field(20, ge=0, description="D updates on real vs initial-policy samples before RL")
     d_steps: int = Field(1, ge=0, description="D updates per generator update (0 = D fixed after pre-training)")
 
 
-_ADV_TRAIN = {"steps": 50, "micro_batch_size": 16, "eval_every": 25, "eval_batches": 2, "checkpoint_every": 25,
-              "log_every": 5}
+_ADV_TRAIN = {
+    "steps": 50,
+    "micro_batch_size": 16,
+    "eval_every": 25,
+    "eval_batches": 2,
+    "checkpoint_every": 25,
+    "log_every": 5,
+}
 _ADV_OPTIM = {"lr": 2e-5, "warmup_steps": 0, "min_lr_ratio": 1.0}
 
 
@@ -208,9 +216,11 @@ class AdversarialConfig(_Strict):
     """SeqGAN-style REINFORCE against an online discriminator, with a KL guard to the pretrained model."""
 
     train: _stage_section(TrainConfig, **_ADV_TRAIN) = Field(  # type: ignore[valid-type]
-        description="policy updates (steps), rows per forward/backward, cadence")
+        description="policy updates (steps), rows per forward/backward, cadence"
+    )
     optim: _stage_section(OptimConfig, **_ADV_OPTIM) = Field(  # type: ignore[valid-type]
-        description="the policy's optimizer (constant LR after warmup by default)")
+        description="the policy's optimizer (constant LR after warmup by default)"
+    )
     prompts_per_step: int = Field(8, ge=1, description="prompts per update, over all workers")
     reward: Literal["prob", "log"] = Field("prob", description="sequence reward D(x) or log D(x)")
     baseline: Literal["ema", "group", "rloo", "none"] = Field("rloo", description="REINFORCE baseline")
@@ -225,8 +235,14 @@ class AdversarialConfig(_Strict):
     discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)
 
 
-_FT_TRAIN = {"steps": 200, "micro_batch_size": 8, "eval_every": 25, "eval_batches": 8, "checkpoint_every": 25,
-             "log_every": 10}
+_FT_TRAIN = {
+    "steps": 200,
+    "micro_batch_size": 8,
+    "eval_every": 25,
+    "eval_batches": 8,
+    "checkpoint_every": 25,
+    "log_every": 10,
+}
 _FT_OPTIM = {"lr": 3e-4, "warmup_steps": 10}
 
 
@@ -234,9 +250,11 @@ class FinetuneConfig(_Strict):
     """Supervised fine-tuning on a downstream task, with parts of the model held fixed."""
 
     train: _stage_section(TrainConfig, **_FT_TRAIN) = Field(  # type: ignore[valid-type]
-        description="steps at most (early stopping may end sooner), examples per rank, cadence")
+        description="steps at most (early stopping may end sooner), examples per rank, cadence"
+    )
     optim: _stage_section(OptimConfig, **_FT_OPTIM) = Field(  # type: ignore[valid-type]
-        description="AdamW, warmup + cosine")
+        description="AdamW, warmup + cosine"
+    )
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of examples held out (by hash) for val")
     patience: int = Field(4, ge=0, description="evaluations without improvement before stopping (0 = never)")
     prompt_field: str = Field("prompt", description="JSONL field of the prompt")
@@ -257,10 +275,12 @@ class FinetuneConfig(_Strict):
         return raw
 
     @model_validator(mode="after")
-    def _check_cadence(self) -> "FinetuneConfig":
+    def _check_cadence(self) -> FinetuneConfig:
         if self.train.checkpoint_every % self.train.eval_every:
-            raise ValueError(f"train.checkpoint_every={self.train.checkpoint_every} must be a multiple of "
-                             f"train.eval_every={self.train.eval_every}: the best checkpoint is chosen by val loss")
+            raise ValueError(
+                f"train.checkpoint_every={self.train.checkpoint_every} must be a multiple of "
+                f"train.eval_every={self.train.eval_every}: the best checkpoint is chosen by val loss"
+            )
         return self
 
 
@@ -289,7 +309,7 @@ class Config(_Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
-    def _check_context(self) -> "Config":
+    def _check_context(self) -> Config:
         block = self.model.block_size
         if block is not None and block < self.data.seq_len:
             raise ValueError(f"model.block_size={block} is shorter than data.seq_len={self.data.seq_len}")

@@ -44,8 +44,7 @@ def docstring_task(limit: int = 2000) -> list[dict[str, str]]:
                 doc = ast.get_docstring(node)
                 line = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
                 if 8 <= len(line) <= 100 and not node.name.startswith("_"):
-                    pairs.append({"prompt": f"def {node.name}({ast.unparse(node.args)}):\n    \"\"\"",
-                                  "completion": line})
+                    pairs.append({"prompt": f'def {node.name}({ast.unparse(node.args)}):\n    """', "completion": line})
                     if len(pairs) >= limit:
                         return pairs
     return pairs

@@ -16,7 +16,8 @@ tokenizers. Computed in fp32.
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,8 +39,10 @@ def _dataset_batches(url: str, split: str, tok: Tokenizer, block: int, batch_siz
 
     manifest = load_manifest(url)
     if manifest.tokenizer_sha256 != tok.sha256:
-        raise UserError(f"the data at {url} was tokenised with a different tokenizer than the model "
-                        f"(sha256 {manifest.tokenizer_sha256[:12]} vs {tok.sha256[:12]})")
+        raise UserError(
+            f"the data at {url} was tokenised with a different tokenizer than the model "
+            f"(sha256 {manifest.tokenizer_sha256[:12]} vs {tok.sha256[:12]})"
+        )
     if manifest.seq_len > block:
         raise UserError(f"the data has {manifest.seq_len}-token samples, the model's context is {block}")
     if not manifest.has_split(split) or manifest.num_samples(split) == 0:
@@ -56,11 +59,16 @@ def _text_batches(url: str, tok: Tokenizer, block: int, batch_size: int) -> Iter
     stream = np.concatenate([np.concatenate([bos, ids, eos]) for ids in tok.encode_arrays(docs, np.int64)])
     samples = pack(stream, block, tok.pad_id)  # (n, block + 1)
     for lo in range(0, len(samples), batch_size):
-        yield torch.from_numpy(samples[lo:lo + batch_size])
+        yield torch.from_numpy(samples[lo : lo + batch_size])
 
 
-def score(model: GPT, batches: Iterator[torch.Tensor], pad_id: int, byte_lengths: np.ndarray,
-          device: torch.device | str = "cpu") -> dict[str, float]:
+def score(
+    model: GPT,
+    batches: Iterator[torch.Tensor],
+    pad_id: int,
+    byte_lengths: np.ndarray,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
     """Loss, perplexity and bits-per-byte over (B, T + 1) token batches (pad targets carry no loss)."""
     table = torch.from_numpy(byte_lengths).to(device)
     sums = LossSums()
@@ -71,11 +79,18 @@ def score(model: GPT, batches: Iterator[torch.Tensor], pad_id: int, byte_lengths
     if sums.targets == 0:
         raise UserError("nothing to evaluate: no target tokens")
     m = sums.metrics(prefix="")
-    return {"loss": m["loss"], "perplexity": m["ppl"], "bpb": m["bpb"], "tokens": int(sums.targets),
-            "bytes": int(sums.bytes)}
+    return {
+        "loss": m["loss"],
+        "perplexity": m["ppl"],
+        "bpb": m["bpb"],
+        "tokens": int(sums.targets),
+        "bytes": int(sums.bytes),
+    }
 
 
-def evaluate(model: str, data: str, *, split: str = "val", batch_size: int = 8, device: str | None = None) -> dict[str, Any]:
+def evaluate(
+    model: str, data: str, *, split: str = "val", batch_size: int = 8, device: str | None = None
+) -> dict[str, Any]:
     """Run the whole `evaluate` command; returns the JSON summary."""
     from genpt_dist.device import pick_device
 
@@ -94,6 +109,13 @@ def evaluate(model: str, data: str, *, split: str = "val", batch_size: int = 8, 
     else:
         batches = _text_batches(data, tok, block, batch_size)
     metrics = score(net, batches, tok.pad_id, token_byte_lengths(tok), dev)
-    return {"command": "evaluate", **metrics, "model": ref.url, "step": ref.step, "data": data,
-            "kind": "dataset" if is_dataset else "text", "split": split if is_dataset else None,
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "command": "evaluate",
+        **metrics,
+        "model": ref.url,
+        "step": ref.step,
+        "data": data,
+        "kind": "dataset" if is_dataset else "text",
+        "split": split if is_dataset else None,
+        "seconds": round(time.time() - t0, 2),
+    }

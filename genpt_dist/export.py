@@ -36,8 +36,18 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (CHECKPOINTS_DIR, META, TOKENIZER, CheckpointMeta, CheckpointRef, ExportMeta,
-                                   ExportSource, load_state_dict, load_tokenizer, resolve)
+from genpt_dist.checkpoint import (
+    CHECKPOINTS_DIR,
+    META,
+    TOKENIZER,
+    CheckpointMeta,
+    CheckpointRef,
+    ExportMeta,
+    ExportSource,
+    load_state_dict,
+    load_tokenizer,
+    resolve,
+)
 from genpt_dist.errors import UserError
 from genpt_dist.hf_compat import hf_config_dict, to_hf_state_dict
 from genpt_dist.model.gpt import GPTConfig
@@ -84,9 +94,18 @@ def export_meta(ref: CheckpointRef) -> ExportProvenance:
         src = ExportSource(checkpoint=ref.url, run=source_run(ref.url), format=m.format, stage=m.stage)
         if isinstance(m, CheckpointMeta):
             src = dataclasses.replace(src, zero_stage=m.zero_stage, world_size=m.world_size, precision=m.precision)
-    return ExportProvenance(stage=m.stage, step=m.step, tokens_seen=m.tokens_seen, data_url=m.data_url,
-                            data_fingerprint=m.data_fingerprint, config=m.config, metrics=dict(m.metrics),
-                            init=m.init, source=src, exported_from=ref.url if ref.is_export else None)
+    return ExportProvenance(
+        stage=m.stage,
+        step=m.step,
+        tokens_seen=m.tokens_seen,
+        data_url=m.data_url,
+        data_fingerprint=m.data_fingerprint,
+        config=m.config,
+        metrics=dict(m.metrics),
+        init=m.init,
+        source=src,
+        exported_from=ref.url if ref.is_export else None,
+    )
 
 
 def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, Any]]:
@@ -102,8 +121,15 @@ def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, 
         "clean_up_tokenization_spaces": False,
         **specials,
         "added_tokens_decoder": {
-            str(tok.hf.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                                         "single_word": False, "special": True} for t in (PAD, BOS, EOS)
+            str(tok.hf.token_to_id(t)): {
+                "content": t,
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+                "special": True,
+            }
+            for t in (PAD, BOS, EOS)
         },
     }
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}
@@ -112,8 +138,12 @@ def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, 
 def _generation_config(provenance: ExportProvenance, tok: Tokenizer) -> dict[str, Any]:
     sampling = (provenance.config or {}).get("sampling") or {}
     gen = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id, "do_sample": True}
-    for ours, theirs in (("max_new_tokens", "max_new_tokens"), ("top_k", "top_k"), ("top_p", "top_p"),
-                         ("temperature", "temperature")):
+    for ours, theirs in (
+        ("max_new_tokens", "max_new_tokens"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+        ("temperature", "temperature"),
+    ):
         if sampling.get(ours) is not None:
             gen[theirs] = sampling[ours]
     return gen
@@ -127,7 +157,7 @@ def _check_output(output: str, ref: CheckpointRef, overwrite: bool) -> None:
     existing = storage.list_files(output)
     if not existing:
         return
-    names = {f[len(output.rstrip("/")) + 1:] for f in existing}
+    names = {f[len(output.rstrip("/")) + 1 :] for f in existing}
     interrupted = META not in names and names <= set(ALL_FILES)  # an export of ours that never finished
     if interrupted:
         log.info("--output %s holds an unfinished export (no %s); replacing it", output, META)
@@ -138,8 +168,9 @@ def _check_output(output: str, ref: CheckpointRef, overwrite: bool) -> None:
         storage.delete(storage.join(output, name))
 
 
-def write_export(output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tok: Tokenizer,
-                 provenance: ExportProvenance) -> dict[str, int]:
+def write_export(
+    output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPTConfig, tok: Tokenizer, provenance: ExportProvenance
+) -> dict[str, int]:
     """Write an export of our-layout fp32 weights `state` to `output` (checked empty); meta.json last.
 
     `provenance` (see `export_meta`) goes into meta.json; returns {file name: bytes} of what was written."""
@@ -153,12 +184,22 @@ def write_export(output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPT
     state.pop(TIED, None)  # shares storage with transformer.wte.weight; re-tied on load
     state = {k: v.contiguous() for k, v in state.items()}
     if fmt == "hf":
-        texts = {CONFIG: hf_config_dict(cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id),
-                 "generation_config.json": _generation_config(provenance, tok),
-                 **_hf_tokenizer_files(tok, cfg.block_size)}
+        texts = {
+            CONFIG: hf_config_dict(cfg, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id),
+            "generation_config.json": _generation_config(provenance, tok),
+            **_hf_tokenizer_files(tok, cfg.block_size),
+        }
     else:
-        texts = {CONFIG: {"architecture": "genpt-dist GPT", "weights_layout": "genpt", **dataclasses.asdict(cfg),
-                          "pad_token_id": tok.pad_id, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}}
+        texts = {
+            CONFIG: {
+                "architecture": "genpt-dist GPT",
+                "weights_layout": "genpt",
+                **dataclasses.asdict(cfg),
+                "pad_token_id": tok.pad_id,
+                "bos_token_id": tok.bos_id,
+                "eos_token_id": tok.eos_id,
+            }
+        }
 
     files: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="genpt-export-") as tmp:
@@ -173,10 +214,17 @@ def write_export(output: str, fmt: str, state: dict[str, torch.Tensor], cfg: GPT
         data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
         storage.write_bytes(storage.join(output, name), data)
         files[name] = len(data)
-    meta = ExportMeta(**{f.name: getattr(provenance, f.name) for f in dataclasses.fields(provenance)},
-                      model=cfg, tokenizer_sha256=tok.sha256, export_format=fmt,
-                      weights_layout="hf" if fmt == "hf" else "genpt", weights=WEIGHTS, dtype="float32", files=files,
-                      exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    meta = ExportMeta(
+        **{f.name: getattr(provenance, f.name) for f in dataclasses.fields(provenance)},
+        model=cfg,
+        tokenizer_sha256=tok.sha256,
+        export_format=fmt,
+        weights_layout="hf" if fmt == "hf" else "genpt",
+        weights=WEIGHTS,
+        dtype="float32",
+        files=files,
+        exported_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
     storage.publish(output, META, meta.to_json().encode(), required=list(files))
     return files
 
@@ -195,6 +243,14 @@ def export(model: str, output: str, fmt: str = "safetensors", overwrite: bool = 
     files = write_export(output, fmt, state, ref.model_config, tok, export_meta(ref))
     n_params = sum(v.numel() for k, v in state.items() if k != TIED)
     log.info("exported %s (step %d, %d parameters) to %s as %s", ref.url, ref.step, n_params, output, fmt)
-    return {"command": "export", "output": output, "format": fmt, "source": ref.url, "step": ref.step,
-            "parameters": n_params, "bytes": sum(files.values()), "files": sorted([*files, META]),
-            "seconds": round(time.time() - t0, 2)}
+    return {
+        "command": "export",
+        "output": output,
+        "format": fmt,
+        "source": ref.url,
+        "step": ref.step,
+        "parameters": n_params,
+        "bytes": sum(files.values()),
+        "files": sorted([*files, META]),
+        "seconds": round(time.time() - t0, 2),
+    }

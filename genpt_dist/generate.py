@@ -60,8 +60,13 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None, stdin: IO[s
     return out
 
 
-def sampling_settings(run_config: dict[str, Any] | None, max_new_tokens: int | None, top_k: int | None,
-                      top_p: float | None, temperature: float | None) -> SamplingConfig:
+def sampling_settings(
+    run_config: dict[str, Any] | None,
+    max_new_tokens: int | None,
+    top_k: int | None,
+    top_p: float | None,
+    temperature: float | None,
+) -> SamplingConfig:
     """The checkpoint's sampling defaults (`run_config`: the run's Config dump in its meta.json) with the
     command line's overrides; 0 / 1 switch filters off."""
     base = ((run_config or {}).get("sampling")) or {}
@@ -80,10 +85,22 @@ def sampling_settings(run_config: dict[str, Any] | None, max_new_tokens: int | N
         raise UserError(f"bad sampling setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
-def generate(model: str, prompts: list[str], *, max_new_tokens: int | None = None, top_k: int | None = None,
-             top_p: float | None = None, temperature: float | None = None, num_samples: int = 1,
-             seed: int | None = None, fmt: str = "text", batch_size: int = 32, device: str | None = None,
-             dtype: str = "fp32", out: IO[str] | None = None) -> dict[str, Any]:
+def generate(
+    model: str,
+    prompts: list[str],
+    *,
+    max_new_tokens: int | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float | None = None,
+    num_samples: int = 1,
+    seed: int | None = None,
+    fmt: str = "text",
+    batch_size: int = 32,
+    device: str | None = None,
+    dtype: str = "fp32",
+    out: IO[str] | None = None,
+) -> dict[str, Any]:
     """Run the whole `generate` command: samples to `out` (stdout), returns the JSON summary."""
     out = out or sys.stdout
     if fmt not in ("text", "jsonl"):
@@ -101,12 +118,20 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int | None = Non
     encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
     for i, ids in enumerate(encoded):
         if len(ids) >= block:
-            raise UserError(f"prompt {i + 1} is {len(ids)} tokens with <bos>; the model's context is {block} "
-                            f"tokens, so it leaves no room to generate")
+            raise UserError(
+                f"prompt {i + 1} is {len(ids)} tokens with <bos>; the model's context is {block} "
+                f"tokens, so it leaves no room to generate"
+            )
     n_new = min(cfg.max_new_tokens, block - max(len(ids) for ids in encoded))
     if n_new < cfg.max_new_tokens:
-        log.warning("max_new_tokens cut from %d to %d: the longest prompt (%d tokens) + new tokens must fit the "
-                    "model's %d-token context", cfg.max_new_tokens, n_new, max(map(len, encoded)), block)
+        log.warning(
+            "max_new_tokens cut from %d to %d: the longest prompt (%d tokens) + new tokens must fit the "
+            "model's %d-token context",
+            cfg.max_new_tokens,
+            n_new,
+            max(map(len, encoded)),
+            block,
+        )
     if seed is None:
         seed = secrets.randbits(31)
     generator = torch.Generator(device=dev).manual_seed(seed)
@@ -115,35 +140,66 @@ def generate(model: str, prompts: list[str], *, max_new_tokens: int | None = Non
     completions: list[str] = []
     new_tokens, t0 = 0, time.time()
     for lo in range(0, len(rows), batch_size):
-        batch = rows[lo:lo + batch_size]
-        res = sample(net, [encoded[i] for i, _ in batch], max_new_tokens=n_new, top_k=cfg.top_k, top_p=cfg.top_p,
-                     temperature=cfg.temperature, eos_id=tok.eos_id, pad_id=tok.pad_id, generator=generator)
+        batch = rows[lo : lo + batch_size]
+        res = sample(
+            net,
+            [encoded[i] for i, _ in batch],
+            max_new_tokens=n_new,
+            top_k=cfg.top_k,
+            top_p=cfg.top_p,
+            temperature=cfg.temperature,
+            eos_id=tok.eos_id,
+            pad_id=tok.pad_id,
+            generator=generator,
+        )
         P = res.prompt_width
         for r, (i, j) in enumerate(batch):
             n = int(res.new_lengths[r])
-            ids = res.tokens[r, P:P + n].tolist()
+            ids = res.tokens[r, P : P + n].tolist()
             finished = bool(ids) and ids[-1] == tok.eos_id
             text = tok.decode(ids[:-1] if finished else ids)
             completions.append(text)
             new_tokens += n
             if fmt == "jsonl":
-                record = {"prompt": prompts[i], "prompt_index": i, "sample_index": j, "text": text, "tokens": ids,
-                          "logprobs": [round(x, 6) for x in res.logprobs[r, :n].tolist()], "finished": finished,
-                          "prompt_tokens": len(encoded[i])}
+                record = {
+                    "prompt": prompts[i],
+                    "prompt_index": i,
+                    "sample_index": j,
+                    "text": text,
+                    "tokens": ids,
+                    "logprobs": [round(x, 6) for x in res.logprobs[r, :n].tolist()],
+                    "finished": finished,
+                    "prompt_tokens": len(encoded[i]),
+                }
                 print(json.dumps(record, ensure_ascii=False), file=out)
             else:
-                print(f"===== prompt {i + 1}/{len(prompts)}, sample {j + 1}/{num_samples} "
-                      f"({n} tokens{', <eos>' if finished else ''}) =====", file=out)
+                print(
+                    f"===== prompt {i + 1}/{len(prompts)}, sample {j + 1}/{num_samples} "
+                    f"({n} tokens{', <eos>' if finished else ''}) =====",
+                    file=out,
+                )
                 print(prompts[i] + text, file=out)
         out.flush()
     seconds = time.time() - t0
     if fmt == "text":
         print("=====", file=out)
     summary: dict[str, Any] = {
-        "command": "generate", "model": ref.url, "step": ref.step, "prompts": len(prompts), "samples": len(rows),
-        "new_tokens": new_tokens, "seconds": round(seconds, 3), "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
-        "seed": seed, "max_new_tokens": n_new, "top_k": cfg.top_k, "top_p": cfg.top_p,
-        "temperature": cfg.temperature, "format": fmt, "device": str(dev), "dtype": dtype,
+        "command": "generate",
+        "model": ref.url,
+        "step": ref.step,
+        "prompts": len(prompts),
+        "samples": len(rows),
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / max(seconds, 1e-9), 1),
+        "seed": seed,
+        "max_new_tokens": n_new,
+        "top_k": cfg.top_k,
+        "top_p": cfg.top_p,
+        "temperature": cfg.temperature,
+        "format": fmt,
+        "device": str(dev),
+        "dtype": dtype,
     }
     if fmt == "text":
         summary["completions"] = completions

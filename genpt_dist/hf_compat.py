@@ -26,7 +26,7 @@ def _strip(name: str) -> str:
         changed = False
         for prefix in _PREFIXES:
             if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
+                name, changed = name[len(prefix) :], True
     return name
 
 

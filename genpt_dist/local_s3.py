@@ -80,7 +80,8 @@ class MotoS3Server:
         else:
             env.pop("INITIAL_NO_AUTH_ACTION_COUNT", None)
         self.port = _free_port()
-        self._log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)
+        # Open for the server's whole life (closed in stop()), so not a `with` block.
+        self._log = tempfile.NamedTemporaryFile(prefix="moto-server-", suffix=".log", delete=False)  # noqa: SIM115
         self.proc = subprocess.Popen(
             [moto_server_executable(), "-H", HOST, "-p", str(self.port)],
             stdin=subprocess.DEVNULL,

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import CheckpointMeta, CheckpointRef, ExportMeta, latest_checkpoint, read_meta
@@ -38,8 +39,9 @@ def _timed(summary: dict[str, Any], stage: str, fn: Callable[[], dict[str, Any]]
     return out
 
 
-def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
-             address: str | None = None) -> dict[str, Any]:
+def pipeline(
+    inputs: list[str], run: str, cfg: Config, task: str | None = None, address: str | None = None
+) -> dict[str, Any]:
     from genpt_dist.export import export
     from genpt_dist.report import write_report
     from genpt_dist.rl.stage import adversarial
@@ -65,18 +67,25 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
         ref = pick(stage_run)
         return ref.url
 
-    current = stage("pretrain", cfg.train.steps, lambda: pretrain(data, storage.join(run, "pretrain"), cfg,
-                                                                   address=address))
+    current = stage(
+        "pretrain", cfg.train.steps, lambda: pretrain(data, storage.join(run, "pretrain"), cfg, address=address)
+    )
     if cfg.pipeline.adversarial:
         init = current
-        current = stage("adversarial", cfg.adversarial.train.steps,
-                        lambda: adversarial(data, init, storage.join(run, "adversarial"), cfg, address=address))
+        current = stage(
+            "adversarial",
+            cfg.adversarial.train.steps,
+            lambda: adversarial(data, init, storage.join(run, "adversarial"), cfg, address=address),
+        )
     generator = current  # the last model trained on the corpus itself
     if task and cfg.pipeline.finetune:
         init = current
-        current = stage("finetune", cfg.finetune.train.steps,
-                        lambda: finetune(task, init, storage.join(run, "finetune"), cfg, address=address),
-                        pick=best_checkpoint)
+        current = stage(
+            "finetune",
+            cfg.finetune.train.steps,
+            lambda: finetune(task, init, storage.join(run, "finetune"), cfg, address=address),
+            pick=best_checkpoint,
+        )
 
     export_url = storage.join(run, "export")
     exported = read_meta(export_url)
@@ -88,10 +97,17 @@ def pipeline(inputs: list[str], run: str, cfg: Config, task: str | None = None,
     samples = sample_texts(generator, [""] * n, cfg)
     if task and cfg.pipeline.finetune and n:
         samples += task_completions(export_url, task, n, cfg)
-    report = write_report(run, samples=samples, extra={k: summary[k].get("minutes") for k in summary
-                                                       if isinstance(summary[k], dict)})
-    return {"command": "pipeline", "run": run, "model": export_url, "report": report["report"],
-            "stages": report["stages"], "samples": samples}
+    report = write_report(
+        run, samples=samples, extra={k: summary[k].get("minutes") for k in summary if isinstance(summary[k], dict)}
+    )
+    return {
+        "command": "pipeline",
+        "run": run,
+        "model": export_url,
+        "report": report["report"],
+        "stages": report["stages"],
+        "samples": samples,
+    }
 
 
 def sample_texts(model: str, prompts: list[str], cfg: Config, greedy: bool = False) -> list[str]:
@@ -104,8 +120,16 @@ def sample_texts(model: str, prompts: list[str], cfg: Config, greedy: bool = Fal
     from genpt_dist.generate import generate
 
     s = cfg.sampling
-    out = generate(model, prompts, max_new_tokens=s.max_new_tokens, top_k=1 if greedy else (s.top_k or 0),
-                   top_p=s.top_p or 1.0, temperature=s.temperature, seed=0, out=io.StringIO())
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=s.max_new_tokens,
+        top_k=1 if greedy else (s.top_k or 0),
+        top_p=s.top_p or 1.0,
+        temperature=s.temperature,
+        seed=0,
+        out=io.StringIO(),
+    )
     return [prompt + text for prompt, text in zip(prompts, out["completions"])]
 
 
@@ -118,5 +142,5 @@ def task_completions(model: str, task: str, n: int, cfg: Config) -> list[str]:
     data = load_task(task, tok, cfg.finetune, ref.model_config.block_size)
     if data.kind != "prompt-completion":
         return []
-    prompts = [tok.decode(e.tokens[1:1 + e.loss_from]) for e in data.val[:n]]
+    prompts = [tok.decode(e.tokens[1 : 1 + e.loss_from]) for e in data.val[:n]]
     return sample_texts(model, prompts, cfg, greedy=True)

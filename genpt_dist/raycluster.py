@@ -39,8 +39,9 @@ import math
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from genpt_dist.errors import UserError
 
@@ -49,8 +50,14 @@ log = logging.getLogger(__name__)
 # Settings (never secrets) that workers need; they travel in the job, not through Ray's runtime env,
 # so they also reach workers of a Ray instance started before this process set them.
 LOCAL_MIN_CPUS = 4
-WORKER_ENV_KEYS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION",
-                   "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+WORKER_ENV_KEYS = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_RETRY_MODE",
+    "AWS_MAX_ATTEMPTS",
+)
 CONNECT_TIMEOUT_S = 10.0  # for the TCP probe of a cluster address
 RESOURCES_TIMEOUT_S = 1200.0  # default wait for an autoscaler to add nodes
 POLL_S = 2.0  # between looks at the cluster while waiting
@@ -107,8 +114,9 @@ def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise UserError(f"no Ray cluster answers at {address} ({host}:{port}: {reason} within {timeout_s:g} s)"
-                        ) from None
+        raise UserError(
+            f"no Ray cluster answers at {address} ({host}:{port}: {reason} within {timeout_s:g} s)"
+        ) from None
 
 
 def init_ray(address: str | None = None) -> None:
@@ -130,9 +138,10 @@ def init_ray(address: str | None = None) -> None:
             start_local_ray(max(LOCAL_MIN_CPUS, os.cpu_count() or 1))
     except Exception as exc:  # noqa: BLE001 - Ray wraps a refused token in a ConnectionError or RuntimeError
         if _is_auth_error(exc):
-            raise UserError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
-                            "and the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
-                            ) from None
+            raise UserError(
+                f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
+                "and the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
+            ) from None
         if isinstance(exc, (ConnectionError, TimeoutError)):
             raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}".splitlines()[0]) from None
         raise
@@ -145,8 +154,10 @@ def init_ray(address: str | None = None) -> None:
 # watchdog's warning every second that it cannot look up the controller. A moved module only brings
 # the lines back.
 # Ray Train v2 private module paths, checked against Ray 2.60.0
-_NOISY_RAY_MODULES = ("train/v2/_internal/execution/context.py",
-                      "train/v2/_internal/execution/controller/placement_group_cleaner.py")
+_NOISY_RAY_MODULES = (
+    "train/v2/_internal/execution/context.py",
+    "train/v2/_internal/execution/controller/placement_group_cleaner.py",
+)
 
 
 def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
@@ -163,8 +174,12 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=log_to_driver,
-             runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()})
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=log_to_driver,
+        runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()},
+    )
 
 
 def _quiet_ray_logs_hook() -> Callable[[], None]:
@@ -245,9 +260,11 @@ def _autoscaler_state() -> dict[str, Any] | None:
         if scaler.autoscaler_state_version > 0:
             out["kind"] = "v2"
             out["pending"] = sum(r.count for r in scaler.pending_instance_requests) + len(scaler.pending_instances)
-            out["infeasible"] = [(int(c.count), dict(c.request.resources_bundle))
-                                 for constraint in scaler.infeasible_cluster_resource_constraints
-                                 for c in constraint.resource_requests]
+            out["infeasible"] = [
+                (int(c.count), dict(c.request.resources_bundle))
+                for constraint in scaler.infeasible_cluster_resource_constraints
+                for c in constraint.resource_requests
+            ]
     except Exception as exc:  # noqa: BLE001 - no autoscaler v2 state in this GCS
         log.debug("no autoscaler v2 state: %s", exc)
     if out["kind"] is None:  # v1: its monitor's status; a local Ray's read-only monitor names types node_<id>
@@ -259,8 +276,9 @@ def _autoscaler_state() -> dict[str, Any] | None:
         types = (report.get("node_type_mapping") or {}).values()
         if any(not t.startswith("node_") for t in types):
             out["kind"] = "v1"
-            out["pending"] = (sum((report.get("pending_launches") or {}).values())
-                              + len(report.get("pending_nodes") or []))
+            out["pending"] = sum((report.get("pending_launches") or {}).values()) + len(
+                report.get("pending_nodes") or []
+            )
     return out if out["kind"] else None
 
 
@@ -286,8 +304,9 @@ def _fits_now(bundles: list[dict[str, float]]) -> bool:
     return True
 
 
-def _bundles(num_workers: int, cpus_per_worker: float, use_gpu: bool, extra_cpus: float,
-             extra_gpus: float) -> list[dict[str, float]]:
+def _bundles(
+    num_workers: int, cpus_per_worker: float, use_gpu: bool, extra_cpus: float, extra_gpus: float
+) -> list[dict[str, float]]:
     """One bundle per worker, and the extras (actors of a stage) as 1-CPU / 1-GPU bundles."""
     worker = {"CPU": float(cpus_per_worker), **({"GPU": 1.0} if use_gpu else {})}
     extras = [{"CPU": 1.0}] * math.ceil(extra_cpus) + [{"GPU": 1.0}] * math.ceil(extra_gpus)
@@ -299,8 +318,16 @@ def _describe(num_workers: int, cpus_per_worker: float, use_gpu: bool, extra_wha
     return f"{num_workers} workers x {each}" + (f" + {extra_what}" if extra_what else "")
 
 
-def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra_cpus: float = 0.0,
-               extra_gpus: float = 0.0, extra_what: str = "", timeout_s: float | None = None) -> bool:
+def check_fits(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    *,
+    extra_cpus: float = 0.0,
+    extra_gpus: float = 0.0,
+    extra_what: str = "",
+    timeout_s: float | None = None,
+) -> bool:
     """Refuse a job the cluster can never hold; with an autoscaler, wait (progress lines, timeout) for it
     to add the nodes. `num_workers` is the least the job can run with (an elastic run's minimum).
 
@@ -316,12 +343,17 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
     if scaler is None:
         for res in ("CPU", "GPU"):
             if have.get(res, 0.0) < need.get(res, 0.0):
-                hint = f" (lower scaling.num_workers{' or the ' + extra_what if extra_what else ''})" \
-                    if res == "CPU" else ""
+                hint = (
+                    f" (lower scaling.num_workers{' or the ' + extra_what if extra_what else ''})"
+                    if res == "CPU"
+                    else ""
+                )
                 raise UserError(f"{what} need {need[res]:g} {res}s; the Ray cluster has {have.get(res, 0.0):g}{hint}")
         biggest = max((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0.0)
-        raise UserError(f"{what}: no node of the Ray cluster has room for one worker ({cpus_per_worker:g} CPUs; "
-                        f"the largest node has {biggest:g})")
+        raise UserError(
+            f"{what}: no node of the Ray cluster has room for one worker ({cpus_per_worker:g} CPUs; "
+            f"the largest node has {biggest:g})"
+        )
     _refuse_impossible(what, bundles, scaler, asked=False)
     if timeout_s is None:
         timeout_s = float(os.environ.get("GENPT_RESOURCES_TIMEOUT_S", RESOURCES_TIMEOUT_S))
@@ -333,15 +365,22 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
     try:
         while not _fits_now(bundles):
             if time.monotonic() - t0 > timeout_s:
-                raise UserError(f"the autoscaler did not provide {what} within {timeout_s:g} s "
-                                f"(has {_progress(need)}); raise GENPT_RESOURCES_TIMEOUT_S or check the cluster")
+                raise UserError(
+                    f"the autoscaler did not provide {what} within {timeout_s:g} s "
+                    f"(has {_progress(need)}); raise GENPT_RESOURCES_TIMEOUT_S or check the cluster"
+                )
             time.sleep(POLL_S)
             scaler = _autoscaler_state() or scaler
             _refuse_impossible(what, bundles, scaler, asked=True)
             if time.monotonic() - last_line >= PROGRESS_EVERY_S:
                 last_line = time.monotonic()
-                log.info("waiting for the autoscaler: has %s, %d node(s) pending; %.0f s of %g s",
-                         _progress(need), scaler["pending"], last_line - t0, timeout_s)
+                log.info(
+                    "waiting for the autoscaler: has %s, %d node(s) pending; %.0f s of %g s",
+                    _progress(need),
+                    scaler["pending"],
+                    last_line - t0,
+                    timeout_s,
+                )
     except BaseException:
         release_resources()
         raise
@@ -350,12 +389,20 @@ def check_fits(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra
 
 
 @contextlib.contextmanager
-def room_for(num_workers: int, cpus_per_worker: float, use_gpu: bool, *, extra_cpus: float = 0.0,
-             extra_gpus: float = 0.0, extra_what: str = "") -> Iterator[None]:
+def room_for(
+    num_workers: int,
+    cpus_per_worker: float,
+    use_gpu: bool,
+    *,
+    extra_cpus: float = 0.0,
+    extra_gpus: float = 0.0,
+    extra_what: str = "",
+) -> Iterator[None]:
     """`check_fits` for the block, and the autoscaler request it made dropped when the block ends, however
     it ends (idle nodes may go again)."""
-    asked = check_fits(num_workers, cpus_per_worker, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus,
-                       extra_what=extra_what)
+    asked = check_fits(
+        num_workers, cpus_per_worker, use_gpu, extra_cpus=extra_cpus, extra_gpus=extra_gpus, extra_what=extra_what
+    )
     try:
         yield
     finally:
@@ -381,8 +428,10 @@ def _refuse_impossible(what: str, bundles: list[dict[str, float]], scaler: dict[
             raise UserError(f"{what}: no node type of the autoscaling cluster has {_shape(bundle)}")
     for res, amount in _need(bundles).items():
         if scaler["max"] and amount > scaler["max"].get(res, 0):
-            raise UserError(f"{what} need {amount:g} {res}s; the autoscaling cluster can grow to "
-                            f"{scaler['max'].get(res, 0):g} at most")
+            raise UserError(
+                f"{what} need {amount:g} {res}s; the autoscaling cluster can grow to "
+                f"{scaler['max'].get(res, 0):g} at most"
+            )
     counts: dict[str, int] = {}
     for bundle in bundles:
         counts[_shape(bundle)] = counts.get(_shape(bundle), 0) + 1
@@ -390,8 +439,10 @@ def _refuse_impossible(what: str, bundles: list[dict[str, float]], scaler: dict[
     if asked and ours:
         release_resources()
         shapes = ", ".join(f"{n} x {_shape(b)}" for n, b in ours)
-        raise UserError(f"{what}: the autoscaling cluster can never provide {shapes} (the autoscaler reports "
-                        "the request infeasible: no node type has it, or too few nodes may be added)")
+        raise UserError(
+            f"{what}: the autoscaling cluster can never provide {shapes} (the autoscaler reports "
+            "the request infeasible: no node type has it, or too few nodes may be added)"
+        )
 
 
 def _shape(bundle: dict[str, float]) -> str:

@@ -21,15 +21,32 @@ STAGES = ("pretrain", "adversarial", "finetune")
 
 # (file name, title, [(stage, metric, label)], y label)
 PLOTS = [
-    ("loss.png", "Pre-training loss", [("pretrain", "train_loss", "train"), ("pretrain", "val_loss", "val")], "nats/token"),
-    ("throughput.png", "Training throughput", [("pretrain", "tokens_per_s", "pretrain"),
-                                               ("finetune", "tokens_per_s", "finetune")], "tokens/s"),
+    (
+        "loss.png",
+        "Pre-training loss",
+        [("pretrain", "train_loss", "train"), ("pretrain", "val_loss", "val")],
+        "nats/token",
+    ),
+    (
+        "throughput.png",
+        "Training throughput",
+        [("pretrain", "tokens_per_s", "pretrain"), ("finetune", "tokens_per_s", "finetune")],
+        "tokens/s",
+    ),
     ("reward.png", "Adversarial reward", [("adversarial", "reward_mean", "mean D reward")], "reward"),
     ("kl.png", "KL to the pretrained model", [("adversarial", "kl", "KL")], "nats/token"),
-    ("discriminator.png", "Discriminator accuracy", [("adversarial", "d_acc_real", "on real"),
-                                                     ("adversarial", "d_acc_fake", "on generated")], "accuracy"),
-    ("finetune.png", "Fine-tuning loss", [("finetune", "train_loss", "train"), ("finetune", "val_loss", "val")],
-     "nats/token"),
+    (
+        "discriminator.png",
+        "Discriminator accuracy",
+        [("adversarial", "d_acc_real", "on real"), ("adversarial", "d_acc_fake", "on generated")],
+        "accuracy",
+    ),
+    (
+        "finetune.png",
+        "Fine-tuning loss",
+        [("finetune", "train_loss", "train"), ("finetune", "val_loss", "val")],
+        "nats/token",
+    ),
 ]
 
 
@@ -91,11 +108,18 @@ def summary_rows(records: dict[str, list[dict]]) -> list[dict[str, Any]]:
         for r in recs:
             last.update(r)
         times = [r["time"] for r in recs if "time" in r]
-        rows.append({"stage": stage, "steps": last.get("step"), "val_set": "task" if stage == "finetune" else "data",
-                     "val_loss": last.get("val_loss"),
-                     "val_bpb": last.get("val_bpb"), "reward": last.get("reward_mean"),
-                     "d_acc": (last["d_acc_real"] + last["d_acc_fake"]) / 2 if "d_acc_real" in last else None,
-                     "minutes": (max(times) - min(times)) / 60 if len(times) > 1 else None})
+        rows.append(
+            {
+                "stage": stage,
+                "steps": last.get("step"),
+                "val_set": "task" if stage == "finetune" else "data",
+                "val_loss": last.get("val_loss"),
+                "val_bpb": last.get("val_bpb"),
+                "reward": last.get("reward_mean"),
+                "d_acc": (last["d_acc_real"] + last["d_acc_fake"]) / 2 if "d_acc_real" in last else None,
+                "minutes": (max(times) - min(times)) / 60 if len(times) > 1 else None,
+            }
+        )
     return rows
 
 
@@ -130,5 +154,8 @@ def write_report(run: str, samples: list[str] | None = None, extra: dict[str, An
     if samples:
         md += ["## Samples (top-k) from the final model\n"] + [f"```\n{s}\n```\n" for s in samples]
     storage.write_text(storage.join(run, "report.md"), "\n".join(md))
-    return {"report": storage.join(run, "report.md"), "plots": [storage.join(run, "report", p) for p in pngs],
-            "stages": rows}
+    return {
+        "report": storage.join(run, "report.md"),
+        "plots": [storage.join(run, "report", p) for p in pngs],
+        "stages": rows,
+    }

@@ -20,9 +20,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any
 
 from genpt_dist.errors import UserError
 
@@ -40,13 +41,14 @@ def _umask() -> int:
 
 # ---------------------------------------------------------------- URLs
 
+
 def is_s3(url: str) -> bool:
     return url.startswith("s3://")
 
 
 def split_s3(url: str) -> tuple[str, str]:
     """`s3://bucket/a/b` -> ("bucket", "a/b")."""
-    bucket, _, key = url[len("s3://"):].partition("/")
+    bucket, _, key = url[len("s3://") :].partition("/")
     if not bucket:
         raise UserError(f"bad S3 URL {url!r}: no bucket")
     return bucket, key
@@ -70,6 +72,7 @@ def name(url: str) -> str:
 
 
 # ---------------------------------------------------------------- S3 client
+
 
 def s3_settings() -> dict[str, Any]:
     """Endpoint, region and retry policy from the environment (credentials stay with boto3's chain)."""
@@ -154,7 +157,9 @@ def _s3_error(exc: Exception, url: str) -> Exception:
     if _is_missing(exc):
         return FileNotFoundError(f"no such S3 object: {url}")
     if isinstance(exc, NoCredentialsError):
-        return UserError(f"no AWS credentials found for {url} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)")
+        return UserError(
+            f"no AWS credentials found for {url} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+        )
     if isinstance(exc, EndpointConnectionError):
         return UserError(f"cannot reach the S3 endpoint for {url}: {exc.kwargs.get('endpoint_url', '')}")
     if isinstance(exc, ClientError):
@@ -182,10 +187,15 @@ def _is_missing(exc: Exception) -> bool:
     """A 404 on a key (HEAD answers a bare "404", GET "NoSuchKey"); a missing bucket is not this."""
     from botocore.exceptions import ClientError
 
-    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
+    return isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code") in (
+        "404",
+        "NoSuchKey",
+        "NotFound",
+    )
 
 
 # ---------------------------------------------------------------- queries
+
 
 def exists(url: str) -> bool:
     """True if a file (object) exists at `url`."""
@@ -250,6 +260,7 @@ def check_bucket(url: str) -> None:
 
 # ---------------------------------------------------------------- reads
 
+
 def read_bytes(url: str, start: int | None = None, end: int | None = None) -> bytes:
     """The whole file, or the byte range [start, end)."""
     if not is_s3(url):
@@ -269,8 +280,7 @@ def _get_whole(url: str, kwargs: dict[str, Any]) -> bytes:
     request, not the read) is fetched again, up to AWS_MAX_ATTEMPTS times with a short backoff."""
     import time
 
-    from botocore.exceptions import (ConnectionClosedError, IncompleteReadError, ReadTimeoutError,
-                                     ResponseStreamingError)
+    from botocore.exceptions import ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
 
     attempts = max(1, s3_settings()["max_attempts"])
     for attempt in range(1, attempts + 1):
@@ -281,7 +291,7 @@ def _get_whole(url: str, kwargs: dict[str, Any]) -> bytes:
             body.close()
             if attempt == attempts:
                 raise _s3_error(exc, url) from exc
-            time.sleep(min(0.05 * 2 ** attempt, 2.0))
+            time.sleep(min(0.05 * 2**attempt, 2.0))
     raise AssertionError("unreachable")
 
 
@@ -315,13 +325,14 @@ def download_dir(url: str, local_dir: str | Path) -> list[Path]:
     root = url.rstrip("/") + "/"
     out = []
     for file_url in list_files(url):
-        dest = Path(local_dir) / file_url[len(root):]
+        dest = Path(local_dir) / file_url[len(root) :]
         download_file(file_url, dest)
         out.append(dest)
     return out
 
 
 # ---------------------------------------------------------------- writes
+
 
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole file atomically (local: temp file + rename; S3: one PUT)."""
@@ -394,7 +405,7 @@ def delete_prefix(url: str) -> int:
         return len(files)
     bucket, _ = split_s3(url)
     for i in range(0, len(files), 1000):
-        keys = [{"Key": split_s3(f)[1]} for f in files[i:i + 1000]]
+        keys = [{"Key": split_s3(f)[1]} for f in files[i : i + 1000]]
         _call(url, s3_client().delete_objects, Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
     return len(files)
 
@@ -408,4 +419,3 @@ def publish(folder: str, marker: str, content: bytes, required: Iterable[str] = 
     url = join(folder, marker)
     write_bytes(url, content)
     return url
-

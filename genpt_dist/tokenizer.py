@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
-
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -31,7 +30,7 @@ def _byte_level(tok: HFTokenizer) -> HFTokenizer:
     return tok
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> "Tokenizer":
+def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     """Train a byte-level BPE of `vocab_size` tokens (specials and the 256 bytes included)."""
     tok = _byte_level(HFTokenizer(models.BPE()))
     trainer = trainers.BpeTrainer(
@@ -45,7 +44,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> "Tokenizer":
     return Tokenizer(tok)
 
 
-def byte_tokenizer() -> "Tokenizer":
+def byte_tokenizer() -> Tokenizer:
     """One token per UTF-8 byte plus the specials; needs no training."""
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
@@ -108,11 +107,11 @@ class Tokenizer:
         storage.write_text(url, self.to_json())
 
     @classmethod
-    def from_json(cls, text: str) -> "Tokenizer":
+    def from_json(cls, text: str) -> Tokenizer:
         return cls(HFTokenizer.from_str(text))
 
     @classmethod
-    def load(cls, url: str) -> "Tokenizer":
+    def load(cls, url: str) -> Tokenizer:
         return cls.from_json(storage.read_text(url))
 
 
@@ -133,7 +132,7 @@ def _split_for_encoding(text: str) -> list[str]:
         match = _PIECE_START.search(text, start + ENCODE_PIECE_CHARS)
         if match is None:
             break
-        pieces.append(text[start:match.end()])
+        pieces.append(text[start : match.end()])
         start = match.end()
     pieces.append(text[start:])
     return pieces
@@ -152,7 +151,7 @@ def _gpt2_byte_chars() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
-_BYTE_PROBE = "Héllo\r\n\tw\u00f6rld <eos> \x00\x7f \u65e5\u672c\U0001F600 it's 42!\n\n  x"
+_BYTE_PROBE = "Héllo\r\n\tw\u00f6rld <eos> \x00\x7f \u65e5\u672c\U0001f600 it's 42!\n\n  x"
 
 
 def _byte_lookup(hf: HFTokenizer) -> np.ndarray | None:

@@ -13,8 +13,8 @@ compares models with different tokenizers.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -29,16 +29,19 @@ class LossSums:
     targets: float = 0.0  # number of target tokens
     bytes: float = 0.0  # UTF-8 bytes the targets stand for
 
-    def __iadd__(self, other: "LossSums") -> "LossSums":
-        self.nats, self.targets, self.bytes = (self.nats + other.nats, self.targets + other.targets,
-                                               self.bytes + other.bytes)
+    def __iadd__(self, other: LossSums) -> LossSums:
+        self.nats, self.targets, self.bytes = (
+            self.nats + other.nats,
+            self.targets + other.targets,
+            self.bytes + other.bytes,
+        )
         return self
 
     def tolist(self) -> list[float]:
         return [self.nats, self.targets, self.bytes]
 
     @classmethod
-    def from_list(cls, values: list[float]) -> "LossSums":
+    def from_list(cls, values: list[float]) -> LossSums:
         nats, targets, n_bytes = values
         return cls(nats=nats, targets=targets, bytes=n_bytes)
 
@@ -48,13 +51,21 @@ class LossSums:
 
     def metrics(self, prefix: str = "val_") -> dict[str, float]:
         """`{prefix}loss` (nats/target), `{prefix}ppl` and `{prefix}bpb`."""
-        return {f"{prefix}loss": self.loss, f"{prefix}ppl": math.exp(min(self.loss, 700.0)),
-                f"{prefix}bpb": self.nats / math.log(2) / max(self.bytes, 1)}
+        return {
+            f"{prefix}loss": self.loss,
+            f"{prefix}ppl": math.exp(min(self.loss, 700.0)),
+            f"{prefix}bpb": self.nats / math.log(2) / max(self.bytes, 1),
+        }
 
 
 @torch.no_grad()
-def batch_loss_sums(logits_of: Callable[[torch.Tensor], torch.Tensor], idx: torch.Tensor, targets: torch.Tensor,
-                    byte_table: torch.Tensor, temperature: float = 1.0) -> LossSums:
+def batch_loss_sums(
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    idx: torch.Tensor,
+    targets: torch.Tensor,
+    byte_table: torch.Tensor,
+    temperature: float = 1.0,
+) -> LossSums:
     """Totals of one batch. `logits_of(idx)` gives (B, T, V) logits (a bare model, a DeepSpeed engine);
     `byte_table` (V,) holds each token's UTF-8 byte count; logits are divided by `temperature`."""
     logits = logits_of(idx)  # (B, T, V)
@@ -63,5 +74,8 @@ def batch_loss_sums(logits_of: Callable[[torch.Tensor], torch.Tensor], idx: torc
     ce = cross_entropy(logits, targets)  # (B, T), 0 where targets == -100
     valid = targets != -100  # (B, T)
     picked = targets[valid]  # (n,)
-    return LossSums(nats=float(ce.double().sum()), targets=float(valid.sum()),
-                    bytes=float(byte_table.to(picked.device)[picked].sum()))
+    return LossSums(
+        nats=float(ce.double().sum()),
+        targets=float(valid.sum()),
+        bytes=float(byte_table.to(picked.device)[picked].sum()),
+    )

@@ -24,8 +24,13 @@ from genpt_dist.tokenizer import byte_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-RUN_OVERRIDES = ["deepspeed.zero_stage=3", "train.steps=6", "train.checkpoint_every=6", "train.eval_every=6",
-                 "train.log_every=3"]
+RUN_OVERRIDES = [
+    "deepspeed.zero_stage=3",
+    "train.steps=6",
+    "train.checkpoint_every=6",
+    "train.eval_every=6",
+    "train.log_every=3",
+]
 
 
 @dataclass(frozen=True)
@@ -66,8 +71,15 @@ def random_export(folder: Path, fmt: str = "safetensors", block_size: int = 64, 
 
 
 def cli(*args: str, stdin: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO, input=stdin, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        input=stdin,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def assert_user_error(proc: subprocess.CompletedProcess, expect: str) -> None:

@@ -47,10 +47,19 @@ def _adversarial(data: str, base: str, run: str, *overrides: str) -> dict:
 def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_base, tmp_path):
     data, base = data_and_base
     run = str(tmp_path / "run")
-    out = _adversarial(data, base, run, "adversarial.train.steps=16", "adversarial.discriminator.pretrain_steps=20",
-                       "adversarial.discriminator.lr=1e-3", "adversarial.discriminator.d_steps=0",
-                       "adversarial.optim.lr=1e-3", "adversarial.kl_coef=0", "adversarial.train.eval_every=16",
-                       "adversarial.train.checkpoint_every=16")
+    out = _adversarial(
+        data,
+        base,
+        run,
+        "adversarial.train.steps=16",
+        "adversarial.discriminator.pretrain_steps=20",
+        "adversarial.discriminator.lr=1e-3",
+        "adversarial.discriminator.d_steps=0",
+        "adversarial.optim.lr=1e-3",
+        "adversarial.kl_coef=0",
+        "adversarial.train.eval_every=16",
+        "adversarial.train.checkpoint_every=16",
+    )
     steps = [m for m in _metrics(run) if "reward_mean" in m]
     assert [m["step"] for m in steps] == list(range(1, 17))
     # D, pre-trained on real text vs the weak generator's samples, tells them apart...
@@ -71,8 +80,12 @@ def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_bas
 def test_actor_killed_mid_stage_then_resumed(data_and_base, tmp_path, monkeypatch):
     data, base = data_and_base
     run = str(tmp_path / "run")
-    common = ("adversarial.discriminator.pretrain_steps=2", "adversarial.train.checkpoint_every=2",
-              "adversarial.train.eval_every=4", "adversarial.train.micro_batch_size=8")  # 2 micro batches a step
+    common = (
+        "adversarial.discriminator.pretrain_steps=2",
+        "adversarial.train.checkpoint_every=2",
+        "adversarial.train.eval_every=4",
+        "adversarial.train.micro_batch_size=8",
+    )  # 2 micro batches a step
     monkeypatch.setenv("GENPT_TEST_KILL_ACTOR_AT_STEP", "2")
     out = _adversarial(data, base, run, "adversarial.train.steps=4", *common)
     assert out["step"] == 4
@@ -90,13 +103,15 @@ def test_actor_killed_mid_stage_then_resumed(data_and_base, tmp_path, monkeypatc
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["not-a-generator", "top-k", "temperature", "disc-heads", "too-long",
-                                  "too-many-actors", "micro-batch"])
+@pytest.mark.parametrize(
+    "case", ["not-a-generator", "top-k", "temperature", "disc-heads", "too-long", "too-many-actors", "micro-batch"]
+)
 def test_adversarial_bad_input(case, data_and_base, tmp_path):
     data, base = data_and_base
     init, sets = base, []
@@ -112,13 +127,26 @@ def test_adversarial_bad_input(case, data_and_base, tmp_path):
     if case == "not-a-generator":
         init = data
     else:
-        sets = {"top-k": ["adversarial.rollout.sampling.top_k=0"], "temperature": ["adversarial.rollout.sampling.temperature=0"],
-                "disc-heads": ["adversarial.discriminator.model.n_head=3"],
-                "too-long": ["adversarial.rollout.sampling.max_new_tokens=80"],
-                "too-many-actors": ["adversarial.rollout.num_actors=64"],
-                "micro-batch": ["adversarial.train.micro_batch_size=5"]}[case]
-    proc = _cli("adversarial", "--data", data, "--init", init, "--run", str(tmp_path / "run"),
-                "--config", str(TINY), *(["--set", *sets] if sets else []))
+        sets = {
+            "top-k": ["adversarial.rollout.sampling.top_k=0"],
+            "temperature": ["adversarial.rollout.sampling.temperature=0"],
+            "disc-heads": ["adversarial.discriminator.model.n_head=3"],
+            "too-long": ["adversarial.rollout.sampling.max_new_tokens=80"],
+            "too-many-actors": ["adversarial.rollout.num_actors=64"],
+            "micro-batch": ["adversarial.train.micro_batch_size=5"],
+        }[case]
+    proc = _cli(
+        "adversarial",
+        "--data",
+        data,
+        "--init",
+        init,
+        "--run",
+        str(tmp_path / "run"),
+        "--config",
+        str(TINY),
+        *(["--set", *sets] if sets else []),
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("genpt-dist: error:") and expect in last, last

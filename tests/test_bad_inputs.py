@@ -18,12 +18,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from helpers import random_export
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointMeta
@@ -32,7 +33,6 @@ from genpt_dist.data.prepare import prepare
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.testing.faultproxy import FaultProxy
 from genpt_dist.tokenizer import byte_tokenizer
-from helpers import random_export
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -40,8 +40,14 @@ COMPLETE_MARKERS = ("manifest.json", "meta.json", "report.md")
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def fake_checkpoint(folder: Path, seed: int = 0, step: int = 4) -> Path:
@@ -54,9 +60,23 @@ def fake_checkpoint(folder: Path, seed: int = 0, step: int = 4) -> Path:
     torch.save({"module": state}, folder / DS_DIR / DS_TAG / "mp_rank_00_model_states.pt")
     (folder / TOKENIZER).write_text(tok.to_json())
     files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
-    meta = CheckpointMeta(stage="pretrain", step=step, tokens_seen=0, world_size=1, zero_stage=0, precision="fp32",
-                          model=cfg, config=load_config(TINY).model_dump(mode="json"), tokenizer_sha256=tok.sha256,
-                          data_url=None, data_fingerprint=None, init=None, loader={}, metrics={}, files=files)
+    meta = CheckpointMeta(
+        stage="pretrain",
+        step=step,
+        tokens_seen=0,
+        world_size=1,
+        zero_stage=0,
+        precision="fp32",
+        model=cfg,
+        config=load_config(TINY).model_dump(mode="json"),
+        tokenizer_sha256=tok.sha256,
+        data_url=None,
+        data_fingerprint=None,
+        init=None,
+        loader={},
+        metrics={},
+        files=files,
+    )
     (folder / META).write_text(meta.to_json())
     return folder
 
@@ -106,9 +126,17 @@ def world(tmp_path_factory, tiny_corpus, s3_server, s3_auth_server, make_bucket)
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
     with FaultProxy(s3_server.endpoint, rate=0.0, deny=f"/{storage.split_s3(denied)[0]}") as proxy:
-        yield World(root=root, byte_data=byte_data, bpe_data=bpe_data, export=random_export(root / "export"),
-                    bucket=bucket, auth_endpoint=s3_auth_server.endpoint, deny_endpoint=proxy.endpoint,
-                    denied_bucket=denied, closed_endpoint=closed)
+        yield World(
+            root=root,
+            byte_data=byte_data,
+            bpe_data=bpe_data,
+            export=random_export(root / "export"),
+            bucket=bucket,
+            auth_endpoint=s3_auth_server.endpoint,
+            deny_endpoint=proxy.endpoint,
+            denied_bucket=denied,
+            closed_endpoint=closed,
+        )
 
 
 # ------------------------------------------------------------------------------------ the cases
@@ -128,14 +156,17 @@ def _truncate(rel: str) -> Callable[[Path], None]:
     def damage(folder: Path) -> None:
         path = folder / rel
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
     return damage
 
 
 def _garble(rel: str) -> Callable[[Path], None]:
     """Same size, other bytes: passes the size check in meta.json, fails to load."""
+
     def damage(folder: Path) -> None:
         path = folder / rel
         path.write_bytes(bytes(b ^ 0x5A for b in path.read_bytes()))
+
     return damage
 
 
@@ -173,70 +204,125 @@ CASES: dict[str, Callable[[World, str], Case]] = {
     "corpus-folder-without-text-files": lambda w, o: _prep(w, o, str(Path(w.file("a.bin", b"x")).parent)),
     "corpus-too-small-for-a-val-split": lambda w, o: _prep(w, o, w.file("hi.txt", "hi\n")),
     # ---- configs
-    "config-bad-yaml": lambda w, o: Case(["prepare", "--input", TINY, "--output", o, "--config",
-                                          _config_file(w, "data: [unclosed\n")]),
-    "config-not-a-mapping": lambda w, o: Case(["prepare", "--input", TINY, "--output", o, "--config",
-                                               _config_file(w, "- data\n- model\n")]),
-    "config-missing-file": lambda w, o: Case(["prepare", "--input", TINY, "--output", o, "--config",
-                                              str(w.root / "no-such.yaml")]),
-    "config-unknown-section": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config",
-                                                 _config_file(w, "trainer:\n  steps: 3\n")]),
+    "config-bad-yaml": lambda w, o: Case(
+        ["prepare", "--input", TINY, "--output", o, "--config", _config_file(w, "data: [unclosed\n")]
+    ),
+    "config-not-a-mapping": lambda w, o: Case(
+        ["prepare", "--input", TINY, "--output", o, "--config", _config_file(w, "- data\n- model\n")]
+    ),
+    "config-missing-file": lambda w, o: Case(
+        ["prepare", "--input", TINY, "--output", o, "--config", str(w.root / "no-such.yaml")]
+    ),
+    "config-unknown-section": lambda w, o: Case(
+        ["pretrain", "--data", w.byte_data, "--run", o, "--config", _config_file(w, "trainer:\n  steps: 3\n")]
+    ),
     "set-wrong-type": lambda w, o: _prep(w, o, TINY, "--set", "train.steps=abc"),
     "set-section-as-scalar": lambda w, o: _prep(w, o, TINY, "--set", "model=5"),
     "set-without-value": lambda w, o: _prep(w, o, TINY, "--set", "train.steps"),
     "set-into-a-scalar": lambda w, o: _prep(w, o, TINY, "--set", "train.steps.every=1"),
     "impossible-context": lambda w, o: _prep(w, o, TINY, "--set", "model.block_size=16"),
-    "impossible-worker-range": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY,
-                                                  "--set", "scaling.num_workers=[4, 2]"]),
-    "impossible-offload": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY,
-                                             "--set", "deepspeed.offload_params=true"]),
-    "impossible-negative-lr": lambda w, o: Case(["finetune", "--task", TINY, "--init", w.export, "--run", o,
-                                                 "--config", TINY, "--set", "finetune.optim.lr=-1"]),
-    "data-longer-than-context": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY,
-                                                   "--set", "data.seq_len=32", "model.block_size=32"]),
+    "impossible-worker-range": lambda w, o: Case(
+        ["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY, "--set", "scaling.num_workers=[4, 2]"]
+    ),
+    "impossible-offload": lambda w, o: Case(
+        ["pretrain", "--data", w.byte_data, "--run", o, "--config", TINY, "--set", "deepspeed.offload_params=true"]
+    ),
+    "impossible-negative-lr": lambda w, o: Case(
+        ["finetune", "--task", TINY, "--init", w.export, "--run", o, "--config", TINY, "--set", "finetune.optim.lr=-1"]
+    ),
+    "data-longer-than-context": lambda w, o: Case(
+        [
+            "pretrain",
+            "--data",
+            w.byte_data,
+            "--run",
+            o,
+            "--config",
+            TINY,
+            "--set",
+            "data.seq_len=32",
+            "model.block_size=32",
+        ]
+    ),
     # ---- storage
-    "storage-missing-bucket": lambda w, o: Case(["pretrain", "--data", w.byte_data, "--config", TINY,
-                                                 "--run", "s3://genpt-no-such-bucket/run"]),
-    "storage-no-dataset-in-bucket": lambda w, o: Case(["evaluate", "--model", w.export,
-                                                       "--data", f"{w.bucket}/nothing-here"]),
-    "storage-wrong-credentials": lambda w, o: Case(["prepare", "--input", f"{w.bucket}/corpus/", "--output", o,
-                                                    "--config", TINY], {"AWS_ENDPOINT_URL_S3": w.auth_endpoint}),
-    "storage-no-permission": lambda w, o: Case(["export", "--model", w.export, "--output", f"{w.denied_bucket}/exp"], {"AWS_ENDPOINT_URL_S3": w.deny_endpoint}),
-    "storage-unreachable-endpoint": lambda w, o: Case(["evaluate", "--model", w.export, "--data", "s3://any-bucket/d"], {"AWS_ENDPOINT_URL_S3": w.closed_endpoint,
-                                                           "AWS_MAX_ATTEMPTS": "2"}),
+    "storage-missing-bucket": lambda w, o: Case(
+        ["pretrain", "--data", w.byte_data, "--config", TINY, "--run", "s3://genpt-no-such-bucket/run"]
+    ),
+    "storage-no-dataset-in-bucket": lambda w, o: Case(
+        ["evaluate", "--model", w.export, "--data", f"{w.bucket}/nothing-here"]
+    ),
+    "storage-wrong-credentials": lambda w, o: Case(
+        ["prepare", "--input", f"{w.bucket}/corpus/", "--output", o, "--config", TINY],
+        {"AWS_ENDPOINT_URL_S3": w.auth_endpoint},
+    ),
+    "storage-no-permission": lambda w, o: Case(
+        ["export", "--model", w.export, "--output", f"{w.denied_bucket}/exp"], {"AWS_ENDPOINT_URL_S3": w.deny_endpoint}
+    ),
+    "storage-unreachable-endpoint": lambda w, o: Case(
+        ["evaluate", "--model", w.export, "--data", "s3://any-bucket/d"],
+        {"AWS_ENDPOINT_URL_S3": w.closed_endpoint, "AWS_MAX_ATTEMPTS": "2"},
+    ),
     # ---- checkpoints and exports
     "ckpt-a-dataset-is-not-a-checkpoint": lambda w, o: Case(["generate", "--model", w.byte_data, "--prompt", "hi"]),
-    "ckpt-missing-shard": lambda w, o: Case(["export", "--model", w.checkpoint_copy(
-        _remove(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt")), "--output", o]),
-    "ckpt-run-whose-only-checkpoint-is-truncated": lambda w, o: Case(["evaluate", "--model", w.checkpoint_copy(
-        _truncate(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt"), as_run=True), "--data", TINY]),
-    "ckpt-corrupt-shard-same-size": lambda w, o: Case(["export", "--model", w.checkpoint_copy(
-        _garble(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt")), "--output", o]),
-    "ckpt-tokenizer-does-not-match-meta": lambda w, o: Case(["generate", "--model",
-                                                             w.checkpoint_copy(_tamper_tokenizer), "--prompt", "a"]),
+    "ckpt-missing-shard": lambda w, o: Case(
+        [
+            "export",
+            "--model",
+            w.checkpoint_copy(_remove(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt")),
+            "--output",
+            o,
+        ]
+    ),
+    "ckpt-run-whose-only-checkpoint-is-truncated": lambda w, o: Case(
+        [
+            "evaluate",
+            "--model",
+            w.checkpoint_copy(_truncate(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt"), as_run=True),
+            "--data",
+            TINY,
+        ]
+    ),
+    "ckpt-corrupt-shard-same-size": lambda w, o: Case(
+        [
+            "export",
+            "--model",
+            w.checkpoint_copy(_garble(f"{DS_DIR}/{DS_TAG}/mp_rank_00_model_states.pt")),
+            "--output",
+            o,
+        ]
+    ),
+    "ckpt-tokenizer-does-not-match-meta": lambda w, o: Case(
+        ["generate", "--model", w.checkpoint_copy(_tamper_tokenizer), "--prompt", "a"]
+    ),
     "ckpt-meta-not-json": lambda w, o: Case(["export", "--model", w.checkpoint_copy(_meta_garbage), "--output", o]),
     "ckpt-wrong-tokenizer-for-data": lambda w, o: Case(["evaluate", "--model", w.export, "--data", w.bpe_data]),
-    "ckpt-wrong-tokenizer-for-init": lambda w, o: Case(["pretrain", "--data", w.bpe_data, "--init", w.export,
-                                                        "--run", o, "--config", TINY]),
-    "export-corrupt-weights": lambda w, o: Case(["generate", "--model", _damaged_export(w, _garble("model.safetensors")),
-                                                 "--prompt", "a"]),
+    "ckpt-wrong-tokenizer-for-init": lambda w, o: Case(
+        ["pretrain", "--data", w.bpe_data, "--init", w.export, "--run", o, "--config", TINY]
+    ),
+    "export-corrupt-weights": lambda w, o: Case(
+        ["generate", "--model", _damaged_export(w, _garble("model.safetensors")), "--prompt", "a"]
+    ),
     "export-output-is-a-file": lambda w, o: Case(["export", "--model", w.export, "--output", w.file("f.bin", b"x")]),
     # ---- tasks
-    "task-malformed-jsonl": lambda w, o: Case(_finetune(w, o, w.file("t.jsonl", '{"prompt": "a", "completion": "b"}\n'
-                                                                       '{"prompt": "a", "completion"\n'))),
+    "task-malformed-jsonl": lambda w, o: Case(
+        _finetune(w, o, w.file("t.jsonl", '{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion"\n'))
+    ),
     "task-line-not-an-object": lambda w, o: Case(_finetune(w, o, w.file("t.jsonl", "[1, 2]\n"))),
     "task-missing-file": lambda w, o: Case(_finetune(w, o, str(w.root / "no-task.jsonl"))),
     "task-binary": lambda w, o: Case(_finetune(w, o, w.file("t.txt", b"\x00\x01\x02" * 100))),
     "task-no-examples": lambda w, o: Case(_finetune(w, o, w.file("t.jsonl", "\n\n"))),
     # ---- the other commands
-    "evaluate-text-without-text": lambda w, o: Case(["evaluate", "--model", w.export, "--data",
-                                                     w.file("e.txt", " \n\n")]),
+    "evaluate-text-without-text": lambda w, o: Case(
+        ["evaluate", "--model", w.export, "--data", w.file("e.txt", " \n\n")]
+    ),
     "evaluate-missing-data": lambda w, o: Case(["evaluate", "--model", w.export, "--data", str(w.root / "nope")]),
-    "generate-missing-prompt-file": lambda w, o: Case(["generate", "--model", w.export, "--prompt-file",
-                                                       str(w.root / "nope.txt")]),
+    "generate-missing-prompt-file": lambda w, o: Case(
+        ["generate", "--model", w.export, "--prompt-file", str(w.root / "nope.txt")]
+    ),
     "generate-no-cuda": lambda w, o: Case(["generate", "--model", w.export, "--prompt", "a", "--device", "cuda"]),
-    "adversarial-no-dataset": lambda w, o: Case(["adversarial", "--data", str(w.root), "--init", w.export,
-                                                 "--run", o, "--config", TINY]),
+    "adversarial-no-dataset": lambda w, o: Case(
+        ["adversarial", "--data", str(w.root), "--init", w.export, "--run", o, "--config", TINY]
+    ),
     "report-not-a-run": lambda w, o: Case(["report", str(Path(w.file("x.txt", "x")).parent)]),
 }
 
@@ -331,12 +417,15 @@ def test_every_case_names_its_problem():
 # ------------------------------------------------------------------------------ odd but valid
 
 
-@pytest.mark.parametrize("name, data", [
-    ("cr-only", b"first line\rsecond line\r" * 300),
-    ("bom", "\ufeffa text that starts with a byte order mark\n".encode() * 100),
-    ("crlf", b"windows line ends\r\n" * 300),
-    ("some-invalid-bytes", b"caf\xe9 au lait, latin-1 here and there\n" * 100),
-])
+@pytest.mark.parametrize(
+    "name, data",
+    [
+        ("cr-only", b"first line\rsecond line\r" * 300),
+        ("bom", "\ufeffa text that starts with a byte order mark\n".encode() * 100),
+        ("crlf", b"windows line ends\r\n" * 300),
+        ("some-invalid-bytes", b"caf\xe9 au lait, latin-1 here and there\n" * 100),
+    ],
+)
 def test_odd_but_valid_corpora_prepare(name, data, tmp_path):
     src, out = tmp_path / f"{name}.txt", tmp_path / "out"
     src.write_bytes(data)
@@ -355,8 +444,18 @@ def test_a_100mb_single_line_prepares_within_memory(tmp_path):
     words = [b"lorem", b"ipsum", b"dolor", b"sit", b"amet", b"consectetur", b"adipiscing", b"elit"]
     chunk = b" ".join(words[i % 7] + words[i % 5] for i in range(20000)) + b" "
     src.write_bytes((chunk * (100_000_000 // len(chunk) + 1))[:100_000_000])
-    proc = run_cli("prepare", "--input", str(src), "--output", str(out), "--config", TINY,
-                   "--set", "data.shard_samples=16384", timeout=300)
+    proc = run_cli(
+        "prepare",
+        "--input",
+        str(src),
+        "--output",
+        str(out),
+        "--config",
+        TINY,
+        "--set",
+        "data.shard_samples=16384",
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["documents"] == 1 and summary["train_tokens"] + summary["val_tokens"] == 100_000_002

@@ -43,8 +43,9 @@ def test_checkpoint_quick_restores_what_was_saved(tmp_path):
     for op in ("upload_s", "restore_s"):
         assert result[op]["ours"] > 0 and result[op]["boto3"] > 0
     assert summary["ratio_upload"] == pytest.approx(result["upload_s"]["boto3"] / result["upload_s"]["ours"], rel=1e-2)
-    assert summary["ratio_restore"] == pytest.approx(result["restore_s"]["boto3"] / result["restore_s"]["ours"],
-                                                     rel=1e-2)
+    assert summary["ratio_restore"] == pytest.approx(
+        result["restore_s"]["boto3"] / result["restore_s"]["ours"], rel=1e-2
+    )
     assert result["restored_bytes"] == {"ours": result["bytes"], "boto3": result["bytes"]}
     assert result["restored_identical"] == {"ours": True, "boto3": True}
     assert result["target"]["met"] == (min(summary["ratio_upload"], summary["ratio_restore"]) >= 0.5)
@@ -52,8 +53,23 @@ def test_checkpoint_quick_restores_what_was_saved(tmp_path):
 
 def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
     """`bench all --only checkpoint`: a real child process, its JSON read back, its figures judged."""
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "bench", "all", "--quick", "--only", "checkpoint",
-                           "--output", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "bench",
+            "all",
+            "--quick",
+            "--only",
+            "checkpoint",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     child = json.loads((tmp_path / "checkpoint.json").read_text())
@@ -68,19 +84,28 @@ def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
     assert "bench all (quick)" in proc.stderr  # the summary table
 
 
-@pytest.mark.parametrize("args, message", [(["nosuch"], "unknown benchmark 'nosuch'"),
-                                           (["all", "--only", "oracle"], "--only: oracle not among the benches"),
-                                           (["train", "--only", "sync"], "--only goes with `bench all`"),
-                                           (["loader", "--set", "train.steps=3"], "--set goes with `bench oracle`"),
-                                           (["oracle", "--set", "adversarial.nosuch=1"],
-                                            "config error at adversarial.nosuch: unknown key"),
-                                           pytest.param(["train", "--device", "cuda"],
-                                                        "--device cuda: no CUDA device here",
-                                                        marks=pytest.mark.skipif(torch.cuda.is_available(),
-                                                                                 reason="a GPU is visible"))])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nosuch"], "unknown benchmark 'nosuch'"),
+        (["all", "--only", "oracle"], "--only: oracle not among the benches"),
+        (["train", "--only", "sync"], "--only goes with `bench all`"),
+        (["loader", "--set", "train.steps=3"], "--set goes with `bench oracle`"),
+        (["oracle", "--set", "adversarial.nosuch=1"], "config error at adversarial.nosuch: unknown key"),
+        pytest.param(
+            ["train", "--device", "cuda"],
+            "--device cuda: no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible"),
+        ),
+    ],
+)
 def test_bad_bench_arguments_are_one_line_and_exit_2(args, message, tmp_path):
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "bench", *args, "--output", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "bench", *args, "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr
     assert proc.stdout == ""
@@ -88,8 +113,13 @@ def test_bad_bench_arguments_are_one_line_and_exit_2(args, message, tmp_path):
 
 def test_train_quick_profiles_each_contender(tmp_path):
     # In a process of its own: the ZeRO contenders set up a 1-process torch.distributed group and its env.
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "bench", "train", "--quick", "--output",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "bench", "train", "--quick", "--output", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
     rows = {r["contender"]: r for r in summary["rows"]}

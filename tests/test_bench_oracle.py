@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from genpt_dist.bench.oracle import (ALPHABET, OracleSpec, build_oracle, frontier_at, oracle_nll, sample_symbols,
-                                     val_nll)
+from genpt_dist.bench.oracle import ALPHABET, OracleSpec, build_oracle, frontier_at, oracle_nll, sample_symbols, val_nll
 from genpt_dist.tokenizer import byte_tokenizer
 
 
@@ -43,9 +42,11 @@ def test_val_nll_at_temperature_one_is_the_models_loss_and_cooling_changes_it():
 
 
 def test_frontier_interpolates_between_the_bracketing_temperatures():
-    points = [{"temperature": 1.0, "nll_oracle": 3.5, "val_ppl": 14.0},
-              {"temperature": 0.9, "nll_oracle": 3.2, "val_ppl": 14.4},
-              {"temperature": 0.8, "nll_oracle": 2.9, "val_ppl": 15.6}]
+    points = [
+        {"temperature": 1.0, "nll_oracle": 3.5, "val_ppl": 14.0},
+        {"temperature": 0.9, "nll_oracle": 3.2, "val_ppl": 14.4},
+        {"temperature": 0.8, "nll_oracle": 2.9, "val_ppl": 15.6},
+    ]
     assert frontier_at(points, 14.0) == pytest.approx(3.5)
     assert frontier_at(points, 14.2) == pytest.approx(3.35)
     assert frontier_at(points, 15.0) == pytest.approx(3.05)
@@ -58,8 +59,16 @@ def test_quick_bench_runs_the_pipeline(ray_session, tmp_path):
 
     summary = run_bench("oracle", str(tmp_path / "out"), quick=True)
     assert (tmp_path / "out" / "oracle.json").is_file()
-    for key in ("nll_oracle_oracle", "nll_oracle_random", "nll_oracle_mle", "nll_oracle_adversarial",
-                "val_ppl_mle", "val_ppl_adversarial", "nll_oracle_rel_change", "val_ppl_rel_change"):
+    for key in (
+        "nll_oracle_oracle",
+        "nll_oracle_random",
+        "nll_oracle_mle",
+        "nll_oracle_adversarial",
+        "val_ppl_mle",
+        "val_ppl_adversarial",
+        "nll_oracle_rel_change",
+        "val_ppl_rel_change",
+    ):
         assert math.isfinite(summary[key]), (key, summary[key])
     # A real check of the pipeline: even 30 MLE steps on the oracle's corpus beat an untrained generator.
     assert summary["nll_oracle_mle"] < summary["nll_oracle_random"] - 0.5, summary

@@ -14,13 +14,24 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import assert_user_error, cli
 
-from genpt_dist.checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_V1, META, CheckpointMeta, ExportMeta,
-                                   ExportSource, FinetuneState, RLState, is_complete, load_model, parse_meta, resolve)
+from genpt_dist.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_FORMAT_V1,
+    META,
+    CheckpointMeta,
+    ExportMeta,
+    ExportSource,
+    FinetuneState,
+    RLState,
+    is_complete,
+    load_model,
+    parse_meta,
+    resolve,
+)
 from genpt_dist.errors import UserError
 from genpt_dist.model.gpt import GPTConfig
-
-from helpers import assert_user_error, cli
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"
 V1_CHECKPOINT, V1_DATA = FIXTURES / "checkpoint", FIXTURES / "data"
@@ -78,15 +89,32 @@ def test_a_record_missing_a_field_is_a_user_error(tmp_path):
 
 def _v2() -> CheckpointMeta:
     return CheckpointMeta(
-        stage="adversarial", step=12, tokens_seen=4096, world_size=2, zero_stage=3, precision="bf16",
+        stage="adversarial",
+        step=12,
+        tokens_seen=4096,
+        world_size=2,
+        zero_stage=3,
+        precision="bf16",
         model=GPTConfig(vocab_size=259, block_size=64, n_layer=2, n_head=2, d_model=64),
-        config={"train": {"micro_batch_size": 16}, "sampling": {"top_k": 20}}, tokenizer_sha256="ab" * 32,
-        data_url="s3://b/data", data_fingerprint="cd" * 32, init="s3://b/pretrain/checkpoints/checkpoint_1",
-        loader={"epoch": 1, "batch": 3}, metrics={"step": 12, "val_loss": 2.5}, files={"ds/latest": 5},
-        rl=RLState(baseline={"mean": 0.1, "count": 3}, policy_version=12, disc_version=14, d_pretrained=4,
-                   discriminator={"n_layer": 2, "n_head": 4, "d_model": 128}),
+        config={"train": {"micro_batch_size": 16}, "sampling": {"top_k": 20}},
+        tokenizer_sha256="ab" * 32,
+        data_url="s3://b/data",
+        data_fingerprint="cd" * 32,
+        init="s3://b/pretrain/checkpoints/checkpoint_1",
+        loader={"epoch": 1, "batch": 3},
+        metrics={"step": 12, "val_loss": 2.5},
+        files={"ds/latest": 5},
+        rl=RLState(
+            baseline={"mean": 0.1, "count": 3},
+            policy_version=12,
+            disc_version=14,
+            d_pretrained=4,
+            discriminator={"n_layer": 2, "n_head": 4, "d_model": 128},
+        ),
         finetune=FinetuneState(best_val=float("inf"), bad_evals=0, stopped=False, frozen=["transformer.wte.weight"]),
-        saved_at="2026-12-02T00:00:00Z", micro_batch_size=8)
+        saved_at="2026-12-02T00:00:00Z",
+        micro_batch_size=8,
+    )
 
 
 def test_v2_record_round_trips():
@@ -100,9 +128,18 @@ def test_v2_record_round_trips():
 
 
 def test_export_record_round_trips():
-    meta = ExportMeta(model=_v2().model, tokenizer_sha256="ab" * 32, export_format="hf", weights_layout="hf",
-                      stage="finetune", step=40, data_url="s3://b/task.jsonl", metrics={"val_loss": 1.0},
-                      source=ExportSource(checkpoint="s3://b/ft/checkpoints/checkpoint_3", zero_stage=2),
-                      files={"model.safetensors": 100}, exported_at="2026-12-02T00:00:00Z")
+    meta = ExportMeta(
+        model=_v2().model,
+        tokenizer_sha256="ab" * 32,
+        export_format="hf",
+        weights_layout="hf",
+        stage="finetune",
+        step=40,
+        data_url="s3://b/task.jsonl",
+        metrics={"val_loss": 1.0},
+        source=ExportSource(checkpoint="s3://b/ft/checkpoints/checkpoint_3", zero_stage=2),
+        files={"model.safetensors": 100},
+        exported_at="2026-12-02T00:00:00Z",
+    )
     back = parse_meta(json.loads(meta.to_json()), "x")
     assert isinstance(back, ExportMeta) and back == meta

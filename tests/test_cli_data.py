@@ -27,7 +27,11 @@ LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (DEBUG|INFO|WARNING)
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "launch.py"), *args],
-        cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -93,8 +97,11 @@ def test_missing_bucket_is_named(s3_server, tiny_corpus):
 
 def test_wrong_credentials(s3_auth_server, tiny_corpus):
     env = {"AWS_ENDPOINT_URL_S3": s3_auth_server.endpoint, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG0"}
-    assert_user_error(run_cli(*prepare_args(tiny_corpus, "s3://any-bucket/ds"), env=env),
-                      "rejected the credentials", "InvalidAccessKeyId")
+    assert_user_error(
+        run_cli(*prepare_args(tiny_corpus, "s3://any-bucket/ds"), env=env),
+        "rejected the credentials",
+        "InvalidAccessKeyId",
+    )
 
 
 @pytest.mark.parametrize(
@@ -107,7 +114,9 @@ def test_wrong_credentials(s3_auth_server, tiny_corpus):
 )
 def test_bad_config(tiny_corpus, tmp_path, override, needle):
     out = tmp_path / "out"
-    assert_user_error(run_cli(*prepare_args(tiny_corpus, out, "--set", "data.tokenizer=bpe", "--set", override)), needle)
+    assert_user_error(
+        run_cli(*prepare_args(tiny_corpus, out, "--set", "data.tokenizer=bpe", "--set", override)), needle
+    )
     assert not out.exists()
 
 
@@ -143,8 +152,11 @@ def test_a_different_dataset_is_refused_unless_overwrite(tiny_corpus, bucket):
     manifest = json.loads(storage.read_bytes(storage.join(out, "manifest.json")))
     assert manifest["seq_len"] == 32
     listed = {u.rsplit("/", 1)[-1] for u in storage.list_files(out)}
-    assert listed == {"manifest.json", "tokenizer.json",
-                      *(s["name"] for split in ("train", "val") for s in manifest["splits"][split]["shards"])}
+    assert listed == {
+        "manifest.json",
+        "tokenizer.json",
+        *(s["name"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]),
+    }
 
 
 def test_unknown_bench_lists_the_known_ones():

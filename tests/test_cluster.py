@@ -53,8 +53,15 @@ def test_cluster_folder_has_every_config():
     names = {p.name for p in LAUNCHER_YAMLS} | {f"kuberay/{p.name}" for p in KUBERAY_YAMLS}
     assert {"aws.yaml", "gcp.yaml", "local-fake.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml"} <= names
     readme = (CLUSTER / "README.md").read_text()
-    for needle in ("ray up", "ray job submit", "genpt-dist pipeline", "kubectl apply", "AWS_ENDPOINT_URL_S3",
-                   "RAY_AUTH_MODE", "--address"):
+    for needle in (
+        "ray up",
+        "ray job submit",
+        "genpt-dist pipeline",
+        "kubectl apply",
+        "AWS_ENDPOINT_URL_S3",
+        "RAY_AUTH_MODE",
+        "--address",
+    ):
         assert needle in readme, needle
 
 
@@ -78,8 +85,10 @@ def test_launcher_yaml_validates_against_ray_schema(path):
     if path.name == "local-fake.yaml":
         return
     assert {"cpu", "gpu"} <= set(workers)
-    setups = [raw["setup_commands"], *(t["worker_setup_commands"] for t in workers.values()
-                                       if "worker_setup_commands" in t)]
+    setups = [
+        raw["setup_commands"],
+        *(t["worker_setup_commands"] for t in workers.values() if "worker_setup_commands" in t),
+    ]
     assert all(any("-e ~/genpt-dist" in c for c in cmds) for cmds in setups)  # the package on every node
     assert raw["file_mounts"]["~/genpt-dist"] == "."
     starts = " ".join(raw["head_start_ray_commands"] + raw["worker_start_ray_commands"])
@@ -157,8 +166,14 @@ def _free_port() -> int:
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, expect: str) -> None:
@@ -184,13 +199,33 @@ def test_address_that_does_not_answer_is_refused_quickly(tiny_data, tiny_corpus,
 
     address = f"127.0.0.1:{_free_port()}"
     t0 = time.monotonic()
-    proc = _cli("pretrain", "--data", tiny_data, "--run", str(tmp_path / "run"), "--config", str(TINY),
-                "--address", address, timeout=120)
+    proc = _cli(
+        "pretrain",
+        "--data",
+        tiny_data,
+        "--run",
+        str(tmp_path / "run"),
+        "--config",
+        str(TINY),
+        "--address",
+        address,
+        timeout=120,
+    )
     _one_line_error(proc, f"no Ray cluster answers at {address}")
     assert time.monotonic() - t0 < 60
     run = tmp_path / "pipeline"  # the pipeline asks before it spends minutes preparing data
-    proc = _cli("pipeline", "--input", str(tiny_corpus), "--run", str(run), "--config", str(TINY),
-                "--address", address, timeout=120)
+    proc = _cli(
+        "pipeline",
+        "--input",
+        str(tiny_corpus),
+        "--run",
+        str(run),
+        "--config",
+        str(TINY),
+        "--address",
+        address,
+        timeout=120,
+    )
     _one_line_error(proc, f"no Ray cluster answers at {address}")
     assert not (run / "data").exists()
     client = f"ray://127.0.0.1:{_free_port()}"  # a Ray Client address (ray.init would wait 30 s)
@@ -219,8 +254,11 @@ class LocalAutoscalingCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-        env.update(RAY_TMPDIR=str(self.root / "ray"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # 127.0.0.1 nodes
-                   RAY_AUTH_TOKEN_PATH=str(self.token))
+        env.update(
+            RAY_TMPDIR=str(self.root / "ray"),
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",  # 127.0.0.1 nodes
+            RAY_AUTH_TOKEN_PATH=str(self.token),
+        )
         env.update(extra)
         return env
 
@@ -228,14 +266,28 @@ class LocalAutoscalingCluster:
         """A driver's environment: RAY_ADDRESS for `--address auto`, token mode and the token file."""
         return self.env(**{"RAY_ADDRESS": f"127.0.0.1:{self.port}", "RAY_AUTH_MODE": "token", **extra})
 
-    def __enter__(self) -> "LocalAutoscalingCluster":
-        env = self.env(RAY_AUTH_MODE="token", RAY_FAKE_CLUSTER="1", RAY_enable_autoscaler_v2="1",
-                       RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID, RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
-                       AUTOSCALER_UPDATE_INTERVAL_S="1")
+    def __enter__(self) -> LocalAutoscalingCluster:
+        env = self.env(
+            RAY_AUTH_MODE="token",
+            RAY_FAKE_CLUSTER="1",
+            RAY_enable_autoscaler_v2="1",
+            RAY_CLOUD_INSTANCE_ID=FAKE_HEAD_ID,
+            RAY_OVERRIDE_NODE_ID_FOR_TESTING=FAKE_HEAD_ID,
+            AUTOSCALER_UPDATE_INTERVAL_S="1",
+        )
         ray_cli = Path(sys.executable).parent / "ray"
-        cmd = [str(ray_cli), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={self.port}",
-               "--num-cpus=0", "--include-dashboard=false", f"--autoscaling-config={self.config}",
-               "--disable-usage-stats"]
+        cmd = [
+            str(ray_cli),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            "--num-cpus=0",
+            "--include-dashboard=false",
+            f"--autoscaling-config={self.config}",
+            "--disable-usage-stats",
+        ]
         self.log = open(self.root / "head.log", "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 90
@@ -309,9 +361,22 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_p
         watcher.start()
         run = tmp_path / "run"
         common = ("--config", str(TINY), "--address", "auto")
-        proc = _cli("pretrain", "--data", tiny_data, "--run", str(run), *common, "--set", "train.steps=4",
-                    "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=2", "scaling.num_workers=2",
-                    env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"), timeout=600)
+        proc = _cli(
+            "pretrain",
+            "--data",
+            tiny_data,
+            "--run",
+            str(run),
+            *common,
+            "--set",
+            "train.steps=4",
+            "train.checkpoint_every=4",
+            "train.eval_every=4",
+            "train.log_every=2",
+            "scaling.num_workers=2",
+            env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"),
+            timeout=600,
+        )
         done.set()
         watcher.join()
         assert proc.returncode == 0, proc.stderr[-4000:]
@@ -323,22 +388,46 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_p
 
         # Meanwhile a client without the cluster's token is refused, in one line (after Ray's ~20 s of retries).
         (short_tmp / "other-token").write_text("not-the-token")
-        no_token = subprocess.Popen([sys.executable, str(REPO / "launch.py"), "pretrain", "--data", tiny_data, "--run",
-                                     str(tmp_path / "bad"), *common], cwd=REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True,
-                                    env=cluster.client_env(RAY_AUTH_TOKEN_PATH=str(short_tmp / "other-token")))
+        no_token = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "launch.py"),
+                "pretrain",
+                "--data",
+                tiny_data,
+                "--run",
+                str(tmp_path / "bad"),
+                *common,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cluster.client_env(RAY_AUTH_TOKEN_PATH=str(short_tmp / "other-token")),
+        )
         deadline = time.monotonic() + 90  # idle nodes go after 6 s (idle_timeout_minutes: 0.1)
         while cluster.raylets() > 1 and time.monotonic() < deadline:
             time.sleep(1)
         assert cluster.raylets() == 1
         out, err = no_token.communicate(timeout=300)
-        _one_line_error(subprocess.CompletedProcess(no_token.args, no_token.returncode, out, err),
-                        "refused this client's token")
+        _one_line_error(
+            subprocess.CompletedProcess(no_token.args, no_token.returncode, out, err), "refused this client's token"
+        )
 
         # What no node type can ever provide is refused at once, not waited for.
         t0 = time.monotonic()
-        proc = _cli("pretrain", "--data", tiny_data, "--run", str(tmp_path / "bad"), *common, "--set",
-                    "scaling.use_gpu=true", env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"), timeout=300)
+        proc = _cli(
+            "pretrain",
+            "--data",
+            tiny_data,
+            "--run",
+            str(tmp_path / "bad"),
+            *common,
+            "--set",
+            "scaling.use_gpu=true",
+            env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"),
+            timeout=300,
+        )
         _one_line_error(proc, "can never provide 2 x {CPU: 1, GPU: 1}")
         assert time.monotonic() - t0 < 120
 
@@ -352,12 +441,22 @@ def test_multinode_spread_node_loss_and_rollout_rescheduling(tiny_data, tmp_path
     from genpt_dist.data.manifest import load_manifest
 
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS",)}
-    env.update(RAY_TMPDIR=str(short_tmp / "ray"), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               # Right after a node dies Ray Train may still count it and try the old size first; this
-               # bounds that try (60 s by default) before it restarts with the workers that fit.
-               RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10")
-    script = subprocess.Popen([sys.executable, __file__, "multinode", str(tmp_path), tiny_data], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    env.update(
+        RAY_TMPDIR=str(short_tmp / "ray"),
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        # Right after a node dies Ray Train may still count it and try the old size first; this
+        # bounds that try (60 s by default) before it restarts with the workers that fit.
+        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="10",
+    )
+    script = subprocess.Popen(
+        [sys.executable, __file__, "multinode", str(tmp_path), tiny_data],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _, stderr = script.communicate(timeout=600)
     finally:  # whatever the script left running (it shuts its cluster down itself when it can)
@@ -403,8 +502,11 @@ def _actor_nodes(class_name: str) -> dict[str, str]:
     """Alive actors of a class -> the node each runs on (from GCS's actor table)."""
     from ray._private.state import actors
 
-    return {aid: a["Address"]["NodeID"] for aid, a in actors().items()
-            if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE"}
+    return {
+        aid: a["Address"]["NodeID"]
+        for aid, a in actors().items()
+        if a["ActorClassName"].endswith(class_name) and a["State"] == "ALIVE"
+    }
 
 
 def _multinode_script(root: str, data: str) -> None:
@@ -422,8 +524,10 @@ def _multinode_script(root: str, data: str) -> None:
     report: dict = {}
     local = {"node_ip_address": "127.0.0.1"}
     fast_failure_detection = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "_system_config": fast_failure_detection, **local})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": fast_failure_detection, **local},
+    )
     nodes = {name: cluster.add_node(num_cpus=1, resources={f"node_{name}": 1}, **local) for name in "ab"}
     try:
         init_ray(cluster.address)  # the joining path: probe, runtime env, worker output
@@ -438,9 +542,18 @@ def _multinode_script(root: str, data: str) -> None:
 
         # Elastic pretraining on a and b; node b goes once a checkpoint of step 10 or later exists.
         run = f"{root}/run"
-        cfg = load_config(TINY, ["scaling.num_workers=[1, 2]", "scaling.max_failures=3", "train.steps=24",
-                                 "train.checkpoint_every=6", "train.keep_checkpoints=8", "train.log_every=6",
-                                 "train.eval_every=12"])
+        cfg = load_config(
+            TINY,
+            [
+                "scaling.num_workers=[1, 2]",
+                "scaling.max_failures=3",
+                "train.steps=24",
+                "train.checkpoint_every=6",
+                "train.keep_checkpoints=8",
+                "train.log_every=6",
+                "train.eval_every=12",
+            ],
+        )
         result: dict = {}
         trainer = threading.Thread(target=lambda: result.update(pretrain(data, run, cfg)), daemon=True)
         trainer.start()
@@ -482,9 +595,17 @@ def _rollout_phase(cluster, nodes: dict, local: dict) -> dict:
     cluster.wait_for_nodes()
     policy = GPTConfig(vocab_size=259, block_size=64, n_layer=1, n_head=2, d_model=32)
     disc = DiscriminatorConfig(vocab_size=259, block_size=64, n_layer=1, n_head=2, d_model=32)
-    group = RolloutGroup(2, cpus_per_actor=1, gpus_per_actor=0, max_restarts=3,
-                         model_config=dataclasses.asdict(policy), disc_config=dataclasses.asdict(disc),
-                         reference_state=GPT(policy).state_dict(), pad_id=0, eos_id=2)
+    group = RolloutGroup(
+        2,
+        cpus_per_actor=1,
+        gpus_per_actor=0,
+        max_restarts=3,
+        model_config=dataclasses.asdict(policy),
+        disc_config=dataclasses.asdict(disc),
+        reference_state=GPT(policy).state_dict(),
+        pad_id=0,
+        eos_id=2,
+    )
     try:
         by_id = {n.node_id: name for name, n in nodes.items()}
         victim_actor, victim_node = sorted(_actor_nodes("RolloutActor").items())[0]
@@ -498,8 +619,14 @@ def _rollout_phase(cluster, nodes: dict, local: dict) -> dict:
             moved_to = _actor_nodes("RolloutActor").get(victim_actor)
         alive = group.actors_alive(timeout_s=60)
         rows += group.generate(request).batch_size  # and with both actors back
-        return {"asked": 2 * len(request), "rows": rows, "alive": alive, "removed_node": victim_node,
-                "moved_to": moved_to, "reissued": group.reissued}
+        return {
+            "asked": 2 * len(request),
+            "rows": rows,
+            "alive": alive,
+            "removed_node": victim_node,
+            "moved_to": moved_to,
+            "reissued": group.reissued,
+        }
     finally:
         group.shutdown()
 

@@ -52,15 +52,29 @@ def test_num_workers_range_in_config():
 
 
 def _meta(step: int, world: int, global_batch: int, batch: int, micro: int = 8, seq_len: int = 64) -> CheckpointMeta:
-    return CheckpointMeta(stage="pretrain", step=step, tokens_seen=step * global_batch * seq_len, world_size=world,
-                          zero_stage=2, precision="bf16", model=GPTConfig(vocab_size=259, block_size=seq_len, n_layer=1, n_head=1, d_model=8),
-                          config={}, tokenizer_sha256="", data_url=None, data_fingerprint=None, init=None,
-                          loader={"epoch": 1, "batch": batch}, metrics={}, micro_batch_size=micro)
+    return CheckpointMeta(
+        stage="pretrain",
+        step=step,
+        tokens_seen=step * global_batch * seq_len,
+        world_size=world,
+        zero_stage=2,
+        precision="bf16",
+        model=GPTConfig(vocab_size=259, block_size=seq_len, n_layer=1, n_head=1, d_model=8),
+        config={},
+        tokenizer_sha256="",
+        data_url=None,
+        data_fingerprint=None,
+        init=None,
+        loader={"epoch": 1, "batch": batch},
+        metrics={},
+        micro_batch_size=micro,
+    )
 
 
 def _accum(cfg, world: int, meta: CheckpointMeta | None) -> int:
-    return elastic.grad_accum_for(cfg.deepspeed.grad_accum, cfg.train.micro_batch_size, cfg.scaling.worker_range,
-                                  cfg.data.seq_len, world, meta)
+    return elastic.grad_accum_for(
+        cfg.deepspeed.grad_accum, cfg.train.micro_batch_size, cfg.scaling.worker_range, cfg.data.seq_len, world, meta
+    )
 
 
 def test_global_batch_is_kept_across_world_sizes():
@@ -112,8 +126,13 @@ def consolidated_state(ds_dir: Path) -> tuple[dict[str, dict[str, object]], floa
 def repartitioned(tmp_path_factory) -> Path:
     """ZeRO-2 and ZeRO-3 checkpoints of 2, then 1, then 2 ranks (one subprocess: one torch import)."""
     root = tmp_path_factory.mktemp("repartition")
-    proc = subprocess.run([sys.executable, __file__, "repartition", str(root), "2,3"], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, __file__, "repartition", str(root), "2,3"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return root
 
@@ -151,16 +170,22 @@ def _rank_main(rank: int, world: int, port: int, stage: int, root: str, phase: s
     from genpt_dist.model.gpt import GPT, GPTConfig
     from genpt_dist.train.deepspeed import build_ds_config, build_engine, build_optimizer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     cfg = load_config(TINY, [f"deepspeed.zero_stage={stage}"])
     torch.manual_seed(rank + 1)  # a different init per phase and rank: the load must overwrite it
     model = GPT(GPTConfig(vocab_size=259, block_size=64, n_layer=2, n_head=2, d_model=64))
     opt, sched = build_optimizer(model, cfg.optim, cfg.train.steps)
-    ds_config = build_ds_config(cfg.deepspeed, micro_batch_size=cfg.train.micro_batch_size, grad_accum=1,
-                                grad_clip=cfg.optim.grad_clip, precision="bf16")
+    ds_config = build_ds_config(
+        cfg.deepspeed,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=1,
+        grad_clip=cfg.optim.grad_clip,
+        precision="bf16",
+    )
     engine = build_engine(model, ds_config, opt, sched)
     out = Path(root)
     if phase == "train":
@@ -177,8 +202,9 @@ def _rank_main(rank: int, world: int, port: int, stage: int, root: str, phase: s
         with tempfile.TemporaryDirectory() as tmp:  # each rank works on its own copy, as on separate nodes
             shutil.copytree(out / src, Path(tmp) / "ds")
             with elastic.resharded(Path(tmp), saved_world, world, [engine], rank=rank):
-                engine.load_checkpoint(str(Path(tmp) / "ds"), tag="state", load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+                engine.load_checkpoint(
+                    str(Path(tmp) / "ds"), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True
+                )
     engine.eval()
     with torch.no_grad():
         x = torch.randint(0, 259, (4, 65), generator=torch.Generator().manual_seed(0))
@@ -208,8 +234,9 @@ def _repartition_script(root: str, stages: list[int]) -> None:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            mp.start_processes(_rank_main, args=(world, port, stage, str(folder), phase), nprocs=world,
-                               start_method="fork")
+            mp.start_processes(
+                _rank_main, args=(world, port, stage, str(folder), phase), nprocs=world, start_method="fork"
+            )
 
 
 # ----------------------------------------------------------------------------- Ray Train level
@@ -224,8 +251,13 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> str:
     return out
 
 
-RUN = ("train.steps=20", "train.checkpoint_every=5", "train.keep_checkpoints=4", "train.log_every=5",
-       "train.eval_every=10")
+RUN = (
+    "train.steps=20",
+    "train.checkpoint_every=5",
+    "train.keep_checkpoints=4",
+    "train.log_every=5",
+    "train.eval_every=10",
+)
 
 
 def _pretrain(data: str, run: str, *overrides: str) -> dict:

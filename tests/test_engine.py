@@ -19,8 +19,15 @@ from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-ONE = ["scaling.num_workers=1", "deepspeed.precision=fp32", "model.n_layer=1", "train.log_every=1",
-       "train.eval_every=2", "train.checkpoint_every=2", "train.keep_checkpoints=3"]
+ONE = [
+    "scaling.num_workers=1",
+    "deepspeed.precision=fp32",
+    "model.n_layer=1",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +94,26 @@ def test_finetune_stops_early_and_keeps_its_best_checkpoint(data, tmp_path):
     base = str(tmp_path / "base")
     _pretrain(data, base, "train.steps=2")
     task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n"
-                            for a in range(10) for b in range(10)))
+    task.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n"
+            for a in range(10)
+            for b in range(10)
+        )
+    )
     run = str(tmp_path / "ft")
-    cfg = load_config(TINY, [*ONE, "finetune.train.steps=40", "finetune.train.eval_every=1", "finetune.patience=1",
-                             "finetune.optim.lr=0.5", "finetune.optim.warmup_steps=0", "finetune.train.log_every=1"])
+    cfg = load_config(
+        TINY,
+        [
+            *ONE,
+            "finetune.train.steps=40",
+            "finetune.train.eval_every=1",
+            "finetune.patience=1",
+            "finetune.optim.lr=0.5",
+            "finetune.optim.warmup_steps=0",
+            "finetune.train.log_every=1",
+        ],
+    )
     job, _ = finetune_job(str(task), base, run, cfg)
     reporter = LocalReporter(run, keep=cfg.finetune.train.keep_checkpoints)
     finetune_worker(job, 0, 1, reporter)

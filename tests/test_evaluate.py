@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY, assert_user_error, cli, random_export
 
 from genpt_dist.checkpoint import load_model
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
 from genpt_dist.evaluate import evaluate
-from helpers import TINY, assert_user_error, cli, random_export
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_text_file_metrics_match_a_direct_computation(export_dir, tmp_path):
     block = model.config.block_size
     nats = 0.0
     for lo in range(0, len(ids) - 1, block):
-        window = torch.tensor([ids[lo:lo + block + 1]])
+        window = torch.tensor([ids[lo : lo + block + 1]])
         logits, _ = model(window[:, :-1])
         nats += F.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
     targets = len(ids) - 1

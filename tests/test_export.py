@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TINY, assert_user_error, cli, random_export
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import EXPORT_FORMAT, latest_checkpoint, load_model, load_state_dict, resolve
 from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
 from genpt_dist.export import export
-
-from helpers import TINY, assert_user_error, cli, random_export
-
 
 # ------------------------------------------------------------------------------ without Ray
 
@@ -68,7 +66,8 @@ def test_export_s3_to_s3(tmp_path, bucket):
         assert out["output"] == f"{bucket}/exports/{fmt}"
         got, _, ref = load_model(out["output"])
         assert ref.meta.format == EXPORT_FORMAT and set(ref.meta.files) <= set(
-            storage.name(u) for u in storage.list_files(out["output"]))
+            storage.name(u) for u in storage.list_files(out["output"])
+        )
         ref_model, _, _ = load_model(src)
         for (name, a), b in zip(got.state_dict().items(), ref_model.state_dict().values()):
             assert torch.equal(a, b), name
@@ -130,8 +129,13 @@ def test_hf_folder_loads_in_transformers_with_equal_logits(trained_run, tmp_path
     export(trained_run.checkpoint, out, fmt="hf")
     model, tok, _ = load_model(trained_run.checkpoint)
     ids = [tok.bos_id, *tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.")]
-    proc = subprocess.run([sys.executable, "-c", HF_CHECK, out, json.dumps(ids)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", HF_CHECK, out, json.dumps(ids)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (got["bos"], got["eos"], got["pad"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
@@ -174,16 +178,28 @@ def test_export_zero0_single_worker_keeps_fp32_masters(trained_run, tmp_path):
     from genpt_dist.train.pretrain import pretrain
 
     run = str(tmp_path / "run0")
-    pretrain(trained_run.data, run, load_config(TINY, ["deepspeed.zero_stage=0", "scaling.num_workers=1",
-                                                       "train.steps=3", "train.checkpoint_every=3",
-                                                       "train.eval_every=3"]))
+    pretrain(
+        trained_run.data,
+        run,
+        load_config(
+            TINY,
+            [
+                "deepspeed.zero_stage=0",
+                "scaling.num_workers=1",
+                "train.steps=3",
+                "train.checkpoint_every=3",
+                "train.eval_every=3",
+            ],
+        ),
+    )
     ref = latest_checkpoint(run)
     assert ref.meta.zero_stage == 0 and ref.meta.world_size == 1
     out = export(run, str(tmp_path / "export"), fmt="hf")
     model, _, eref = load_model(out["output"])
     assert eref.meta.source.zero_stage == 0
-    module = torch.load(Path(ref.url) / "ds" / "state" / "mp_rank_00_model_states.pt", map_location="cpu",
-                        weights_only=False)["module"]
+    module = torch.load(
+        Path(ref.url) / "ds" / "state" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False
+    )["module"]
     exported = model.state_dict()
     for name, tensor in module.items():
         assert torch.equal(exported[name].to(tensor.dtype), tensor), name  # the module is its masters, rounded

@@ -23,16 +23,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_bad_inputs import fake_checkpoint
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (CHECKPOINTS_DIR, RAY_TRAIN_SNAPSHOT, list_checkpoints, load_state_dict,
-                                   remove_incomplete, resolve)
+from genpt_dist.checkpoint import (
+    CHECKPOINTS_DIR,
+    RAY_TRAIN_SNAPSHOT,
+    list_checkpoints,
+    load_state_dict,
+    remove_incomplete,
+    resolve,
+)
 from genpt_dist.config import load_config
 from genpt_dist.data.loader import ShardLoader
 from genpt_dist.data.manifest import load_manifest
 from genpt_dist.data.prepare import prepare
 from genpt_dist.testing.faultproxy import KINDS, FaultProxy
-from test_bad_inputs import fake_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -45,11 +51,10 @@ def _epoch(manifest_url: str) -> list[np.ndarray]:
 
 def _objects(prefix: str) -> dict[str, bytes]:
     root = prefix.rstrip("/") + "/"
-    return {u[len(root):]: storage.read_bytes(u) for u in storage.list_files(prefix)}
+    return {u[len(root) :]: storage.read_bytes(u) for u in storage.list_files(prefix)}
 
 
-def test_prepare_loader_checkpoint_and_export_survive_s3_faults(s3_server, bucket, tiny_corpus, tmp_path,
-                                                                monkeypatch):
+def test_prepare_loader_checkpoint_and_export_survive_s3_faults(s3_server, bucket, tiny_corpus, tmp_path, monkeypatch):
     from safetensors.torch import load as load_safetensors
 
     from genpt_dist.export import export
@@ -95,16 +100,22 @@ def test_prepare_loader_checkpoint_and_export_survive_s3_faults(s3_server, bucke
 
 
 @pytest.mark.slow
-def test_pretrain_through_s3_faults_and_a_worker_kill(ray_session, bucket, tiny_corpus, tmp_path, monkeypatch,
-                                                      s3_server):
+def test_pretrain_through_s3_faults_and_a_worker_kill(
+    ray_session, bucket, tiny_corpus, tmp_path, monkeypatch, s3_server
+):
     """Soak: pretrain with periodic S3 faults (boto3 and pyarrow) and one killed worker; then every checkpoint
     left in storage restores, and the losses equal a clean, uninterrupted run's."""
     from genpt_dist.train.pretrain import pretrain
 
     data = f"{bucket}/data"
     prepare([str(tiny_corpus)], data, load_config(TINY).data)
-    overrides = ["train.steps=12", "train.checkpoint_every=4", "train.eval_every=6", "train.log_every=4",
-                 "train.keep_checkpoints=2"]
+    overrides = [
+        "train.steps=12",
+        "train.checkpoint_every=4",
+        "train.eval_every=6",
+        "train.log_every=4",
+        "train.keep_checkpoints=2",
+    ]
     straight = pretrain(data, f"{bucket}/straight", load_config(TINY, overrides))
 
     monkeypatch.setenv("GENPT_TEST_CRASH_AT_STEP", "6")
@@ -141,8 +152,13 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     newest = fake_checkpoint(run / CHECKPOINTS_DIR / "checkpoint_000001", seed=1, step=8)
     shard = newest / "ds" / "state" / "mp_rank_00_model_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "export", "--model", str(run), "--output",
-                           str(tmp_path / "export")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "export", "--model", str(run), "--output", str(tmp_path / "export")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["step"] == 4 and summary["source"].endswith("checkpoint_000000")
@@ -175,10 +191,16 @@ class Command:
         self.out, self.err = root / f"{self.owner}.out", root / f"{self.owner}.err"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "Command":
+    def start(self) -> Command:
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *self.args], cwd=REPO,
-                                         env=self.env, stdout=out, stderr=err, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(REPO / "launch.py"), *self.args],
+                cwd=REPO,
+                env=self.env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         return self
 
     def wait_for(self, ready, what: str, timeout_s: float = 300) -> None:
@@ -261,9 +283,11 @@ KILL_RUN = ("train.steps=40", "train.checkpoint_every=5", "train.eval_every=20",
 def test_killed_driver_resumes_to_the_same_end(tiny_data, tmp_path, short_tmp):
     """SIGKILL to `launch.py pretrain` (and its local Ray) after the first checkpoint; the same command
     again resumes from the newest checkpoint and ends where an uninterrupted run ends."""
+
     def pretrain(run: Path) -> Command:
-        return Command(short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY),
-                       "--set", *KILL_RUN)
+        return Command(
+            short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY), "--set", *KILL_RUN
+        )
 
     straight = _summary(pretrain(tmp_path / "straight").run())
 
@@ -296,8 +320,12 @@ def test_checkpoints_an_interrupted_upload_left_are_removed(where, tmp_path, s3_
         (folder / "ds" / "state" / "mp_rank_00_model_states.pt").unlink()
     headless = fake_checkpoint(local / "checkpoint_000003", step=16)  # killed before meta.json was uploaded
     (headless / "meta.json").unlink()
-    snapshot = {"ray_version": "2.60.0", "checkpoint_results": [
-        {"version": 0, "checkpoint_dir_name": n, "metrics": {}} for n in ("checkpoint_000000", "checkpoint_000001")]}
+    snapshot = {
+        "ray_version": "2.60.0",
+        "checkpoint_results": [
+            {"version": 0, "checkpoint_dir_name": n, "metrics": {}} for n in ("checkpoint_000000", "checkpoint_000001")
+        ],
+    }
     (local / RAY_TRAIN_SNAPSHOT).write_text(json.dumps(snapshot))
     run = str(tmp_path / "run")
     if where == "s3":
@@ -308,7 +336,7 @@ def test_checkpoints_an_interrupted_upload_left_are_removed(where, tmp_path, s3_
     removed = remove_incomplete(run)
 
     assert [storage.name(f) for f in removed] == ["checkpoint_000002", "checkpoint_000003"]
-    left = {f[len(root) + 1:].split("/")[0] for f in storage.list_files(root)}
+    left = {f[len(root) + 1 :].split("/")[0] for f in storage.list_files(root)}
     assert left == {"checkpoint_000000", "checkpoint_000001", RAY_TRAIN_SNAPSHOT}  # 000001: Ray Train's to rotate
     assert [r.step for r in list_checkpoints(run)] == [4]
     assert remove_incomplete(run) == []
@@ -321,9 +349,22 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_t
     run = tmp_path / "run"
 
     def pretrain(steps: int) -> subprocess.CompletedProcess:
-        return Command(short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY), "--set",
-                       f"train.steps={steps}", "train.checkpoint_every=4", "train.eval_every=4", "train.log_every=4",
-                       "train.keep_checkpoints=3").run()
+        return Command(
+            short_tmp,
+            "pretrain",
+            "--data",
+            tiny_data,
+            "--run",
+            str(run),
+            "--config",
+            str(TINY),
+            "--set",
+            f"train.steps={steps}",
+            "train.checkpoint_every=4",
+            "train.eval_every=4",
+            "train.log_every=4",
+            "train.keep_checkpoints=3",
+        ).run()
 
     first = _summary(pretrain(12))
     refs = list_checkpoints(str(run))
@@ -350,8 +391,9 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_t
 
 
 @pytest.mark.slow
-def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, bucket, tiny_corpus, tiny_data,
-                                                                     tmp_path):
+def test_interrupted_prepare_and_export_are_never_taken_for_complete(
+    s3_server, bucket, tiny_corpus, tiny_data, tmp_path
+):
     """SIGKILL to `prepare` and `export` while they write to S3 (every PUT answered late through the proxy,
     so the kill lands between the first file and the marker): the half-written dataset and export are
     refused in one line by the commands that read them, and running the command again completes it."""
@@ -362,10 +404,12 @@ def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, 
     def cli(*args: str, endpoint: str | None = None) -> Command:
         return Command(tmp_path, *args, **({"AWS_ENDPOINT_URL_S3": endpoint} if endpoint else {}))
 
-    with FaultProxy(s3_server.endpoint, rate=1.0, kinds=("slow",), slow_s=0.5, only=r"^PUT ",
-                    consecutive=1 << 30) as slow:
-        prep = cli("prepare", "--input", str(tiny_corpus), "--output", data, "--config", str(TINY),
-                   endpoint=slow.endpoint).start()
+    with FaultProxy(
+        s3_server.endpoint, rate=1.0, kinds=("slow",), slow_s=0.5, only=r"^PUT ", consecutive=1 << 30
+    ) as slow:
+        prep = cli(
+            "prepare", "--input", str(tiny_corpus), "--output", data, "--config", str(TINY), endpoint=slow.endpoint
+        ).start()
         prep.wait_for(lambda: storage.exists(f"{data}/train-000000.tar"), "a first shard")
         prep.kill()
         exp = cli("export", "--model", str(run), "--output", export_url, endpoint=slow.endpoint).start()
@@ -376,8 +420,10 @@ def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, 
     proc = cli("pretrain", "--data", data, "--run", str(tmp_path / "pretrain"), "--config", str(TINY)).run()
     _one_line_error(proc, f"no dataset at {data}: manifest.json is missing")
     assert not list_checkpoints(str(tmp_path / "pretrain"))
-    for args in (("generate", "--model", export_url, "--prompt", "To be"),
-                 ("evaluate", "--model", export_url, "--data", tiny_data)):
+    for args in (
+        ("generate", "--model", export_url, "--prompt", "To be"),
+        ("evaluate", "--model", export_url, "--data", tiny_data),
+    ):
         _one_line_error(cli(*args).run(), f"no checkpoint at {export_url}")
 
     # The same commands again complete what was interrupted: the same dataset as a clean prepare's.
@@ -386,6 +432,7 @@ def test_interrupted_prepare_and_export_are_never_taken_for_complete(s3_server, 
     got, want = (load_manifest(u).to_json() for u in (data, f"{bucket}/clean"))
     assert got["fingerprint"] == want["fingerprint"] and got["splits"] == want["splits"]
     _summary(cli("export", "--model", str(run), "--output", export_url).run())  # replaces the unfinished one
-    out = _summary(cli("generate", "--model", export_url, "--prompt", "To be", "--max-new-tokens", "4",
-                       "--seed", "0").run())
+    out = _summary(
+        cli("generate", "--model", export_url, "--prompt", "To be", "--max-new-tokens", "4", "--seed", "0").run()
+    )
     assert out["model"] == export_url and out["step"] == 4

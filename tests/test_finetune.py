@@ -37,7 +37,7 @@ def test_collate_masks_the_prompt():
     idx, targets = collate([ex, Example([tok.bos_id, *tok.encode("x"), tok.eos_id], loss_from=0)], tok.pad_id)
     assert idx.shape == targets.shape == (2, len(ex.tokens) - 1)
     assert (targets[0, : len(p)] == -100).all(), "prompt targets must carry no loss"
-    assert targets[0, len(p):].tolist() == c
+    assert targets[0, len(p) :].tolist() == c
     assert targets[1, :2].tolist() == [tok.encode("x")[0], tok.eos_id] and (targets[1, 2:] == -100).all()
 
 
@@ -55,8 +55,9 @@ def base_run(ray_session, tiny_corpus, tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("ft")
     prepare([str(tiny_corpus)], str(root / "data"), load_config(TINY).data)
     run = str(root / "base")
-    pretrain(str(root / "data"), run, load_config(TINY, ["train.steps=4", "train.checkpoint_every=4",
-                                                          "train.eval_every=4"]))
+    pretrain(
+        str(root / "data"), run, load_config(TINY, ["train.steps=4", "train.checkpoint_every=4", "train.eval_every=4"])
+    )
     return run
 
 
@@ -65,8 +66,16 @@ def test_finetune_learns_held_back_prompts(base_run, tmp_path):
     from genpt_dist.train.finetune import finetune
 
     task = _swap_task(tmp_path / "swap.jsonl")
-    cfg = load_config(TINY, ["finetune.train.steps=400", "finetune.train.eval_every=100", "finetune.train.micro_batch_size=16",
-                             "finetune.optim.lr=3e-3", "finetune.optim.warmup_steps=20"])
+    cfg = load_config(
+        TINY,
+        [
+            "finetune.train.steps=400",
+            "finetune.train.eval_every=100",
+            "finetune.train.micro_batch_size=16",
+            "finetune.optim.lr=3e-3",
+            "finetune.optim.warmup_steps=20",
+        ],
+    )
     out = finetune(str(task), base_run, str(tmp_path / "run"), cfg)
     assert out["checkpoint"] and out["val_loss"] < 0.05
     model, tok, _ = load_model(out["checkpoint"])
@@ -74,9 +83,9 @@ def test_finetune_learns_held_back_prompts(base_run, tmp_path):
     assert len(held_back) >= 5
     correct = 0
     for ex in held_back:
-        prompt, answer = ex.tokens[: 1 + ex.loss_from], ex.tokens[1 + ex.loss_from:]
+        prompt, answer = ex.tokens[: 1 + ex.loss_from], ex.tokens[1 + ex.loss_from :]
         got = sample(model, [prompt], max_new_tokens=len(answer), top_k=1, eos_id=tok.eos_id, seed=0)
-        correct += got.tokens[0, got.prompt_width:].tolist()[: len(answer)] == answer
+        correct += got.tokens[0, got.prompt_width :].tolist()[: len(answer)] == answer
     assert correct / len(held_back) >= 0.95, f"{correct}/{len(held_back)} held-back prompts exact"
 
 
@@ -84,8 +93,16 @@ def test_finetune_learns_held_back_prompts(base_run, tmp_path):
 def test_frozen_weights_stay_bit_identical(base_run, tmp_path):
     from genpt_dist.train.finetune import finetune
 
-    cfg = load_config(TINY, ["finetune.train.steps=6", "finetune.train.eval_every=3", "finetune.freeze_embeddings=true",
-                             "finetune.freeze_first_blocks=1", "finetune.patience=0"])
+    cfg = load_config(
+        TINY,
+        [
+            "finetune.train.steps=6",
+            "finetune.train.eval_every=3",
+            "finetune.freeze_embeddings=true",
+            "finetune.freeze_first_blocks=1",
+            "finetune.patience=0",
+        ],
+    )
     out = finetune(str(_swap_task(tmp_path / "swap.jsonl")), base_run, str(tmp_path / "run"), cfg)
     before, after = load_state_dict(resolve(base_run)), load_state_dict(resolve(out["checkpoint"]))
     frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe", "transformer.h.0."))]
@@ -95,8 +112,9 @@ def test_frozen_weights_stay_bit_identical(base_run, tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
-                          timeout=300, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
 
 
 @pytest.mark.slow
@@ -105,8 +123,12 @@ def test_finetune_bad_input(case, base_run, tiny_corpus, tmp_path):
     task = tmp_path / "task.jsonl"
     lines = [{"prompt": "1 2 ->", "completion": " 2 1"}] * 3
     extra: list[str] = []
-    expect = {"missing-field": "task.jsonl:3: needs string fields", "empty-completion": "task.jsonl:2: empty",
-              "too-long": "do not fit the 64-token context", "other-tokenizer": "different tokenizer"}[case]
+    expect = {
+        "missing-field": "task.jsonl:3: needs string fields",
+        "empty-completion": "task.jsonl:2: empty",
+        "too-long": "do not fit the 64-token context",
+        "other-tokenizer": "different tokenizer",
+    }[case]
     if case == "missing-field":
         lines[2] = {"prompt": "x"}
     elif case == "empty-completion":
@@ -120,8 +142,18 @@ def test_finetune_bad_input(case, base_run, tiny_corpus, tmp_path):
     else:
         task.write_text("".join(json.dumps(x) + "\n" for x in lines))
         task_arg = str(task)
-    proc = _cli("finetune", "--task", task_arg, "--init", base_run, "--run", str(tmp_path / "run"),
-                "--config", str(TINY), *extra)
+    proc = _cli(
+        "finetune",
+        "--task",
+        task_arg,
+        "--init",
+        base_run,
+        "--run",
+        str(tmp_path / "run"),
+        "--config",
+        str(TINY),
+        *extra,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("genpt-dist: error:") and expect in last, last

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from helpers import assert_user_error, cli, random_export
 
 from genpt_dist.errors import UserError
 from genpt_dist.generate import generate, read_prompts
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import _decode_step, _layer_params, _pick, filter_logits, sample
-from helpers import assert_user_error, cli, random_export
 
 
 def _gpt(seed: int = 0, **kw) -> GPT:
@@ -40,8 +40,8 @@ def test_fused_decode_step_matches_forward(padded):
     idx = torch.zeros(B, P, dtype=torch.long)
     mask = torch.zeros(B, P + steps, dtype=torch.long)
     for i, p in enumerate(prompts):
-        idx[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
+        idx[i, P - len(p) :] = torch.tensor(p)
+        mask[i, P - len(p) :] = 1
     ref_cache, fast_cache = model.new_cache(B, P + steps), model.new_cache(B, P + steps)
     am = mask[:, :P] if padded else None
     with torch.inference_mode():
@@ -52,16 +52,18 @@ def test_fused_decode_step_matches_forward(padded):
         for n in range(steps):
             tok = torch.randint(3, 61, (B,))
             width = P + n + 1
-            ref = model(tok[:, None], cache=ref_cache, attention_mask=mask[:, :width] if padded else None,
-                        last_only=True)[0][:, -1]
+            ref = model(
+                tok[:, None], cache=ref_cache, attention_mask=mask[:, :width] if padded else None, last_only=True
+            )[0][:, -1]
             pos = (width - 1 - shift) if padded else width - 1
             km = mask[:, :width].bool()[:, None, None, :] if padded else None
             fast = _decode_step(model, layers, tok, pos, fast_cache, km)
             torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("top_k, top_p, temperature", [(None, None, 1.0), (4, None, 0.7), (None, 0.6, 1.3),
-                                                       (5, 0.8, 1.0)])
+@pytest.mark.parametrize(
+    "top_k, top_p, temperature", [(None, None, 1.0), (4, None, 0.7), (None, 0.6, 1.3), (5, 0.8, 1.0)]
+)
 def test_pick_samples_the_filtered_distribution(top_k, top_p, temperature):
     torch.manual_seed(0)
     logits = torch.randn(1, 12) * 2  # (1, V)
@@ -114,8 +116,26 @@ def test_generate_jsonl_reproducible_and_batched(export_dir):
 def test_generate_text_cli_and_stdin(export_dir, tmp_path):
     pfile = tmp_path / "prompts.txt"
     pfile.write_text("First\n\nSecond\n")
-    proc = cli("generate", "--model", export_dir, "--prompt-file", str(pfile), "--prompt", "-", "--seed", "3",
-               "--max-new-tokens", "5", "--top-k", "0", "--top-p", "0.9", "--temperature", "0.8", stdin="Third\n")
+    proc = cli(
+        "generate",
+        "--model",
+        export_dir,
+        "--prompt-file",
+        str(pfile),
+        "--prompt",
+        "-",
+        "--seed",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--top-k",
+        "0",
+        "--top-p",
+        "0.9",
+        "--temperature",
+        "0.8",
+        stdin="Third\n",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     summary = json.loads(lines[-1])
@@ -150,8 +170,23 @@ def test_generate_checkpoint_equals_export(trained_run, tmp_path):
     for fmt in ("safetensors", "hf"):
         export(trained_run.run, str(tmp_path / fmt), fmt=fmt)
     for model in (trained_run.checkpoint, str(tmp_path / "safetensors"), str(tmp_path / "hf")):
-        proc = cli("generate", "--model", model, "--prompt", "First Citizen:", "--prompt", "ROMEO:",
-                   "--num-samples", "2", "--seed", "5", "--max-new-tokens", "20", "--format", "jsonl")
+        proc = cli(
+            "generate",
+            "--model",
+            model,
+            "--prompt",
+            "First Citizen:",
+            "--prompt",
+            "ROMEO:",
+            "--num-samples",
+            "2",
+            "--seed",
+            "5",
+            "--max-new-tokens",
+            "20",
+            "--format",
+            "jsonl",
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         lines = proc.stdout.strip().splitlines()
         assert json.loads(lines[-1])["step"] == 6

@@ -39,8 +39,16 @@ def dataset(make_bucket, shakespeare, tmp_path_factory) -> str:
     corpus = tmp_path_factory.mktemp("loader") / "corpus.txt"
     corpus.write_bytes(shakespeare.read_bytes()[: N_TRAIN * SEQ_LEN - 1])  # + <bos> + <eos> = 600*16 + 1 tokens
     out = storage.join(make_bucket(), "ds")
-    cfg = load_config(None, ["data.tokenizer=byte", "data.split=tail", "data.val_fraction=0",
-                             f"data.seq_len={SEQ_LEN}", f"data.shard_samples={SHARD_SAMPLES}"]).data
+    cfg = load_config(
+        None,
+        [
+            "data.tokenizer=byte",
+            "data.split=tail",
+            "data.val_fraction=0",
+            f"data.seq_len={SEQ_LEN}",
+            f"data.shard_samples={SHARD_SAMPLES}",
+        ],
+    ).data
     summary = prepare([str(corpus)], out, cfg)
     assert summary["train_samples"] == N_TRAIN
     return out
@@ -108,8 +116,18 @@ def test_world_size_not_dividing_the_samples(dataset, all_rows):
 @pytest.mark.parametrize("workers", [0, 2, 3])
 def test_resume_mid_epoch_and_across_the_epoch_boundary(dataset, workers):
     manifest = load_manifest(dataset)
-    make = lambda: ShardLoader(manifest, "train", batch_size=BATCH, rank=1, world_size=2,  # noqa: E731
-                               num_workers=workers, seed=3)
+
+    def make() -> ShardLoader:
+        return ShardLoader(
+            manifest,
+            "train",
+            batch_size=BATCH,
+            rank=1,
+            world_size=2,
+            num_workers=workers,
+            seed=3,
+        )
+
     per_epoch = make().batches_per_epoch  # 38: with 3 workers the runs are 13, 13, 12 batches
     reference = list(islice(iter(make()), per_epoch + 6))  # one DataLoader across the epoch boundary
     by_epoch = make()
@@ -128,7 +146,7 @@ def test_resume_mid_epoch_and_across_the_epoch_boundary(dataset, workers):
 
 def _copy(src: str, dst: str) -> None:
     for url in storage.list_files(src):
-        storage.write_bytes(storage.join(dst, url[len(src) + 1:]), storage.read_bytes(url))
+        storage.write_bytes(storage.join(dst, url[len(src) + 1 :]), storage.read_bytes(url))
 
 
 def test_corrupt_shard_becomes_pad_rows_with_one_warning(dataset, bucket, caplog):

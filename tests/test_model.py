@@ -32,8 +32,8 @@ def padded_batch(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, tor
     idx = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        idx[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
+        idx[i, width - len(r) :] = torch.tensor(r)
+        mask[i, width - len(r) :] = 1
     return idx, mask
 
 
@@ -61,7 +61,7 @@ def test_kv_cache_matches_full_forward():
     cache = model.new_cache(3, 12)
     chunks = [model(idx[:, :5], cache=cache)[0]]  # prefill
     chunks.append(model(idx[:, 5:8], cache=cache)[0])  # multi-token step with a cache
-    chunks += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    chunks += [model(idx[:, t : t + 1], cache=cache)[0] for t in range(8, 12)]
     assert cache.length == 12
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=0)
 
@@ -73,7 +73,7 @@ def test_left_padded_row_matches_unpadded_and_cache():
     logits, _ = model(idx, attention_mask=mask)
     for i, r in enumerate(rows):
         alone, _ = model(torch.tensor([r]))
-        torch.testing.assert_close(logits[i, -len(r):], alone[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[i, -len(r) :], alone[0], atol=1e-5, rtol=0)
     # Same through the cache with a growing mask.
     cache = model.new_cache(3, idx.size(1) + 1)
     model(idx, cache=cache, attention_mask=mask)
@@ -127,8 +127,9 @@ def test_chunked_cross_entropy_matches_torch(dtype, chunk_elements):
     ours = cross_entropy(logits, targets, chunk_elements=chunk_elements)
     (ours * weights).sum().backward()
     grad, logits.grad = logits.grad, None
-    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100,
-                          reduction="none").view(4, 5)
+    ref = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none").view(
+        4, 5
+    )
     (ref * weights).sum().backward()
 
     assert ours.dtype == torch.float32 and ours.shape == (4, 5)
@@ -168,7 +169,7 @@ def test_top_k_1_is_greedy():
         seq = list(p)
         for _ in range(6):
             seq.append(int(model(torch.tensor([seq]))[0][0, -1].argmax()))
-        assert out.tokens[i, out.prompt_width:].tolist() == seq[len(p):]
+        assert out.tokens[i, out.prompt_width :].tolist() == seq[len(p) :]
 
 
 def test_logprobs_match_recomputation():
@@ -178,7 +179,7 @@ def test_logprobs_match_recomputation():
     P = out.prompt_width
     mask = (torch.arange(out.tokens.size(1)) >= P - torch.tensor([len(p) for p in PROMPTS])[:, None]).long()
     logits, _ = model(out.tokens, attention_mask=mask)
-    logp = filter_logits(logits[:, P - 1:-1], top_k, top_p, temp)  # (B, N, V)
+    logp = filter_logits(logits[:, P - 1 : -1], top_k, top_p, temp)  # (B, N, V)
     ref = logp.gather(-1, out.tokens[:, P:, None]).squeeze(-1)
     assert torch.isfinite(out.logprobs).all()
     torch.testing.assert_close(out.logprobs, ref, atol=1e-5, rtol=0)
@@ -199,7 +200,7 @@ def test_filter_logits_keeps_top_k_and_nucleus():
 def test_rows_stop_at_eos_and_get_pad():
     model = tiny_gpt()
     free = sample(model, PROMPTS, max_new_tokens=10, seed=3)
-    gen = free.tokens[:, free.prompt_width:]
+    gen = free.tokens[:, free.prompt_width :]
     eos = int(gen[0, 2])  # a token row 0 emits at step 2, so row 0 stops there
     out = sample(model, PROMPTS, max_new_tokens=10, seed=3, eos_id=eos, pad_id=49)
     P = out.prompt_width
@@ -208,7 +209,7 @@ def test_rows_stop_at_eos_and_get_pad():
         row = out.tokens[i, P:]
         assert row[:n].tolist() == gen[i, :n].tolist()
         if n < row.numel() or eos in row[:n].tolist():
-            assert row[n - 1] == eos and eos not in row[:n - 1].tolist()
+            assert row[n - 1] == eos and eos not in row[: n - 1].tolist()
         assert torch.all(row[n:] == 49) and torch.all(out.logprobs[i, n:] == 0)
         assert torch.all(out.logprobs[i, :n] < 0)
     assert out.new_lengths[0] <= 3
@@ -222,13 +223,16 @@ def test_loop_ends_when_all_rows_stop():
     assert out.tokens.shape == (2, 4) and out.new_lengths.tolist() == [1, 1]
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(top_k=0), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(top_p=1.5), "top_p"),
-    (dict(temperature=0.0), "temperature"),
-    (dict(max_new_tokens=28), r"\(5\).*\(28\).*33.*block_size=32"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(max_new_tokens=28), r"\(5\).*\(28\).*33.*block_size=32"),
+    ],
+)
 def test_sampling_rejects_bad_args(kw, match):
     model = tiny_gpt()
     with pytest.raises(ValueError, match=match):

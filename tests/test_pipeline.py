@@ -17,9 +17,17 @@ from genpt_dist.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
-SMALL = ["train.steps=6", "train.checkpoint_every=6", "train.eval_every=6", "adversarial.train.steps=2",
-         "adversarial.discriminator.pretrain_steps=1", "adversarial.train.checkpoint_every=2", "finetune.train.steps=4",
-         "finetune.train.eval_every=2", "pipeline.report_samples=2"]
+SMALL = [
+    "train.steps=6",
+    "train.checkpoint_every=6",
+    "train.eval_every=6",
+    "adversarial.train.steps=2",
+    "adversarial.discriminator.pretrain_steps=1",
+    "adversarial.train.checkpoint_every=2",
+    "finetune.train.steps=4",
+    "finetune.train.eval_every=2",
+    "pipeline.report_samples=2",
+]
 
 
 @pytest.mark.slow
@@ -27,8 +35,12 @@ def test_pipeline_runs_every_stage_then_skips_them(ray_session, tiny_corpus, mak
     from genpt_dist.pipeline import pipeline
 
     task = tmp_path / "task.jsonl"
-    task.write_text("".join(json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n"
-                            for a, b in itertools.product(range(10), range(10))))
+    task.write_text(
+        "".join(
+            json.dumps({"prompt": f"{a} {b} ->", "completion": f" {b} {a}"}) + "\n"
+            for a, b in itertools.product(range(10), range(10))
+        )
+    )
     run = f"{make_bucket()}/runs/p"
     cfg = load_config(TINY, SMALL)
     out = pipeline([str(tiny_corpus)], run, cfg, task=str(task))
@@ -60,11 +72,17 @@ def test_pipeline_runs_every_stage_then_skips_them(ray_session, tiny_corpus, mak
 def test_report_command_on_a_stage_run(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    lines = [{"step": s, "train_loss": 5.0 - 0.1 * s, "tokens_per_s": 1000.0 + s, "time": 1000.0 + s}
-             for s in range(1, 11)] + [{"step": 10, "val_loss": 4.2, "val_ppl": 66.7, "val_bpb": 2.5}]
+    lines = [
+        {"step": s, "train_loss": 5.0 - 0.1 * s, "tokens_per_s": 1000.0 + s, "time": 1000.0 + s} for s in range(1, 11)
+    ] + [{"step": 10, "val_loss": 4.2, "val_ppl": 66.7, "val_bpb": 2.5}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), "report", str(run)], capture_output=True,
-                          text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), "report", str(run)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["command"] == "report" and len(out["plots"]) == 2  # loss and throughput

@@ -50,7 +50,7 @@ def windows(stream: list[int], seq_len: int) -> list[tuple[int, ...]]:
     """Samples of seq_len + 1 tokens with stride seq_len; the last right-padded with <pad>."""
     out = []
     for start in range(0, max(len(stream) - 1, 0), seq_len):
-        row = stream[start:start + seq_len + 1]
+        row = stream[start : start + seq_len + 1]
         out.append(tuple(row + [PAD] * (seq_len + 1 - len(row))))
     return out
 
@@ -102,7 +102,14 @@ def test_normalised_documents_in_s3_read_back_with_plain_webdataset(mixed_corpus
     manifest = load_manifest(out)
     assert manifest.stats.empty_skipped == 1
     assert [s.url.rsplit("/", 1)[-1] for s in manifest.sources] == [
-        "a.txt", "b.txt", "c.txt", "d.txt", "e.jsonl", "f.jsonl.gz", "g.md.gz"]
+        "a.txt",
+        "b.txt",
+        "c.txt",
+        "d.txt",
+        "e.jsonl",
+        "f.jsonl.gz",
+        "g.md.gz",
+    ]
 
     tok = Tokenizer.load(storage.join(out, "tokenizer.json"))
     stream: list[int] = []
@@ -126,8 +133,11 @@ def test_documents_are_wrapped_in_bos_eos(tmp_path, bucket):
     texts = [f"document number {i}: " + "word " * (i % 7 + 1) for i in range(40)]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
     out = storage.join(bucket, "docs")
-    prepare([str(tmp_path / "docs.jsonl")], out, data_cfg("data.seq_len=16", "data.val_fraction=0.5",
-                                                          "data.text_field=body"))
+    prepare(
+        [str(tmp_path / "docs.jsonl")],
+        out,
+        data_cfg("data.seq_len=16", "data.val_fraction=0.5", "data.text_field=body"),
+    )
     tok = load_manifest(out).load_tokenizer()
     _, val = read_split(out, "val")
     stream = unwindow(val)
@@ -162,7 +172,7 @@ def test_tail_split_of_tinyshakespeare_and_reuse(shakespeare, bucket):
     _, val = read_split(out, "val")
     val_stream = unwindow(val)
     assert val_stream[-1] == EOS
-    assert tok.decode(val_stream).encode() == text[-(first["val_tokens"] - 1):]  # the last 10% of the text
+    assert tok.decode(val_stream).encode() == text[-(first["val_tokens"] - 1) :]  # the last 10% of the text
     _, train = read_split(out, "train")
     assert len(train) == first["train_samples"]
     assert (train != PAD).any(axis=1).all()
@@ -174,16 +184,18 @@ def test_tail_split_of_tinyshakespeare_and_reuse(shakespeare, bucket):
     assert second["reused"] is True and first["reused"] is False
     assert time.monotonic() - t0 < 5
     assert storage.read_bytes(storage.join(out, MANIFEST)) == manifest_before
-    assert {k: v for k, v in second.items() if k not in ("reused", "seconds", "mb_per_s")} == \
-        {k: v for k, v in first.items() if k not in ("reused", "seconds", "mb_per_s")}
+    assert {k: v for k, v in second.items() if k not in ("reused", "seconds", "mb_per_s")} == {
+        k: v for k, v in first.items() if k not in ("reused", "seconds", "mb_per_s")
+    }
 
 
 def test_hash_split_keeps_documents_whole_and_is_deterministic(tmp_path, bucket):
     texts = [f"doc {i} " + "lorem ipsum " * (i % 5 + 1) for i in range(120)]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     out = storage.join(bucket, "hash")
-    summary = prepare([str(tmp_path / "a.jsonl")], out, data_cfg("data.split=hash", "data.val_fraction=0.3",
-                                                                 "data.seq_len=32"))
+    summary = prepare(
+        [str(tmp_path / "a.jsonl")], out, data_cfg("data.split=hash", "data.val_fraction=0.3", "data.seq_len=32")
+    )
 
     def in_val(t: str) -> bool:  # the documented rule: the first 8 bytes of sha256(text) below the fraction
         return int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "big") / 2**64 < 0.3
@@ -210,8 +222,10 @@ def test_hash_split_keeps_documents_whole_and_is_deterministic(tmp_path, bucket)
 
 def test_bpe_respects_vocab_size(tiny_corpus, bucket):
     out = storage.join(bucket, "bpe")
-    cfg = load_config(None, ["data.tokenizer=bpe", "data.vocab_size=400", "data.seq_len=32",
-                             "data.split=tail", "data.val_fraction=0.1"]).data
+    cfg = load_config(
+        None,
+        ["data.tokenizer=bpe", "data.vocab_size=400", "data.seq_len=32", "data.split=tail", "data.val_fraction=0.1"],
+    ).data
     summary = prepare([str(tiny_corpus)], out, cfg)
     assert summary["vocab_size"] == 400
     manifest = load_manifest(out)
@@ -222,13 +236,13 @@ def test_bpe_respects_vocab_size(tiny_corpus, bucket):
     assert train.max() < 400 and val.max() < 400
     assert summary["train_tokens"] < 0.8 * tiny_corpus.stat().st_size  # merges compress the text
     corpus = tiny_corpus.read_text()
-    assert tok.decode(unwindow(val)) == corpus[-len(tok.decode(unwindow(val))):]
+    assert tok.decode(unwindow(val)) == corpus[-len(tok.decode(unwindow(val))) :]
 
 
 def test_bpe_encoding_in_pieces_matches_whole_documents(shakespeare):
-    from genpt_dist.tokenizer import byte_tokenizer, train_bpe
-
     import re
+
+    from genpt_dist.tokenizer import byte_tokenizer, train_bpe
 
     text = shakespeare.read_text()[:400_000]
     bpe = train_bpe([text[:100_000]], 600)
@@ -239,7 +253,7 @@ def test_bpe_encoding_in_pieces_matches_whole_documents(shakespeare):
     assert len(lines) > 1000
     assert train_bpe([text], 700).to_json() == train_bpe(lines, 700).to_json()
     byte = byte_tokenizer()
-    odd = "tab\there \u00e9\U0001F600 <eos> \x00\r\n" * 50
+    odd = "tab\there \u00e9\U0001f600 <eos> \x00\r\n" * 50
     assert byte.encode_arrays([odd, ""])[0].tolist() == byte.encode(odd)
     assert byte.encode_arrays([""])[0].tolist() == []
 
@@ -252,7 +266,9 @@ def test_inputs_from_an_s3_prefix(tmp_path, bucket):
     summary = prepare([storage.join(bucket, "corpus")], out, data_cfg("data.seq_len=16"))
     assert summary["documents"] == 2
     assert [s.url for s in load_manifest(out).sources] == [
-        storage.join(bucket, "corpus/part-1.txt"), storage.join(bucket, "corpus/part-2.txt.gz")]
+        storage.join(bucket, "corpus/part-1.txt"),
+        storage.join(bucket, "corpus/part-2.txt.gz"),
+    ]
 
 
 def test_unrelated_files_in_the_output_folder_survive(tmp_path, tiny_corpus):
@@ -264,8 +280,12 @@ def test_unrelated_files_in_the_output_folder_survive(tmp_path, tiny_corpus):
     assert (out / "notes.txt").read_text() == "mine"
     assert load_manifest(str(out)).seq_len == 32
     names = {p.name for p in out.iterdir()}
-    assert names == {"notes.txt", "manifest.json", "tokenizer.json",
-                     *(s.name for split in ("train", "val") for s in load_manifest(str(out)).shards(split))}
+    assert names == {
+        "notes.txt",
+        "manifest.json",
+        "tokenizer.json",
+        *(s.name for split in ("train", "val") for s in load_manifest(str(out)).shards(split)),
+    }
 
 
 def test_jsonl_without_the_text_field_is_refused(tmp_path):
@@ -281,14 +301,16 @@ def test_ray_tasks_tokenise_s3_inputs_like_the_driver(ray_session, bucket, shake
     settings); the dataset is byte-for-byte the one the driver alone would write."""
     text = shakespeare.read_text()[:200_000]
     for i in range(6):
-        storage.write_text(storage.join(bucket, f"corpus/part-{i}.txt"), text[i * 30_000:(i + 1) * 30_000 + 5000])
+        storage.write_text(storage.join(bucket, f"corpus/part-{i}.txt"), text[i * 30_000 : (i + 1) * 30_000 + 5000])
     src = storage.join(bucket, "corpus")
     cfg = "data.seq_len=32", "data.val_fraction=0.2", "data.split=hash"
     in_driver = prepare([src], storage.join(bucket, "driver"), data_cfg(*cfg))
     in_ray = prepare([src], storage.join(bucket, "ray"), data_cfg(*cfg, "data.parallel_min_bytes=0"))
     assert ray_session.is_initialized()
     a, b = load_manifest(storage.join(bucket, "driver")), load_manifest(storage.join(bucket, "ray"))
-    assert [s.sha256 for s in a.shards("train") + a.shards("val")] == [s.sha256 for s in b.shards("train") + b.shards("val")]
+    assert [s.sha256 for s in a.shards("train") + a.shards("val")] == [
+        s.sha256 for s in b.shards("train") + b.shards("val")
+    ]
     assert in_driver["documents"] == in_ray["documents"] == 6
 
     storage.write_text(storage.join(bucket, "corpus/part-9.jsonl"), '{"text": "fine"}\nnot json\n')

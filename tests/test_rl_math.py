@@ -7,8 +7,17 @@ import math
 import pytest
 import torch
 
-from genpt_dist.rl.reinforce import (BaselineState, advantages, derive_seed, kl_per_token, reinforce_loss,
-                                     reward_to_go, rollout_seed, token_advantages, token_entropy)
+from genpt_dist.rl.reinforce import (
+    BaselineState,
+    advantages,
+    derive_seed,
+    kl_per_token,
+    reinforce_loss,
+    reward_to_go,
+    rollout_seed,
+    token_advantages,
+    token_entropy,
+)
 from genpt_dist.rl.reward import mc_token_rewards, normalize, sequence_reward
 
 
@@ -21,8 +30,8 @@ def close(actual, expected, atol=1e-6):
 
 def test_sequence_reward_prob_and_log():
     logits = torch.tensor([0.0, math.log(3.0), -2.0])
-    close(sequence_reward(logits, "prob"), [0.5, 0.75, 1 / (1 + math.e ** 2)])
-    close(sequence_reward(logits, "log"), [math.log(0.5), math.log(0.75), -math.log(1 + math.e ** 2)])
+    close(sequence_reward(logits, "prob"), [0.5, 0.75, 1 / (1 + math.e**2)])
+    close(sequence_reward(logits, "log"), [math.log(0.5), math.log(0.75), -math.log(1 + math.e**2)])
     assert torch.isfinite(sequence_reward(torch.tensor([-200.0]), "log")).all()  # no log(0)
     with pytest.raises(ValueError, match="prob"):
         sequence_reward(logits, "logit")
@@ -35,11 +44,14 @@ def test_mc_token_rewards_backward_fill():
     lengths = torch.tensor([8, 4, 5])
     gen_mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
     out = mc_token_rewards(scores, positions, final, gen_mask)
-    close(out, [
-        [0.1, 0.1, 0.2, 0.2, 0.2, 0.9, 0.9, 0.9],  # tokens after the last prefix take the final reward
-        [0.3, 0.3, 0.8, 0.8, 0.0, 0.0, 0.0, 0.0],  # prefix at 4 lies past the end: final; then zeros
-        [0.5, 0.5, 0.7, 0.7, 0.7, 0.0, 0.0, 0.0],  # prefix at 4 is the whole row: its own reward
-    ])
+    close(
+        out,
+        [
+            [0.1, 0.1, 0.2, 0.2, 0.2, 0.9, 0.9, 0.9],  # tokens after the last prefix take the final reward
+            [0.3, 0.3, 0.8, 0.8, 0.0, 0.0, 0.0, 0.0],  # prefix at 4 lies past the end: final; then zeros
+            [0.5, 0.5, 0.7, 0.7, 0.7, 0.0, 0.0, 0.0],  # prefix at 4 is the whole row: its own reward
+        ],
+    )
 
 
 def test_mc_token_rewards_without_prefixes_is_the_final_reward():
@@ -171,7 +183,7 @@ def test_rollout_seed_deterministic_and_distinct():
     assert rollout_seed(7, 3, 5) == rollout_seed(7, 3, 5)
     seeds = {rollout_seed(base, step, i) for base in (0, 1) for step in range(20) for i in range(50)}
     assert len(seeds) == 2 * 20 * 50
-    assert all(0 <= s < 2 ** 63 for s in seeds)
+    assert all(0 <= s < 2**63 for s in seeds)
     assert rollout_seed(0, 1, 2) != rollout_seed(0, 2, 1)
     assert rollout_seed(0, 1, 2) == derive_seed(0, 1, 2)
     assert rollout_seed(0, 12, 3) != rollout_seed(0, 1, 23)  # no ambiguity in the encoding

@@ -47,8 +47,12 @@ def make_worker(**kw) -> RolloutWorker:
 
 
 def request(n_rows: int = 6, **kw) -> RolloutRequest:
-    args = dict(prompts=[PROMPTS[i % len(PROMPTS)] for i in range(n_rows)], seeds=[100 + i for i in range(n_rows)],
-                max_new_tokens=12, top_k=10)
+    args = dict(
+        prompts=[PROMPTS[i % len(PROMPTS)] for i in range(n_rows)],
+        seeds=[100 + i for i in range(n_rows)],
+        max_new_tokens=12,
+        top_k=10,
+    )
     args.update(kw)
     return RolloutRequest(**args)
 
@@ -81,12 +85,12 @@ def test_batch_shapes_and_masks(worker):
     assert int(b.lengths.max()) == N
     assert (b.tokens[b.attention_mask == 0] == PAD).all()
     for i, p in enumerate(req.prompts):
-        assert row_tokens(b, i)[:len(p)] == p  # left-padded prompt, then the generated tokens
+        assert row_tokens(b, i)[: len(p)] == p  # left-padded prompt, then the generated tokens
         n = int(b.lengths[i])
-        assert b.attention_mask[i, :P - len(p)].sum() == 0
+        assert b.attention_mask[i, : P - len(p)].sum() == 0
         if n < req.max_new_tokens:
             assert b.tokens[i, P + n - 1] == EOS
-        assert (b.generated[i, :n - 1] != EOS).all()
+        assert (b.generated[i, : n - 1] != EOS).all()
     assert (b.lengths < req.max_new_tokens).any(), "the test model should stop some rows early"
     gen = b.gen_mask.bool()
     assert (b.logprobs[~gen] == 0).all() and (b.ref_logprobs[~gen] == 0).all()
@@ -97,14 +101,16 @@ def test_batch_shapes_and_masks(worker):
     assert b.sampled_tokens >= int(b.lengths.sum()) and b.seconds > 0
 
 
-@pytest.mark.parametrize("settings", [dict(top_k=10, temperature=0.7), dict(top_k=None, top_p=0.8),
-                                      dict(top_k=None, temperature=1.3)])
+@pytest.mark.parametrize(
+    "settings", [dict(top_k=10, temperature=0.7), dict(top_k=None, top_p=0.8), dict(top_k=None, temperature=1.3)]
+)
 def test_logprobs_are_those_of_the_filtered_distribution(worker, settings):
     b = worker.generate(request(**settings))
     P = b.prompt_width
     logits, _ = worker.policy(b.tokens, attention_mask=b.attention_mask)  # (B, P + N, V)
-    lp = filter_logits(logits[:, P - 1:-1], settings.get("top_k"), settings.get("top_p"),
-                       settings.get("temperature", 1.0))  # (B, N, V)
+    lp = filter_logits(
+        logits[:, P - 1 : -1], settings.get("top_k"), settings.get("top_p"), settings.get("temperature", 1.0)
+    )  # (B, N, V)
     expect = lp.gather(-1, b.generated[..., None]).squeeze(-1)  # (B, N)
     gen = b.gen_mask.bool()
     assert torch.isfinite(expect[gen]).all()  # every sampled token is inside the filtered support
@@ -181,7 +187,7 @@ def test_mc_token_rewards(worker):
         n = int(b.lengths[i])
         assert torch.equal(tr[i, 0:3], tr[i, 2].expand(3))  # tokens 0..2 share the prefix ending at 2
         assert not torch.allclose(tr[i, 2], b.rewards[i])  # a measured prefix, not the final reward
-        assert (tr[i, (n - 1) // 3 * 3:n] == b.rewards[i]).all()  # after the last measured prefix
+        assert (tr[i, (n - 1) // 3 * 3 : n] == b.rewards[i]).all()  # after the last measured prefix
     assert b.mc_tokens > 0 and b.mc_seconds > 0 and b.seconds >= b.mc_seconds
 
 
@@ -191,8 +197,8 @@ def test_concat_pads_prompt_left_and_generation_right(worker):
     c = RolloutBatch.concat([a, b])
     assert c.prompt_width == 5 and c.gen_width == max(a.gen_width, b.gen_width)
     assert row_tokens(c, 0) == row_tokens(a, 0) and row_tokens(c, 1) == row_tokens(b, 0)
-    torch.testing.assert_close(c.logprobs[0, :a.gen_width], a.logprobs[0])
-    assert torch.equal(c.gen_mask[1, :b.gen_width], b.gen_mask[0])
+    torch.testing.assert_close(c.logprobs[0, : a.gen_width], a.logprobs[0])
+    assert torch.equal(c.gen_mask[1, : b.gen_width], b.gen_mask[0])
     assert c.sampled_tokens == a.sampled_tokens + b.sampled_tokens
 
 
@@ -215,8 +221,18 @@ def test_pack_state_stores_tied_weights_once_and_keeps_bf16():
 
 @pytest.fixture(scope="module")
 def group(ray_session):
-    g = RolloutGroup(2, cpus_per_actor=0.5, gpus_per_actor=0.0, max_restarts=2, model_config=MODEL,
-                     disc_config=DISC, reference_state=gpt_state(0), pad_id=PAD, eos_id=EOS, threads=1)
+    g = RolloutGroup(
+        2,
+        cpus_per_actor=0.5,
+        gpus_per_actor=0.0,
+        max_restarts=2,
+        model_config=MODEL,
+        disc_config=DISC,
+        reference_state=gpt_state(0),
+        pad_id=PAD,
+        eos_id=EOS,
+        threads=1,
+    )
     yield g
     g.shutdown()
 
@@ -259,8 +275,9 @@ def test_group_survives_an_actor_killed_mid_request(group):
 
 @pytest.mark.slow
 def test_group_refuses_actors_the_cluster_cannot_hold(ray_session):
-    kw = dict(max_restarts=0, model_config=MODEL, disc_config=DISC, reference_state=gpt_state(0),
-              pad_id=PAD, eos_id=EOS)
+    kw = dict(
+        max_restarts=0, model_config=MODEL, disc_config=DISC, reference_state=gpt_state(0), pad_id=PAD, eos_id=EOS
+    )
     t0 = time.perf_counter()
     with pytest.raises(UserError, match=r"3 rollout actors x 2 CPUs need 6 CPUs; the Ray cluster has 4"):
         RolloutGroup(3, cpus_per_actor=2.0, gpus_per_actor=0.0, **kw)

@@ -35,8 +35,9 @@ def _hits(data: bytes) -> list[str]:
 
 
 def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], cwd=cwd, env=env, capture_output=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-3000:]
     return proc
 
@@ -67,7 +68,7 @@ def test_credentials_never_leak(s3_server, bucket, tiny_corpus, tmp_path):
                     leaks[str(path)] = found
             except OSError:
                 continue
-        for i, proc in enumerate(procs):
+        for proc in procs:
             for stream in ("stdout", "stderr"):
                 if found := _hits(getattr(proc, stream)):
                     leaks[f"{proc.args[2]} {stream}"] = found
@@ -94,8 +95,13 @@ def _torch_load_calls() -> list[tuple[str, int, str | None]]:
     out = []
     for path in sorted((REPO / "genpt_dist").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
                 kw = {k.arg: ast.unparse(k.value) for k in node.keywords}
                 out.append((str(path.relative_to(REPO)), node.lineno, kw.get("weights_only")))
     return out
@@ -127,14 +133,14 @@ def _listening(pids: set[int]) -> list[str]:
     import re
 
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
-    return [line.split()[3] for line in out.splitlines()
-            if (m := re.search(r"pid=(\d+)", line)) and int(m.group(1)) in pids]
+    return [
+        line.split()[3] for line in out.splitlines() if (m := re.search(r"pid=(\d+)", line)) and int(m.group(1)) in pids
+    ]
 
 
 def _ray_pids() -> set[int]:
-    import ray
-
     import psutil
+    import ray
 
     node = ray._private.worker._global_node
     servers = {info.process.pid for infos in node.all_processes.values() for info in infos}
@@ -180,12 +186,23 @@ def test_prepare_on_ray_listens_on_loopback_only(tmp_path, short_tmp):
         (tmp_path / f"part-{i}.txt").write_text(f"part {i}\n{text}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(short_tmp)
-    args = ["prepare", "--input", str(tmp_path / "part-*.txt"), "--output", str(tmp_path / "data"),
-            "--set", "data.tokenizer=byte", "data.seq_len=64", "data.split=tail", "data.parallel_min_bytes=0"]
+    args = [
+        "prepare",
+        "--input",
+        str(tmp_path / "part-*.txt"),
+        "--output",
+        str(tmp_path / "data"),
+        "--set",
+        "data.tokenizer=byte",
+        "data.seq_len=64",
+        "data.split=tail",
+        "data.parallel_min_bytes=0",
+    ]
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("wb") as out, stderr.open("wb") as err:
-        proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env,
-                                stdout=out, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "launch.py"), *args], cwd=tmp_path, env=env, stdout=out, stderr=err
+        )
         names: set[str] = set()
         addresses: set[str] = set()
         deadline = time.monotonic() + 300
@@ -211,7 +228,12 @@ def test_every_ray_start_goes_through_raycluster():
     calls = []
     for path in sorted((REPO / "genpt_dist").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "init"
-                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "init"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "ray"
+            ):
                 calls.append(str(path.relative_to(REPO)))
     assert calls and set(calls) == {"genpt_dist/raycluster.py"}, calls

@@ -21,8 +21,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from genpt_dist import storage
 from genpt_dist.device import pick_device
@@ -47,28 +48,53 @@ SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
 
 # bench -> (figure, how to read it from the bench's JSON, comparison, target or None)
 HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]] = {
-    "sync": [("100M params to 2 actors, s", lambda r: r.get("sync_s_100M"), "<=", 0.5),
-             ("10M params to 2 actors, s", lambda r: r.get("sync_s_10M"), "<=", None),
-             ("sync vs one memcpy (largest), x", lambda r: r.get("ratio_vs_memcpy"), "<=", None)],
-    "checkpoint": [("upload vs boto3, x", lambda r: r.get("ratio_upload"), ">=", 0.5),
-                   ("restore vs boto3, x", lambda r: r.get("ratio_restore"), ">=", 0.5)],
-    "loader": [("tok/s seq 64 in-process", lambda r: r.get("ours_tok_s_seq64_w0"), ">=", 2e6),
-               ("vs webdataset seq 64 in-process, x",
-                lambda r: r["ours_tok_s_seq64_w0"] / r["webdataset_tok_s_seq64_w0"], ">=", None)],
-    "prepare": [("vs HF encode + ShardWriter, byte local, x",
-                 lambda r: r["ours_mb_s_byte_local"] / r["peer_mb_s_byte_local"], ">=", None)],
-    "generate": [("vs HF generate fp32, x", lambda r: r.get("speedup_fp32"), ">=", 1.5),
-                 ("KV cache vs none, x", lambda r: r.get("kv_cache_speedup"), ">=", None)],
-    "train": [("ZeRO-2 vs HF GPT-2, x", lambda r: r["ratios"]["zero2_vs_hf"], ">=", 1.25),
-              ("ZeRO-2 vs plain loop, x", lambda r: r["ratios"]["zero2_vs_plain"], ">=", 0.9),
-              ("ZeRO-2 MFU of the measured bf16 matmul", lambda r: r["mfu_zero2"], ">=", 0.5),
-              ("ZeRO-2 vs HF if all but matmuls were free, x", lambda r: r["zero2_vs_hf_ceiling"], ">=", None)],
+    "sync": [
+        ("100M params to 2 actors, s", lambda r: r.get("sync_s_100M"), "<=", 0.5),
+        ("10M params to 2 actors, s", lambda r: r.get("sync_s_10M"), "<=", None),
+        ("sync vs one memcpy (largest), x", lambda r: r.get("ratio_vs_memcpy"), "<=", None),
+    ],
+    "checkpoint": [
+        ("upload vs boto3, x", lambda r: r.get("ratio_upload"), ">=", 0.5),
+        ("restore vs boto3, x", lambda r: r.get("ratio_restore"), ">=", 0.5),
+    ],
+    "loader": [
+        ("tok/s seq 64 in-process", lambda r: r.get("ours_tok_s_seq64_w0"), ">=", 2e6),
+        (
+            "vs webdataset seq 64 in-process, x",
+            lambda r: r["ours_tok_s_seq64_w0"] / r["webdataset_tok_s_seq64_w0"],
+            ">=",
+            None,
+        ),
+    ],
+    "prepare": [
+        (
+            "vs HF encode + ShardWriter, byte local, x",
+            lambda r: r["ours_mb_s_byte_local"] / r["peer_mb_s_byte_local"],
+            ">=",
+            None,
+        )
+    ],
+    "generate": [
+        ("vs HF generate fp32, x", lambda r: r.get("speedup_fp32"), ">=", 1.5),
+        ("KV cache vs none, x", lambda r: r.get("kv_cache_speedup"), ">=", None),
+    ],
+    "train": [
+        ("ZeRO-2 vs HF GPT-2, x", lambda r: r["ratios"]["zero2_vs_hf"], ">=", 1.25),
+        ("ZeRO-2 vs plain loop, x", lambda r: r["ratios"]["zero2_vs_plain"], ">=", 0.9),
+        ("ZeRO-2 MFU of the measured bf16 matmul", lambda r: r["mfu_zero2"], ">=", 0.5),
+        ("ZeRO-2 vs HF if all but matmuls were free, x", lambda r: r["zero2_vs_hf_ceiling"], ">=", None),
+    ],
     "scaling": [("2 workers x 1 thread vs 1 x 2, x", lambda r: r.get("ratio_2x1_vs_1x2"), ">=", 0.9)],
 }
 # Figures read from two benches' JSON: (figure, benches, how to read it, comparison, target)
 CROSS_HEADLINES: list[tuple[str, tuple[str, ...], Callable[..., Any], str, float | None]] = [
-    ("loader vs training consumption (seq 256), x", ("loader", "train"),
-     lambda loader, train: loader["ours_tok_s_seq256_w0"] / train["tokens_per_s_zero2"], ">=", 20.0),
+    (
+        "loader vs training consumption (seq 256), x",
+        ("loader", "train"),
+        lambda loader, train: loader["ours_tok_s_seq256_w0"] / train["tokens_per_s_zero2"],
+        ">=",
+        20.0,
+    ),
 ]
 _OPS = {">=": operator.ge, "<=": operator.le}
 
@@ -98,8 +124,14 @@ def _numeric(text: str) -> bool:
     return text.replace(",", "").replace(".", "", 1).replace("x", "").isdigit()
 
 
-def run_bench(name: str, output: str, quick: bool = False, only: list[str] | None = None,
-              device: str = "auto", overrides: list[str] | None = None) -> dict[str, Any]:
+def run_bench(
+    name: str,
+    output: str,
+    quick: bool = False,
+    only: list[str] | None = None,
+    device: str = "auto",
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
     """Run benchmark `name`, write `<output>/<name>.json`, return its summary. `only` picks the benches
     that `all` runs; `device` (auto | cpu | cuda | cuda:N) is where the device-bound benches (`ON_DEVICE`) measure;
     `overrides` (KEY=VALUE) change the oracle bench's recipe."""
@@ -111,8 +143,10 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
         raise UserError(f"--set goes with `bench {ORACLE}` (its recipe), not `bench {name}`")
     unknown = sorted(set(only or []) - (set(BENCHES) - set(NOT_IN_ALL)))
     if unknown:
-        raise UserError(f"--only: {', '.join(unknown)} not among the benches of `all` "
-                        f"({', '.join(n for n in BENCHES if n not in NOT_IN_ALL)})")
+        raise UserError(
+            f"--only: {', '.join(unknown)} not among the benches of `all` "
+            f"({', '.join(n for n in BENCHES if n not in NOT_IN_ALL)})"
+        )
     pick_device(device)  # a bad or unavailable --device is refused before anything runs
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
@@ -130,11 +164,22 @@ def run_bench(name: str, output: str, quick: bool = False, only: list[str] | Non
     return {"command": "bench", **headline, "results": url}
 
 
-def _run_child(name: str, output: str, quick: bool, timeout_s: float,
-               device: str) -> tuple[int | str, dict[str, Any] | None]:
+def _run_child(
+    name: str, output: str, quick: bool, timeout_s: float, device: str
+) -> tuple[int | str, dict[str, Any] | None]:
     """`bench NAME` in a process of its own (its output on our stderr); (exit code or why not, its summary)."""
-    cmd = [sys.executable, "-c", "from genpt_dist.cli import main; raise SystemExit(main())", "bench", name,
-           "--output", output, "--device", device, *(["--quick"] if quick else [])]
+    cmd = [
+        sys.executable,
+        "-c",
+        "from genpt_dist.cli import main; raise SystemExit(main())",
+        "bench",
+        name,
+        "--output",
+        output,
+        "--device",
+        device,
+        *(["--quick"] if quick else []),
+    ]
     root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, env=env, text=True, start_new_session=True)
@@ -148,8 +193,9 @@ def _run_child(name: str, output: str, quick: bool, timeout_s: float,
     return proc.returncode, json.loads(lines[-1]) if proc.returncode == 0 and lines else None
 
 
-def bench_all(quick: bool = False, output: str = "bench-results", only: list[str] | None = None,
-              device: str = "auto") -> dict[str, Any]:
+def bench_all(
+    quick: bool = False, output: str = "bench-results", only: list[str] | None = None, device: str = "auto"
+) -> dict[str, Any]:
     """Every benchmark but oracle (or those in `only`), one process each; headline figures against their
     targets."""
     names = [n for n in BENCHES if n not in NOT_IN_ALL and (only is None or n in only)]
@@ -159,22 +205,38 @@ def bench_all(quick: bool = False, output: str = "bench-results", only: list[str
     for name in names:
         t0 = time.time()
         rc, summary = _run_child(name, output, quick, deadline - t0, device)
-        benches[name] = {"rc": rc, "seconds": round(time.time() - t0, 1),
-                         "results": summary.get("results") if summary else None}
+        benches[name] = {
+            "rc": rc,
+            "seconds": round(time.time() - t0, 1),
+            "results": summary.get("results") if summary else None,
+        }
         result = storage.read_json(summary["results"]) if summary else None
         for figure, read, op, target in HEADLINES.get(name, []):
             value = _read(read, result) if result else None
             met = None if value is None or target is None else bool(_OPS[op](value, target))
-            rows.append({"bench": name, "figure": figure, "value": value if result else f"failed ({rc})",
-                         "target": f"{op} {target:g}" if target is not None else "",
-                         "met": "" if met is None else ("met" if met else "NOT MET")})
+            rows.append(
+                {
+                    "bench": name,
+                    "figure": figure,
+                    "value": value if result else f"failed ({rc})",
+                    "target": f"{op} {target:g}" if target is not None else "",
+                    "met": "" if met is None else ("met" if met else "NOT MET"),
+                }
+            )
     for figure, needs, read, op, target in CROSS_HEADLINES:
         if all(n in benches for n in needs):
             results = [storage.read_json(benches[n]["results"]) if benches[n]["results"] else None for n in needs]
-            value = _read(lambda rs: read(*rs), results) if all(results) else None
+            value = _read(lambda rs, read=read: read(*rs), results) if all(results) else None
             met = None if value is None else bool(_OPS[op](value, target))
-            rows.append({"bench": "+".join(needs), "figure": figure, "value": value if value is not None else "failed",
-                         "target": f"{op} {target:g}", "met": "" if met is None else ("met" if met else "NOT MET")})
+            rows.append(
+                {
+                    "bench": "+".join(needs),
+                    "figure": figure,
+                    "value": value if value is not None else "failed",
+                    "target": f"{op} {target:g}",
+                    "met": "" if met is None else ("met" if met else "NOT MET"),
+                }
+            )
     checked = [r for r in rows if r["target"]]
     return {
         "rows": rows,

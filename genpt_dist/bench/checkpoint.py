@@ -20,8 +20,9 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,8 +52,11 @@ def write_checkpoint_files(folder: Path, params: int, seed: int = 0) -> dict[str
 
 
 def _digests(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _ray_train_upload(local: Path, url: str) -> None:
@@ -64,8 +68,9 @@ def _ray_train_upload(local: Path, url: str) -> None:
 
     s3, path = storage.pyarrow_filesystem(url)
     s3.create_dir(path)
-    _pyarrow_fs_copy_files(source=str(local), destination=path, source_filesystem=pafs.LocalFileSystem(),
-                           destination_filesystem=s3)
+    _pyarrow_fs_copy_files(
+        source=str(local), destination=path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=s3
+    )
 
 
 def _boto3_upload(local: Path, url: str) -> None:
@@ -79,10 +84,14 @@ def _boto3_upload(local: Path, url: str) -> None:
 def _boto3_download(url: str, local: Path) -> None:
     bucket, prefix = storage.split_s3(url)
     client = storage.s3_client()
-    keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
-            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+    keys = [
+        obj["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/")
+        for obj in page.get("Contents", [])
+        if not obj["Key"].endswith("/")
+    ]
     for key in keys:
-        dest = local / key[len(prefix) + 1:]
+        dest = local / key[len(prefix) + 1 :]
         dest.parent.mkdir(parents=True, exist_ok=True)
         client.download_file(bucket, key, str(dest))
 
@@ -122,6 +131,7 @@ def bench_checkpoint(quick: bool = False) -> dict[str, Any]:
             def run(i: int) -> None:
                 restored[who] = Path(tmp) / f"restore-{who}-{i}"
                 fn(f"{dest[who]}/0", restored[who])
+
             return run
 
         down = {
@@ -129,19 +139,29 @@ def bench_checkpoint(quick: bool = False) -> dict[str, Any]:
             "boto3": _best_of(repeats, restore("boto3", _boto3_download)),
         }
         identical = {who: _digests(path) == want for who, path in restored.items()}
-        restored_bytes = {who: sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-                          for who, path in restored.items()}
+        restored_bytes = {
+            who: sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) for who, path in restored.items()
+        }
     mb = nbytes / 1e6
     rows = []
     for op, t in (("upload", up), ("restore", down)):
-        rows.append({"op": op, "files": files, "mb": round(mb, 1), "ours_s": round(t["ours"], 3),
-                     "boto3_s": round(t["boto3"], 3), "ours_mb_s": round(mb / t["ours"], 1),
-                     "boto3_mb_s": round(mb / t["boto3"], 1), "ratio": f"{t['boto3'] / t['ours']:.2f}x"})
+        rows.append(
+            {
+                "op": op,
+                "files": files,
+                "mb": round(mb, 1),
+                "ours_s": round(t["ours"], 3),
+                "boto3_s": round(t["boto3"], 3),
+                "ours_mb_s": round(mb / t["ours"], 1),
+                "boto3_mb_s": round(mb / t["boto3"], 1),
+                "ratio": f"{t['boto3'] / t['ours']:.2f}x",
+            }
+        )
     ratios = {"upload": up["boto3"] / up["ours"], "restore": down["boto3"] / down["ours"]}
     return {
         "what": f"ZeRO-2 checkpoint files ({files}, {mb:.0f} MB) to/from moto S3 on 127.0.0.1, best of {repeats}; "
-                "ours: Ray Train's pyarrow upload on storage.pyarrow_filesystem, storage.download_dir; "
-                "peer: boto3 upload_file / download_file per file",
+        "ours: Ray Train's pyarrow upload on storage.pyarrow_filesystem, storage.download_dir; "
+        "peer: boto3 upload_file / download_file per file",
         "bytes": nbytes,
         "files": files,
         "rows": rows,

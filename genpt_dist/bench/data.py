@@ -17,8 +17,9 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +41,14 @@ def local_s3() -> Iterator[str]:
     """A moto S3 server for the bench; its endpoint and test keys are in os.environ meanwhile. Yields a bucket."""
     from genpt_dist.local_s3 import MotoS3Server
 
-    keys = {"AWS_ENDPOINT_URL_S3": None, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-            "AWS_DEFAULT_REGION": "us-east-1", "AWS_SESSION_TOKEN": None, "AWS_PROFILE": None}
+    keys = {
+        "AWS_ENDPOINT_URL_S3": None,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_SESSION_TOKEN": None,
+        "AWS_PROFILE": None,
+    }
     saved = {k: os.environ.get(k) for k in keys}
     with MotoS3Server() as server:
         try:
@@ -124,9 +131,16 @@ def bench_loader(quick: bool = False) -> dict[str, Any]:
                 loader = ShardLoader(manifest, "train", batch_size=BATCH, num_workers=workers)
                 ours = _rate(iter(loader), min_epochs * epoch_tokens, min_seconds)
                 peer = _rate(_webdataset_batches(urls, workers), min_epochs * epoch_tokens, min_seconds)
-                rows.append({"seq_len": seq_len, "workers": workers, "shards": len(urls),
-                             "ours_tok_s": round(ours), "webdataset_tok_s": round(peer),
-                             "speedup": f"{ours / peer:.1f}x"})
+                rows.append(
+                    {
+                        "seq_len": seq_len,
+                        "workers": workers,
+                        "shards": len(urls),
+                        "ours_tok_s": round(ours),
+                        "webdataset_tok_s": round(peer),
+                        "speedup": f"{ours / peer:.1f}x",
+                    }
+                )
     return {
         "what": "tokens/s delivered to one training process, batch 32, byte tokenizer, tinyshakespeare in moto S3",
         "rows": rows,
@@ -182,10 +196,18 @@ def bench_prepare(quick: bool = False) -> dict[str, Any]:
             t0 = time.perf_counter()
             _peer_prepare(sources, str(peer_dir), 256, 2048, vocab)
             peer_seconds = time.perf_counter() - t0
-            rows.append({"tokenizer": f"{tok_name}-{vocab}" if vocab else tok_name, "output": where,
-                         "corpus_mb": round(mb, 2), "ours_mb_s": round(mb / seconds, 2),
-                         "peer_mb_s": round(mb / peer_seconds, 2), "speedup": f"{peer_seconds / seconds:.1f}x",
-                         "ours_s": round(seconds, 2), "tokens": summary["train_tokens"] + summary["val_tokens"]})
+            rows.append(
+                {
+                    "tokenizer": f"{tok_name}-{vocab}" if vocab else tok_name,
+                    "output": where,
+                    "corpus_mb": round(mb, 2),
+                    "ours_mb_s": round(mb / seconds, 2),
+                    "peer_mb_s": round(mb / peer_seconds, 2),
+                    "speedup": f"{peer_seconds / seconds:.1f}x",
+                    "ours_s": round(seconds, 2),
+                    "tokens": summary["train_tokens"] + summary["val_tokens"],
+                }
+            )
     return {
         "what": "MB/s of raw text through prepare (seq_len 256, BPE training included); the peer writes locally",
         "rows": rows,

@@ -8,11 +8,12 @@ random ids), with the same batch, top-k 50, temperature 0.8 and new-token count;
 <eos> (ours: no eos id; HF: `eos_token_id` unset), so each produces exactly batch x new tokens.
 Each setting is warmed up once, then timed `REPEATS` times alternating ours and HF; the best time
 counts, in wall-clock seconds and in process CPU seconds (`cpu_s`: less disturbed when other jobs
-share the machine, since time spent descheduled is not counted). Rows: ours and HF in fp32 and in bf16 (weights cast; on this CPU bf16 halves the bytes each
-step streams, which is what a small-batch decode step waits on), at batch 1 and 8; and ours with vs
-without the KV cache at a shorter new-token count (without a cache every step reruns the whole
-sequence, so its cost grows with the square of the length). `--device cuda` (or `auto` on a GPU
-machine) runs both on the GPU, timed after a device synchronize.
+share the machine, since time spent descheduled is not counted). Rows: ours and HF in fp32 and in
+bf16 (weights cast; on this CPU bf16 halves the bytes each step streams, which is what a small-batch
+decode step waits on), at batch 1 and 8; and ours with vs without the KV cache at a shorter
+new-token count (without a cache every step reruns the whole sequence, so its cost grows with the square
+of the length). `--device cuda` (or `auto` on a GPU machine) runs both on the GPU, timed after a
+device synchronize.
 
 Headline (batch 8): ours vs HF in fp32, in bf16, and ours in bf16 against HF's default fp32.
 """
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import tempfile
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -56,8 +58,8 @@ def _hf_inputs(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     return ids, mask
 
 
@@ -90,17 +92,30 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         cfg = _export_random_model(folder, quick)
         ours32, tok, _ = load_model(folder, dev)
         hf = transformers.GPT2LMHeadModel
-        models = {"fp32": (ours32, hf.from_pretrained(folder, local_files_only=True).eval().to(dev)),
-                  "bf16": (load_model(folder, dev)[0].to(torch.bfloat16),
-                           hf.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).eval().to(dev))}
+        models = {
+            "fp32": (ours32, hf.from_pretrained(folder, local_files_only=True).eval().to(dev)),
+            "bf16": (
+                load_model(folder, dev)[0].to(torch.bfloat16),
+                hf.from_pretrained(folder, local_files_only=True, dtype=torch.bfloat16).eval().to(dev),
+            ),
+        }
         for _, peer in models.values():
             peer.generation_config.eos_token_id = None  # never stop early: exactly batch x new tokens
 
         def run_ours(model, prompts, n, use_cache=True) -> Callable[[], int]:
             def fn() -> int:
-                out = sample(model, prompts, max_new_tokens=n, top_k=TOP_K, temperature=TEMPERATURE, seed=0,
-                             pad_id=tok.pad_id, use_cache=use_cache)
+                out = sample(
+                    model,
+                    prompts,
+                    max_new_tokens=n,
+                    top_k=TOP_K,
+                    temperature=TEMPERATURE,
+                    seed=0,
+                    pad_id=tok.pad_id,
+                    use_cache=use_cache,
+                )
                 return int(out.new_lengths.sum())
+
             return fn
 
         def run_hf(model, prompts, n) -> Callable[[], int]:
@@ -109,9 +124,17 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
             def fn() -> int:
                 torch.manual_seed(0)
                 with torch.inference_mode():
-                    out = model.generate(ids, attention_mask=mask, do_sample=True, top_k=TOP_K,
-                                         temperature=TEMPERATURE, max_new_tokens=n, pad_token_id=tok.pad_id)
-                return int(out[:, ids.size(1):].numel())
+                    out = model.generate(
+                        ids,
+                        attention_mask=mask,
+                        do_sample=True,
+                        top_k=TOP_K,
+                        temperature=TEMPERATURE,
+                        max_new_tokens=n,
+                        pad_token_id=tok.pad_id,
+                    )
+                return int(out[:, ids.size(1) :].numel())
+
             return fn
 
         summary: dict[str, Any] = {}
@@ -129,15 +152,27 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                 cpu = {name: min(t[2] for t in timed[name]) for name in fns}
                 for name in fns:
                     seconds, produced, _ = best[name]
-                    rows.append({"impl": "ours" if name == "ours" else "hf generate", "dtype": dtype, "batch": batch,
-                                 "new": new_tokens, "cache": "yes", "seconds": round(seconds, 3),
-                                 "cpu_s": round(cpu[name], 3), "tok_per_s": produced / seconds})
+                    rows.append(
+                        {
+                            "impl": "ours" if name == "ours" else "hf generate",
+                            "dtype": dtype,
+                            "batch": batch,
+                            "new": new_tokens,
+                            "cache": "yes",
+                            "seconds": round(seconds, 3),
+                            "cpu_s": round(cpu[name], 3),
+                            "tok_per_s": produced / seconds,
+                        }
+                    )
                 speedup, cpu_speedup = best["hf"][0] / best["ours"][0], cpu["hf"] / cpu["ours"]
                 rows[-2]["vs_hf"] = f"{speedup:.2f}x"
                 rows[-1]["vs_hf"] = "1.00x"
-                summary[f"b{batch}_{dtype}"] = {"ours_tok_per_s": round(rows[-2]["tok_per_s"], 1),
-                                                "hf_tok_per_s": round(rows[-1]["tok_per_s"], 1),
-                                                "speedup": round(speedup, 3), "cpu_time_speedup": round(cpu_speedup, 3)}
+                summary[f"b{batch}_{dtype}"] = {
+                    "ours_tok_per_s": round(rows[-2]["tok_per_s"], 1),
+                    "hf_tok_per_s": round(rows[-1]["tok_per_s"], 1),
+                    "speedup": round(speedup, 3),
+                    "cpu_time_speedup": round(cpu_speedup, 3),
+                }
 
         prompts = _prompts(batches[-1], cfg.vocab_size)
         times = {}
@@ -146,9 +181,19 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
             fn()
             times[use_cache] = _best_time(fn, 2, dev)
             seconds, produced, cpu_s = times[use_cache]
-            rows.append({"impl": "ours", "dtype": "fp32", "batch": batches[-1], "new": cache_cmp_tokens,
-                         "cache": "yes" if use_cache else "no", "seconds": round(seconds, 3), "cpu_s": round(cpu_s, 3),
-                         "tok_per_s": produced / seconds, "vs_hf": ""})
+            rows.append(
+                {
+                    "impl": "ours",
+                    "dtype": "fp32",
+                    "batch": batches[-1],
+                    "new": cache_cmp_tokens,
+                    "cache": "yes" if use_cache else "no",
+                    "seconds": round(seconds, 3),
+                    "cpu_s": round(cpu_s, 3),
+                    "tok_per_s": produced / seconds,
+                    "vs_hf": "",
+                }
+            )
         cache_speedup = times[False][0] / times[True][0]
 
     b = batches[-1]
@@ -156,8 +201,14 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     return {
         "device": describe(dev),
         "model": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "vocab_size": cfg.vocab_size},
-        "settings": {"top_k": TOP_K, "temperature": TEMPERATURE, "new_tokens": new_tokens, "repeats": repeats,
-                     "threads": torch.get_num_threads(), "transformers": transformers.__version__},
+        "settings": {
+            "top_k": TOP_K,
+            "temperature": TEMPERATURE,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "threads": torch.get_num_threads(),
+            "transformers": transformers.__version__,
+        },
         "rows": rows,
         "batch": b,
         "ours_fp32_tok_per_s": fp32["ours_tok_per_s"],

@@ -60,9 +60,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.recipes import recipe_path
 from genpt_dist.val_loss import LossSums, batch_loss_sums
-from genpt_dist.model.gpt import GPT, GPTConfig
 
 log = logging.getLogger(__name__)
 ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"  # 64 oracle symbols
@@ -83,13 +83,21 @@ class OracleSpec:
     train_sequences: int = 10_000  # corpus size before prepare's 10% val split (SeqGAN: 10,000)
     eval_samples: int = 2_000  # generator samples scored by the oracle
     eval_seed: int = 7  # seed of the evaluation samples (the same for every generator)
-    stage_runs: int = 3  # adversarial stages from the one MLE generator, adversarial.train.seed + 0, 1, ...: the mean counts
+    stage_runs: int = (
+        3  # adversarial stages from the one MLE generator, adversarial.train.seed + 0, 1, ...: the mean counts
+    )
 
 
 QUICK = OracleSpec(train_sequences=1_000, eval_samples=200, stage_runs=1)
-QUICK_OVERRIDES = ["train.steps=30", "train.eval_every=30", "train.checkpoint_every=30", "adversarial.train.steps=2",
-                   "adversarial.train.eval_every=2", "adversarial.train.checkpoint_every=2",
-                   "adversarial.discriminator.pretrain_steps=2"]
+QUICK_OVERRIDES = [
+    "train.steps=30",
+    "train.eval_every=30",
+    "train.checkpoint_every=30",
+    "adversarial.train.steps=2",
+    "adversarial.train.eval_every=2",
+    "adversarial.train.checkpoint_every=2",
+    "adversarial.discriminator.pretrain_steps=2",
+]
 
 
 # ------------------------------------------------------------------------------------- the oracle
@@ -99,8 +107,15 @@ def build_oracle(spec: OracleSpec, vocab_size: int) -> GPT:
     """A GPT with every weight matrix (embeddings included) drawn from N(0, init_std^2), biases 0."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = GPT(GPTConfig(vocab_size=vocab_size, block_size=spec.seq_len + 1, n_layer=spec.n_layer,
-                              n_head=spec.n_head, d_model=spec.d_model))
+        model = GPT(
+            GPTConfig(
+                vocab_size=vocab_size,
+                block_size=spec.seq_len + 1,
+                n_layer=spec.n_layer,
+                n_head=spec.n_head,
+                d_model=spec.d_model,
+            )
+        )
         with torch.no_grad():
             for p in model.parameters():
                 if p.dim() >= 2:
@@ -116,8 +131,16 @@ def _symbol_mask(vocab_size: int, symbols: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample_symbols(model: GPT, n: int, length: int, symbols: torch.Tensor, bos_id: int, seed: int,
-                   batch: int = 500, temperature: float = 1.0) -> tuple[torch.Tensor, float]:
+def sample_symbols(
+    model: GPT,
+    n: int,
+    length: int,
+    symbols: torch.Tensor,
+    bos_id: int,
+    seed: int,
+    batch: int = 500,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, float]:
     """`n` sequences of `length` symbols sampled from <bos> at `temperature`, over `symbols` only.
 
     Returns tokens (n, length) and the mean per-step probability the model put outside `symbols`."""
@@ -184,8 +207,13 @@ def _write_corpus(tokens: torch.Tensor, id_to_char: dict[int, str], path: Path) 
 
 
 def _row(name: str, nll: float, vppl: float | None, outside: float | None, note: str) -> dict[str, Any]:
-    return {"generator": name, "nll_oracle": round(nll, 4), "val_ppl": None if vppl is None else round(vppl, 4),
-            "outside_mass": None if outside is None else round(outside, 5), "note": note}
+    return {
+        "generator": name,
+        "nll_oracle": round(nll, 4),
+        "val_ppl": None if vppl is None else round(vppl, 4),
+        "outside_mass": None if outside is None else round(outside, 5),
+        "note": note,
+    }
 
 
 def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -204,8 +232,10 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
     cfg = load_config(recipe, overrides)
     r, rs = cfg.adversarial.rollout, cfg.adversarial.rollout.sampling
     if cfg.data.seq_len != spec.seq_len + 2 or rs.max_new_tokens != spec.seq_len or r.prompt_len != 0:
-        raise UserError(f"{recipe.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
-                        f"sample), adversarial.rollout.sampling.max_new_tokens {spec.seq_len} and prompt_len 0")
+        raise UserError(
+            f"{recipe.name}: data.seq_len must be {spec.seq_len + 2} (one <bos> x <eos> sequence per "
+            f"sample), adversarial.rollout.sampling.max_new_tokens {spec.seq_len} and prompt_len 0"
+        )
     if rs.top_k is not None or rs.top_p is not None or rs.temperature != 1.0:
         raise UserError(f"{recipe.name}: rollouts must sample the policy itself (top_k/top_p null, temperature 1)")
     tok = byte_tokenizer()
@@ -229,69 +259,130 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
         mle_out = pretrain(str(root / "data"), str(root / "mle"), cfg)
         times["mle_s"] = time.time() - t0
         t0 = time.time()
-        adv_outs = [adversarial(str(root / "data"), str(root / "mle"), str(root / f"adv-{i}"),
-                                load_config(recipe, [*overrides, f"adversarial.train.seed={cfg.adversarial.train.seed + i}"]))
-                    for i in range(spec.stage_runs)]
+        adv_outs = [
+            adversarial(
+                str(root / "data"),
+                str(root / "mle"),
+                str(root / f"adv-{i}"),
+                load_config(recipe, [*overrides, f"adversarial.train.seed={cfg.adversarial.train.seed + i}"]),
+            )
+            for i in range(spec.stage_runs)
+        ]
         times["adversarial_s"] = time.time() - t0
 
         t0 = time.time()
         torch.manual_seed(cfg.train.seed)  # the MLE run's initial weights (Engine.new_model seeds the same way)
         m = cfg.model
-        random_gen = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=m.n_layer,
-                                   n_head=m.n_head, d_model=m.d_model)).eval()
+        random_gen = GPT(
+            GPTConfig(
+                vocab_size=tok.vocab_size,
+                block_size=cfg.block_size,
+                n_layer=m.n_layer,
+                n_head=m.n_head,
+                d_model=m.d_model,
+            )
+        ).eval()
         mle_gen = load_model(str(root / "mle"))[0]
 
         def score(model: GPT, temperature: float = 1.0) -> tuple[dict[str, float], float]:
             """NLL_oracle of `eval_samples` samples and val perplexity at `temperature`; outside mass."""
-            samples, outside = sample_symbols(model, spec.eval_samples, spec.seq_len, symbols, tok.bos_id,
-                                              spec.eval_seed, temperature=temperature)
-            return {"nll_oracle": oracle_nll(oracle, samples, symbols, tok.bos_id),
-                    "val_ppl": math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id, temperature))}, outside
+            samples, outside = sample_symbols(
+                model, spec.eval_samples, spec.seq_len, symbols, tok.bos_id, spec.eval_seed, temperature=temperature
+            )
+            return {
+                "nll_oracle": oracle_nll(oracle, samples, symbols, tok.bos_id),
+                "val_ppl": math.exp(val_nll(model, held_out, tok.bos_id, tok.eos_id, temperature)),
+            }, outside
 
-        rows = [_row("oracle", oracle_nll(oracle, corpus[: spec.eval_samples], symbols, tok.bos_id), None, None,
-                     "its own samples: entropy rate")]
+        rows = [
+            _row(
+                "oracle",
+                oracle_nll(oracle, corpus[: spec.eval_samples], symbols, tok.bos_id),
+                None,
+                None,
+                "its own samples: entropy rate",
+            )
+        ]
         results: dict[str, dict[str, float]] = {}
         for name, model in (("random", random_gen), ("mle", mle_gen)):
             results[name], outside = score(model)
-            rows.append(_row(name, results[name]["nll_oracle"], results[name]["val_ppl"], outside,
-                             "temperature 1, no top-k, over the 64 symbols"))
+            rows.append(
+                _row(
+                    name,
+                    results[name]["nll_oracle"],
+                    results[name]["val_ppl"],
+                    outside,
+                    "temperature 1, no top-k, over the 64 symbols",
+                )
+            )
         runs = []
         for i in range(spec.stage_runs):
             run, outside = score(load_model(str(root / f"adv-{i}"))[0])
             runs.append(run)
-            rows.append(_row(f"adversarial-{i}", run["nll_oracle"], run["val_ppl"], outside,
-                             f"stage run, adversarial.train.seed={cfg.adversarial.train.seed + i}"))
+            rows.append(
+                _row(
+                    f"adversarial-{i}",
+                    run["nll_oracle"],
+                    run["val_ppl"],
+                    outside,
+                    f"stage run, adversarial.train.seed={cfg.adversarial.train.seed + i}",
+                )
+            )
         results["adversarial"] = {k: sum(r[k] for r in runs) / len(runs) for k in ("nll_oracle", "val_ppl")}
-        spread = (sum((r["nll_oracle"] - results["adversarial"]["nll_oracle"]) ** 2 for r in runs)
-                  / max(len(runs) - 1, 1)) ** 0.5
+        spread = (
+            sum((r["nll_oracle"] - results["adversarial"]["nll_oracle"]) ** 2 for r in runs) / max(len(runs) - 1, 1)
+        ) ** 0.5
         mean = results["adversarial"]
-        rows.append(_row(f"adversarial (mean of {len(runs)})", mean["nll_oracle"], mean["val_ppl"], None,
-                         f"NLL_oracle std across runs {spread:.4f}"))
+        rows.append(
+            _row(
+                f"adversarial (mean of {len(runs)})",
+                mean["nll_oracle"],
+                mean["val_ppl"],
+                None,
+                f"NLL_oracle std across runs {spread:.4f}",
+            )
+        )
         # temperature 1 is the MLE row itself (same samples, same held-out text): not sampled again
-        frontier = [{"temperature": t, **(score(mle_gen, t)[0] if t != 1.0 else results["mle"])}
-                    for t in FRONTIER_TEMPERATURES]
+        frontier = [
+            {"temperature": t, **(score(mle_gen, t)[0] if t != 1.0 else results["mle"])} for t in FRONTIER_TEMPERATURES
+        ]
         times["eval_s"] = time.time() - t0
 
     mle, adv = results["mle"], results["adversarial"]
     rel = adv["nll_oracle"] / mle["nll_oracle"] - 1.0
     ppl_rel = adv["val_ppl"] / mle["val_ppl"] - 1.0
-    rows.append({"generator": "adversarial vs mle", "nll_oracle": f"{100 * rel:+.2f}%",
-                 "val_ppl": f"{100 * ppl_rel:+.2f}%", "outside_mass": None,
-                 "note": f"SeqGAN paper: {100 * (SEQGAN['seqgan'] / SEQGAN['mle'] - 1):+.2f}%"})
+    rows.append(
+        {
+            "generator": "adversarial vs mle",
+            "nll_oracle": f"{100 * rel:+.2f}%",
+            "val_ppl": f"{100 * ppl_rel:+.2f}%",
+            "outside_mass": None,
+            "note": f"SeqGAN paper: {100 * (SEQGAN['seqgan'] / SEQGAN['mle'] - 1):+.2f}%",
+        }
+    )
     for point in frontier:
         if point["temperature"] != 1.0:
-            rows.append(_row(f"mle at temperature {point['temperature']:g}", point["nll_oracle"], point["val_ppl"],
-                             None, "the peer: MLE cooled (mode seeking), no adversarial stage"))
+            rows.append(
+                _row(
+                    f"mle at temperature {point['temperature']:g}",
+                    point["nll_oracle"],
+                    point["val_ppl"],
+                    None,
+                    "the peer: MLE cooled (mode seeking), no adversarial stage",
+                )
+            )
     # The adversarial generator against MLE cooled to the same held-out perplexity (Caccia et al. 2018):
     # negative = the stage buys more NLL_oracle per unit of val perplexity than lowering the temperature.
     cooled = frontier_at(frontier, adv["val_ppl"])
     vs_frontier = None if cooled is None else adv["nll_oracle"] / cooled - 1.0
     return {
         "sampling": "every generator sampled at temperature 1, top_k None, top_p None (over the oracle's 64 symbols); "
-                    "the peer, MLE cooled, at the temperatures of mle_temperature_frontier",
+        "the peer, MLE cooled, at the temperatures of mle_temperature_frontier",
         "spec": asdict(spec),
-        "recipe": str(recipe), "overrides": overrides,
-        "train_sequences": summary["train_samples"], "val_sequences": int(in_val.sum()),
+        "recipe": str(recipe),
+        "overrides": overrides,
+        "train_sequences": summary["train_samples"],
+        "val_sequences": int(in_val.sum()),
         "nll_oracle_oracle": rows[0]["nll_oracle"],
         **{f"nll_oracle_{k}": round(v["nll_oracle"], 4) for k, v in results.items()},
         **{f"val_ppl_{k}": round(v["val_ppl"], 4) for k, v in results.items() if k != "random"},

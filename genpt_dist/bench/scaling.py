@@ -76,11 +76,23 @@ def bench_scaling(quick: bool = False) -> dict[str, Any]:
         shape, seq_len, steps, log_every = ("model.n_layer=2", "model.n_head=2", "model.d_model=64"), 64, 6, 2
     else:
         shape, seq_len, steps, log_every = ("model.n_layer=4", "model.n_head=4", "model.d_model=256"), 256, 40, 8
-    common = [*shape, f"data.seq_len={seq_len}", "data.tokenizer=byte", "data.split=tail", "loader.num_workers=0",
-              "deepspeed.zero_stage=2", "deepspeed.precision=bf16", f"train.micro_batch_size={MICRO}",
-              f"train.steps={steps}", f"train.log_every={log_every}", f"train.eval_every={steps}",
-              f"train.checkpoint_every={steps}", "train.eval_batches=1", "train.keep_checkpoints=1",
-              "scaling.max_failures=0"]
+    common = [
+        *shape,
+        f"data.seq_len={seq_len}",
+        "data.tokenizer=byte",
+        "data.split=tail",
+        "loader.num_workers=0",
+        "deepspeed.zero_stage=2",
+        "deepspeed.precision=bf16",
+        f"train.micro_batch_size={MICRO}",
+        f"train.steps={steps}",
+        f"train.log_every={log_every}",
+        f"train.eval_every={steps}",
+        f"train.checkpoint_every={steps}",
+        "train.eval_batches=1",
+        "train.keep_checkpoints=1",
+        "scaling.max_failures=0",
+    ]
     matmul = _thread_speedup()
     started = not ray.is_initialized()
     init_ray()
@@ -93,17 +105,33 @@ def bench_scaling(quick: bool = False) -> dict[str, Any]:
             data = str(Path(tmp) / "data")
             prepare([str(src)], data, load_config(None, common).data)
             for name, (workers, threads) in SETTINGS.items():
-                cfg = load_config(None, [*common, f"scaling.num_workers={workers}",
-                                         f"scaling.cpus_per_worker={threads}", f"deepspeed.grad_accum={2 // workers}"])
+                cfg = load_config(
+                    None,
+                    [
+                        *common,
+                        f"scaling.num_workers={workers}",
+                        f"scaling.cpus_per_worker={threads}",
+                        f"deepspeed.grad_accum={2 // workers}",
+                    ],
+                )
                 run = str(Path(tmp) / f"run-{name}")
                 t0 = time.perf_counter()
                 summary = pretrain(data, run, cfg)
                 wall = time.perf_counter() - t0
                 tok_s, windows = _steady_tokens_per_s(run)
-                rows.append({"setting": name, "workers": workers, "threads": threads, "steps": steps,
-                             "global_batch_tokens": 2 * MICRO * seq_len, "tokens_per_s": round(tok_s, 1),
-                             "windows": windows, "wall_s": round(wall, 1),
-                             "final_loss": round(summary["train_loss"], 4)})
+                rows.append(
+                    {
+                        "setting": name,
+                        "workers": workers,
+                        "threads": threads,
+                        "steps": steps,
+                        "global_batch_tokens": 2 * MICRO * seq_len,
+                        "tokens_per_s": round(tok_s, 1),
+                        "windows": windows,
+                        "wall_s": round(wall, 1),
+                        "final_loss": round(summary["train_loss"], 4),
+                    }
+                )
                 log.info("scaling %s: %s", name, rows[-1])
     finally:
         if started:
@@ -112,7 +140,7 @@ def bench_scaling(quick: bool = False) -> dict[str, Any]:
     ratio = two / one
     return {
         "what": f"pretrain (Ray Train + DeepSpeed ZeRO-2 bf16, gloo), {steps} steps, global batch {2 * MICRO} x "
-                f"{seq_len} tokens, byte tokenizer, tinyshakespeare in a local folder",
+        f"{seq_len} tokens, byte tokenizer, tinyshakespeare in a local folder",
         "shape": dict(s.split("=") for s in shape),
         "rows": rows,
         "tokens_per_s_1x2": one,

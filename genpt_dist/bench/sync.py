@@ -98,11 +98,16 @@ def _bench_size(name: str, cfg: GPTConfig, repeats: int) -> dict[str, Any]:
     del engine
     params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight")  # tied: counted once
     ref = ray.put(pack_state(state))
-    disc = dataclasses.asdict(DiscriminatorConfig(vocab_size=cfg.vocab_size, block_size=32, n_layer=1, d_model=32,
-                                                  n_head=2))
+    disc = dataclasses.asdict(
+        DiscriminatorConfig(vocab_size=cfg.vocab_size, block_size=32, n_layer=1, d_model=32, n_head=2)
+    )
     actor_cls = _sync_actor_cls()
-    actors = [actor_cls.options(num_cpus=1).remote(f"sync-{i}", dataclasses.asdict(cfg), disc, ref, pad_id=0,
-                                                   eos_id=2, threads=1) for i in range(ACTORS)]
+    actors = [
+        actor_cls.options(num_cpus=1).remote(
+            f"sync-{i}", dataclasses.asdict(cfg), disc, ref, pad_id=0, eos_id=2, threads=1
+        )
+        for i in range(ACTORS)
+    ]
     try:
         ray.get([a.ready.remote() for a in actors])
         del ref
@@ -117,19 +122,34 @@ def _bench_size(name: str, cfg: GPTConfig, repeats: int) -> dict[str, Any]:
             assert all(o["version"] == version for o in out), out
             del weights, packed
             if version:
-                runs.append({"total_s": total, "put_s": t_put, "get_s": max(o["get_s"] for o in out),
-                             "load_s": max(o["load_s"] for o in out)})
+                runs.append(
+                    {
+                        "total_s": total,
+                        "put_s": t_put,
+                        "get_s": max(o["get_s"] for o in out),
+                        "load_s": max(o["load_s"] for o in out),
+                    }
+                )
     finally:
         for a in actors:
             ray.kill(a)
     nbytes = sum(a.nbytes for a in pack_state(state).arrays.values())
     memcpy = _memcpy_s(nbytes, max(3, repeats))
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    row = {"size": name, "bytes": nbytes, "params_m": round(params / 1e6, 1), "mb": round(nbytes / 1e6, 1),
-           "sync_s": round(med["total_s"], 3), "put_s": round(med["put_s"], 3), "get_s": round(med["get_s"], 3),
-           "load_s": round(med["load_s"], 3), "memcpy_s": round(memcpy, 4),
-           "vs_memcpy": f"{med['total_s'] / memcpy:.1f}x", "gb_s": round(nbytes / med["total_s"] / 1e9, 2),
-           "gather_s": round(gather_s, 3)}
+    row = {
+        "size": name,
+        "bytes": nbytes,
+        "params_m": round(params / 1e6, 1),
+        "mb": round(nbytes / 1e6, 1),
+        "sync_s": round(med["total_s"], 3),
+        "put_s": round(med["put_s"], 3),
+        "get_s": round(med["get_s"], 3),
+        "load_s": round(med["load_s"], 3),
+        "memcpy_s": round(memcpy, 4),
+        "vs_memcpy": f"{med['total_s'] / memcpy:.1f}x",
+        "gb_s": round(nbytes / med["total_s"] / 1e9, 2),
+        "gather_s": round(gather_s, 3),
+    }
     log.info("sync %s: %s", name, row)
     return row
 
@@ -148,8 +168,13 @@ def bench_sync(quick: bool = False) -> dict[str, Any]:
     try:
         for name in sizes:
             vocab, d, n_layer, n_head = SHAPES[name]
-            rows.append(_bench_size(name, GPTConfig(vocab_size=vocab, block_size=256, n_layer=n_layer,
-                                                    n_head=n_head, d_model=d), repeats))
+            rows.append(
+                _bench_size(
+                    name,
+                    GPTConfig(vocab_size=vocab, block_size=256, n_layer=n_layer, n_head=n_head, d_model=d),
+                    repeats,
+                )
+            )
             gc.collect()
     finally:
         if started:
@@ -157,7 +182,7 @@ def bench_sync(quick: bool = False) -> dict[str, Any]:
     last = rows[-1]
     out: dict[str, Any] = {
         "what": f"fp32 GPT state dict -> pack_state + ray.put -> {ACTORS} RolloutWorkers loaded (median of "
-                f"{repeats}); peer: one numpy copy of the same bytes",
+        f"{repeats}); peer: one numpy copy of the same bytes",
         "threads": torch.get_num_threads(),
         "rows": rows,
         **{f"sync_s_{r['size']}": r["sync_s"] for r in rows},

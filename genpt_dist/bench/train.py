@@ -23,7 +23,8 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -78,8 +79,14 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
     init_single_process_group(x.device)
     model = GPT(cfg)
     optim = OptimConfig(lr=1e-4, warmup_steps=0)
-    ds = build_ds_config(DeepSpeedConfig(zero_stage=stage), micro_batch_size=batch, grad_accum=1,
-                         grad_clip=optim.grad_clip, precision="bf16", use_gpu=x.device.type == "cuda")
+    ds = build_ds_config(
+        DeepSpeedConfig(zero_stage=stage),
+        micro_batch_size=batch,
+        grad_accum=1,
+        grad_clip=optim.grad_clip,
+        precision="bf16",
+        use_gpu=x.device.type == "cuda",
+    )
     opt, sched = build_optimizer(model, optim, 1000)
     engine = build_engine(model, ds, opt, sched)
 
@@ -131,9 +138,13 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     for name in list(steppers):
         profiles[name] = _profile(steppers.pop(name), dev)
         tok_s = round(batch * T / best[name], 1)
-        rows[name] = {"contender": name, "step_s": round(best[name], 4), "tokens_per_s": tok_s,
-                      "mfu": round(flops_per_token * tok_s / peak_bf16, 4),
-                      "matmul_share": profiles[name]["matmul_share"]}
+        rows[name] = {
+            "contender": name,
+            "step_s": round(best[name], 4),
+            "tokens_per_s": tok_s,
+            "mfu": round(flops_per_token * tok_s / peak_bf16, 4),
+            "matmul_share": profiles[name]["matmul_share"],
+        }
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -141,10 +152,19 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     return {
         "device": describe(dev),
         "threads": threads,
-        "shape": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "n_head": cfg.n_head, "vocab": cfg.vocab_size,
-                  "seq_len": T, "batch": batch},
-        "matmul_gflops": {"bf16": peak_bf16 / 1e9, "fp32": peak_fp32 / 1e9,
-                          "bf16_before_after": [round(p / 1e9, 1) for p in peaks_bf16]},
+        "shape": {
+            "n_layer": cfg.n_layer,
+            "d_model": cfg.d_model,
+            "n_head": cfg.n_head,
+            "vocab": cfg.vocab_size,
+            "seq_len": T,
+            "batch": batch,
+        },
+        "matmul_gflops": {
+            "bf16": peak_bf16 / 1e9,
+            "fp32": peak_fp32 / 1e9,
+            "bf16_before_after": [round(p / 1e9, 1) for p in peaks_bf16],
+        },
         "flops_per_token": flops_per_token,
         "timing": {"warmup_steps": warmup, "steps_per_window": steps, "windows": windows, "step_s": "best window"},
         "rows": list(rows.values()),
@@ -182,21 +202,37 @@ def _profile(step: Callable[[], None], device: torch.device, steps: int = 2) -> 
         return e.self_device_time_total if on_gpu else e.self_cpu_time_total
 
     # On a GPU the kernels themselves (each counted once; their launching ops would count them again).
-    events = [e for e in prof.key_averages() if self_time(e) > 0
-              and (not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)]
+    events = [
+        e
+        for e in prof.key_averages()
+        if self_time(e) > 0 and (not on_gpu or e.device_type == torch.autograd.DeviceType.CUDA)
+    ]
     names = MATMUL_KERNELS if on_gpu else MATMUL_OPS
     total = sum(map(self_time, events)) or 1.0
     matmul = sum(self_time(e) for e in events if any(op in e.key.lower() for op in names))
     top = sorted(events, key=lambda e: -self_time(e))[:5]
-    return {"matmul_share": round(matmul / total, 3),
-            "top_ops": {e.key[:60]: round(self_time(e) / total, 3) for e in top}}
+    return {
+        "matmul_share": round(matmul / total, 3),
+        "top_ops": {e.key[:60]: round(self_time(e) / total, 3) for e in top},
+    }
 
 
 def _hf_model(cfg: GPTConfig) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.d_model,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        activation_function="gelu_new", bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                        attn_implementation="sdpa")
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        activation_function="gelu_new",
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        attn_implementation="sdpa",
+    )
     return GPT2LMHeadModel(hf_cfg)

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -108,7 +108,7 @@ def _as_is(item):
 class _Stream(IterableDataset):
     """One rank's items from (epoch, batch `consumed`) on: this epoch only, or forever (runs in workers)."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int, consumed: int, forever: bool):
+    def __init__(self, loader: ShardLoader, epoch: int, consumed: int, forever: bool):
         self.loader, self.epoch, self.consumed, self.forever = loader, epoch, consumed, forever
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -171,8 +171,11 @@ class ShardLoader:
         workers = min(self.num_workers, self.batches_per_epoch)
         # Workers hand over compact numpy arrays (pickled, a few KiB); a torch tensor would travel
         # through a fresh shared-memory segment per batch, which costs more than the batch itself.
-        items = (DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4, collate_fn=_as_is)
-                 if workers else stream)
+        items = (
+            DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4, collate_fn=_as_is)
+            if workers
+            else stream
+        )
         for rows in items:
             if rows.size == 0:  # the filler of a shorter worker run
                 continue
@@ -185,8 +188,9 @@ class ShardLoader:
         if not forever:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
-    def _worker_items(self, epoch: int, consumed: int, worker: int, n_workers: int,
-                      forever: bool) -> Iterator[np.ndarray]:
+    def _worker_items(
+        self, epoch: int, consumed: int, worker: int, n_workers: int, forever: bool
+    ) -> Iterator[np.ndarray]:
         """What DataLoader worker `worker` emits: its run's batches then fillers, M items an epoch."""
         ranges = split_evenly(self.batches_per_epoch, n_workers)
         longest = ranges[0][1] - ranges[0][0]
@@ -214,13 +218,13 @@ class ShardLoader:
         for piece in pieces_for_span(self.counts, order, start, end):
             samples = self._read_shard(piece.shard)
             perm = sample_order(self.counts[piece.shard], self.seed, epoch, piece.shard, self.shuffle)
-            pending.append(samples[perm[piece.lo:piece.hi]])
+            pending.append(samples[perm[piece.lo : piece.hi]])
             have += piece.hi - piece.lo
             if have >= B:
                 block = np.concatenate(pending) if len(pending) > 1 else pending[0]  # (have, T+1)
                 full = have - have % B
                 for i in range(0, full, B):
-                    yield block[i:i + B]
+                    yield block[i : i + B]
                 pending, have = ([block[full:]] if full < have else []), have - full
         if have:
             yield np.concatenate(pending)
@@ -252,8 +256,12 @@ class ShardLoader:
             return
         self._bad.add(index)
         if len(self._bad) == 1:
-            log.warning("skipping corrupt shard %s (%s); its samples become <pad> rows, further bad shards "
-                        "are counted silently", url, exc)
+            log.warning(
+                "skipping corrupt shard %s (%s); its samples become <pad> rows, further bad shards "
+                "are counted silently",
+                url,
+                exc,
+            )
         if len(self._bad) > self.max_bad_shard_fraction * len(self.shards):
             raise UserError(
                 f"{len(self._bad)} of {len(self.shards)} {self.split} shards of {self.manifest.url} are "

@@ -127,14 +127,24 @@ class Manifest:
     @classmethod
     def from_json(cls, url: str, raw: dict[str, Any]) -> Manifest:
         """Parse a manifest.json of one of READ_FORMATS (raises KeyError/TypeError on a malformed one)."""
-        splits = {name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
-                  for name, s in raw["splits"].items()}
+        splits = {
+            name: SplitInfo(**{**s, "shards": [ShardInfo(**x) for x in s["shards"]]})
+            for name, s in raw["splits"].items()
+        }
         return cls(
-            url=url, format=raw["format"], fingerprint=raw["fingerprint"], seq_len=int(raw["seq_len"]),
-            sample_tokens=int(raw["sample_tokens"]), token_dtype=raw["token_dtype"],
-            tokenizer=TokenizerInfo(**raw["tokenizer"]), splits=splits, documents=int(raw["documents"]),
-            sources=[SourceInfo(**s) for s in raw["sources"]], stats=ReadStats(**raw["stats"]),
-            config=dict(raw["config"]), created=raw["created"],
+            url=url,
+            format=raw["format"],
+            fingerprint=raw["fingerprint"],
+            seq_len=int(raw["seq_len"]),
+            sample_tokens=int(raw["sample_tokens"]),
+            token_dtype=raw["token_dtype"],
+            tokenizer=TokenizerInfo(**raw["tokenizer"]),
+            splits=splits,
+            documents=int(raw["documents"]),
+            sources=[SourceInfo(**s) for s in raw["sources"]],
+            stats=ReadStats(**raw["stats"]),
+            config=dict(raw["config"]),
+            created=raw["created"],
         )
 
 
@@ -157,8 +167,10 @@ def load_manifest(url: str) -> Manifest:
         raise UserError(f"{murl} is not valid JSON") from None
     found = raw.get("format") if isinstance(raw, dict) else None
     if found not in READ_FORMATS:
-        raise UserError(f"{murl} has format {found!r}; this version reads {', '.join(READ_FORMATS)}"
-                        " (prepare the data again with this version)")
+        raise UserError(
+            f"{murl} has format {found!r}; this version reads {', '.join(READ_FORMATS)}"
+            " (prepare the data again with this version)"
+        )
     try:
         return Manifest.from_json(url, raw)
     except (KeyError, TypeError, ValueError) as exc:

@@ -62,6 +62,7 @@ OUTPUT_FILE = re.compile(r"tokenizer\.json|(train|val)-\d{6,}\.tar")  # what pre
 
 # ---------------------------------------------------------------- sources
 
+
 def _accepted(path: str, extensions: list[str]) -> bool:
     name = path.removesuffix(".gz")
     return any(name.endswith(ext) for ext in extensions)
@@ -96,6 +97,7 @@ def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
 
 # ---------------------------------------------------------------- tokenising
 
+
 @dataclass
 class TokenisedPart:
     """What one tokenising task returns: per split, the documents' tokens wrapped in <bos>/<eos>."""
@@ -121,12 +123,13 @@ def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) ->
     return part
 
 
-def _tokenise_all(sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int,
-                  address: str | None) -> TokenisedPart:
+def _tokenise_all(
+    sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int, address: str | None
+) -> TokenisedPart:
     """Tokenise every source, in Ray tasks when the corpus is large; merge in source order."""
     tok_json, cfg_dict = tok.to_json(), cfg.model_dump()
     chunk = max(1, len(sources) // 64)
-    groups = [sources[i:i + chunk] for i in range(0, len(sources), chunk)]
+    groups = [sources[i : i + chunk] for i in range(0, len(sources), chunk)]
     bar = tqdm(total=len(groups), desc="tokenise", unit="chunk", leave=False, disable=None)
     parts: list[TokenisedPart]
     if total_bytes >= cfg.parallel_min_bytes and len(groups) > 1:
@@ -170,11 +173,12 @@ def _tail_split(merged: TokenisedPart, val_fraction: float, dtype: np.dtype) -> 
 
 # ---------------------------------------------------------------- shards
 
+
 def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[ShardInfo]:
     """Write `samples` as `<split>-NNNNNN.tar` shards (keys `<split>-<row index>`), in order."""
     shards: list[ShardInfo] = []
     for i, lo in enumerate(range(0, len(samples), shard_samples)):
-        rows = samples[lo:lo + shard_samples]
+        rows = samples[lo : lo + shard_samples]
         data = encode_shard([f"{split}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
         name = f"{split}-{i:06d}.tar"
         url = storage.join(out_url, name)
@@ -185,12 +189,14 @@ def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: i
             local.write_bytes(data)
             storage.upload_file(local, url)
             local.unlink()
-        shards.append(ShardInfo(name=name, samples=int(len(rows)), bytes=len(data),
-                                sha256=hashlib.sha256(data).hexdigest()))
+        shards.append(
+            ShardInfo(name=name, samples=int(len(rows)), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        )
     return shards
 
 
 # ---------------------------------------------------------------- the command
+
 
 def _fingerprint(sources: list[SourceInfo], cfg: DataConfig) -> str:
     payload = json.dumps({"sources": [(s.url, s.sha256) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
@@ -219,6 +225,7 @@ def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
     def sample_texts():
         for url in urls:
             yield from read_documents(url, cfg.text_field, sample_stats)
+
     sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
     first = next(sample, None)
     if first is None:  # the sampler read every file and found no text
@@ -227,8 +234,9 @@ def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
     return train_bpe(itertools.chain([first], sample), cfg.vocab_size)
 
 
-def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False,
-            address: str | None = None) -> dict[str, Any]:
+def prepare(
+    inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False, address: str | None = None
+) -> dict[str, Any]:
     """Run the whole `prepare` command; returns the JSON summary. `address`: the Ray cluster to tokenise
     a large corpus on (as `--address`; default RAY_ADDRESS, else a local Ray)."""
     t0 = time.time()
@@ -252,7 +260,7 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
             raise UserError(f"{output} already holds a different dataset (pass --overwrite to replace it)")
     storage.delete(manifest_url)  # from here on the output is incomplete until the new manifest lands
     for url in storage.list_files(output):  # only what an earlier prepare wrote; other files stay
-        if OUTPUT_FILE.fullmatch(url[len(output) + 1:]):
+        if OUTPUT_FILE.fullmatch(url[len(output) + 1 :]):
             storage.delete(url)
 
     tok = _train_tokenizer(urls, cfg)
@@ -286,12 +294,26 @@ def prepare(inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = F
             )
     tok.save(storage.join(output, TOKENIZER_FILE))
     manifest = Manifest(
-        url=output, fingerprint=fingerprint, seq_len=cfg.seq_len, sample_tokens=cfg.seq_len + 1,
+        url=output,
+        fingerprint=fingerprint,
+        seq_len=cfg.seq_len,
+        sample_tokens=cfg.seq_len + 1,
         token_dtype=dtype.name,
-        tokenizer=TokenizerInfo(file=TOKENIZER_FILE, sha256=tok.sha256, kind=cfg.tokenizer, vocab_size=tok.vocab_size,
-                                pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id),
-        splits=splits, documents=stats.documents, sources=sources, stats=stats,
-        config=cfg.model_dump(), created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        tokenizer=TokenizerInfo(
+            file=TOKENIZER_FILE,
+            sha256=tok.sha256,
+            kind=cfg.tokenizer,
+            vocab_size=tok.vocab_size,
+            pad_id=tok.pad_id,
+            bos_id=tok.bos_id,
+            eos_id=tok.eos_id,
+        ),
+        splits=splits,
+        documents=stats.documents,
+        sources=sources,
+        stats=stats,
+        config=cfg.model_dump(),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     publish_manifest(manifest)
     return _summary(manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)

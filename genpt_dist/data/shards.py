@@ -15,6 +15,7 @@ This module writes and reads them in bulk, because going member by member throug
 from __future__ import annotations
 
 import io
+
 import numpy as np
 
 BLOCK = 512
@@ -69,8 +70,8 @@ def encode_shard(keys: list[str], rows: np.ndarray) -> bytes:
     out[:, 148:154] = (checksum[:, None] // powers % 8 + ord("0")).astype(np.uint8)
     out[:, 154] = 0
     out[:, 155] = ord(" ")
-    out[:, BLOCK:BLOCK + len(npy_head)] = np.frombuffer(npy_head, dtype=np.uint8)
-    out[:, BLOCK + len(npy_head):BLOCK + size] = rows.view(np.uint8).reshape(n, -1)
+    out[:, BLOCK : BLOCK + len(npy_head)] = np.frombuffer(npy_head, dtype=np.uint8)
+    out[:, BLOCK + len(npy_head) : BLOCK + size] = rows.view(np.uint8).reshape(n, -1)
     return out.tobytes() + bytes(2 * BLOCK)
 
 
@@ -81,7 +82,7 @@ def _ustar_members(data: bytes) -> list[tuple[str, int, int]] | None:
     while True:
         if off + BLOCK > end:
             raise ValueError(f"truncated tar: header at byte {off} of {end}")
-        header = data[off:off + BLOCK]
+        header = data[off : off + BLOCK]
         if header[0] == 0 and not header.strip(b"\x00"):
             return members  # end-of-archive block
         if header[156] not in (0, 48) or header[257:262] != b"ustar":  # not a plain regular file (pax, GNU, ...)
@@ -118,15 +119,17 @@ def decode_shard(data: bytes, row_len: int) -> np.ndarray:
         if not rows:
             return np.zeros((0, row_len), dtype=np.int64)
         off0, size0 = rows[0]
-        magic = io.BytesIO(data[off0:off0 + size0])
+        magic = io.BytesIO(data[off0 : off0 + size0])
         version = np.lib.format.read_magic(magic)
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(magic)  # the one .npy header we parse
         head_len = magic.tell()
-        head = data[off0:off0 + head_len]
+        head = data[off0 : off0 + head_len]
         uniform = (
-            shape == (row_len,) and not fortran and not dtype.hasobject
-            and all(size == size0 and data[off:off + head_len] == head for off, size in rows)
+            shape == (row_len,)
+            and not fortran
+            and not dtype.hasobject
+            and all(size == size0 and data[off : off + head_len] == head for off, size in rows)
             and size0 == head_len + row_len * dtype.itemsize
         )
         if uniform:

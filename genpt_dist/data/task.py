@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,16 +83,19 @@ def load_task(url: str, tok: Tokenizer, cfg: FinetuneConfig, block_size: int) ->
         if pc:
             prompt, completion = rec.get(cfg.prompt_field), rec.get(cfg.completion_field)
             if not isinstance(prompt, str) or not isinstance(completion, str):
-                raise UserError(f"task {url}:{lineno}: needs string fields {cfg.prompt_field!r} and "
-                                f"{cfg.completion_field!r}")
+                raise UserError(
+                    f"task {url}:{lineno}: needs string fields {cfg.prompt_field!r} and {cfg.completion_field!r}"
+                )
             if not completion.strip():
                 raise UserError(f"task {url}:{lineno}: empty {cfg.completion_field!r}")
             p, c = tok.encode(prompt), tok.encode(completion) + [tok.eos_id]
             if 1 + len(p) + len(c) > limit:
                 if cfg.too_long == "refuse" or 1 + len(c) >= limit:
-                    raise UserError(f"task {url}:{lineno}: {1 + len(p) + len(c)} tokens do not fit the "
-                                    f"{block_size}-token context (finetune.too_long={cfg.too_long})")
-                p = p[len(p) - (limit - 1 - len(c)):]
+                    raise UserError(
+                        f"task {url}:{lineno}: {1 + len(p) + len(c)} tokens do not fit the "
+                        f"{block_size}-token context (finetune.too_long={cfg.too_long})"
+                    )
+                p = p[len(p) - (limit - 1 - len(c)) :]
                 truncated += 1
             examples.append(Example([tok.bos_id, *p, *c], loss_from=len(p)))
         else:
@@ -101,11 +105,13 @@ def load_task(url: str, tok: Tokenizer, cfg: FinetuneConfig, block_size: int) ->
             ids = [tok.bos_id, *tok.encode(text), tok.eos_id]
             if len(ids) > limit:
                 if cfg.too_long == "refuse":
-                    raise UserError(f"task {url}:{lineno}: {len(ids)} tokens do not fit the {block_size}-token "
-                                    f"context (finetune.too_long=refuse)")
+                    raise UserError(
+                        f"task {url}:{lineno}: {len(ids)} tokens do not fit the {block_size}-token "
+                        f"context (finetune.too_long=refuse)"
+                    )
                 truncated += 1
             for i in range(0, max(len(ids) - 1, 1), block_size):
-                examples.append(Example(ids[i:i + limit], loss_from=0))
+                examples.append(Example(ids[i : i + limit], loss_from=0))
     val = [e for e in examples if _in_val(e.tokens, cfg.val_fraction)]
     train = [e for e in examples if not _in_val(e.tokens, cfg.val_fraction)]
     if not val and len(train) > 1:  # tiny tasks: hold back at least one example
@@ -124,15 +130,16 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
         t = torch.tensor(e.tokens, dtype=torch.long)
         n = len(t) - 1
         idx[row, :n] = t[:-1]
-        targets[row, e.loss_from:n] = t[1 + e.loss_from:]
+        targets[row, e.loss_from : n] = t[1 + e.loss_from :]
     return idx, targets
 
 
 class ExampleLoader:
     """Equal batch counts on every rank; resumable by (epoch, batch)."""
 
-    def __init__(self, examples: list[Example], *, batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool):
+    def __init__(
+        self, examples: list[Example], *, batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool
+    ):
         self.examples, self.batch_size, self.rank, self.world = examples, batch_size, rank, world_size
         self.seed, self.shuffle = seed, shuffle
         self.per_rank = len(examples) // world_size
@@ -152,11 +159,11 @@ class ExampleLoader:
         return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
 
     def iter_epoch(self) -> Iterator[list[Example]]:
-        mine = self._order(self.epoch)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        mine = self._order(self.epoch)[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
         while self.batch < self.batches_per_epoch:
             lo = self.batch * self.batch_size
             self.batch += 1
-            yield [self.examples[i] for i in mine[lo:lo + self.batch_size]]
+            yield [self.examples[i] for i in mine[lo : lo + self.batch_size]]
         self.epoch, self.batch = self.epoch + 1, 0
 
     def __iter__(self) -> Iterator[list[Example]]:

@@ -38,9 +38,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         lse = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
         picked = torch.empty(N, dtype=torch.float32, device=logits.device)  # (N,)
         for s in range(0, N, rows):
-            z = logits[s:s + rows].float()  # (r, V)
-            lse[s:s + rows] = torch.logsumexp(z, dim=-1)
-            picked[s:s + rows] = z.gather(1, safe[s:s + rows, None]).squeeze(1)
+            z = logits[s : s + rows].float()  # (r, V)
+            lse[s : s + rows] = torch.logsumexp(z, dim=-1)
+            picked[s : s + rows] = z.gather(1, safe[s : s + rows, None]).squeeze(1)
         ctx.save_for_backward(logits, safe, valid, lse)
         ctx.rows = rows
         return torch.where(valid, lse - picked, 0.0)  # (N,)
@@ -53,9 +53,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)  # (N, V) in the logits' dtype
         minus_one = torch.full((min(rows, logits.shape[0]), 1), -1.0, device=logits.device)
         for s in range(0, logits.shape[0], rows):
-            p = (logits[s:s + rows].float() - lse[s:s + rows, None]).exp_()  # (r, V) softmax
-            p.scatter_add_(1, safe[s:s + rows, None], minus_one[: p.shape[0]])  # - onehot(target)
-            grad[s:s + rows] = p.mul_(scale[s:s + rows, None])
+            p = (logits[s : s + rows].float() - lse[s : s + rows, None]).exp_()  # (r, V) softmax
+            p.scatter_add_(1, safe[s : s + rows, None], minus_one[: p.shape[0]])  # - onehot(target)
+            grad[s : s + rows] = p.mul_(scale[s : s + rows, None])
         return grad, None, None
 
 

@@ -37,9 +37,7 @@ class DiscriminatorConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"DiscriminatorConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"DiscriminatorConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}"
-            )
+            raise ValueError(f"DiscriminatorConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"DiscriminatorConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -65,7 +63,11 @@ class EncoderBlock(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0,
+            q,
+            k,
+            v,
+            attn_mask=key_mask,
+            dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + self.resid_dropout(self.c_proj(y))  # (B, T, C)
@@ -96,7 +98,7 @@ class Discriminator(nn.Module):
         Returns logits (B,).
         """
         B, T = idx.shape
-        if T > self.config.block_size:
+        if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
         keep = (idx != self.config.pad_id) if attention_mask is None else attention_mask.bool()  # (B, T)
         pos = (keep.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)

@@ -50,9 +50,7 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"GPTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}"
-            )
+            raise ValueError(f"GPTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
 
@@ -65,8 +63,17 @@ class KVCache:
     ``[length, length + T)`` in every layer and then advances ``length`` by T.
     """
 
-    def __init__(self, *, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        *,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (batch_size, n_head, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
@@ -77,8 +84,8 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v (B, H, T, hd) after the cached positions; return all keys/values so far."""
         end = self.length + k.size(2)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, H, length + T, hd)
 
     def advance(self, t: int) -> None:
@@ -102,8 +109,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
@@ -112,7 +118,11 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T_total, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -143,8 +153,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.mlp = MLP(cfg.d_model, cfg.dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool,
-                cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)  # (B, T, C)
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
@@ -155,13 +164,15 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
-            wpe=nn.Embedding(cfg.block_size, cfg.d_model),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-            ln_f=nn.LayerNorm(cfg.d_model, eps=1e-5),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
+                wpe=nn.Embedding(cfg.block_size, cfg.d_model),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=nn.LayerNorm(cfg.d_model, eps=1e-5),
+            )
+        )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying, as in GPT-2
         self.apply(self._init_weights)
@@ -204,21 +215,29 @@ class GPT(nn.Module):
         cfg = self.config
         return 6 * self.num_params(exclude_embeddings=True) + 12 * cfg.n_layer * cfg.d_model * seq_len
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> KVCache:
+    def new_cache(
+        self, batch_size: int, max_len: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> KVCache:
         """An empty KV cache for ``batch_size`` rows and up to ``max_len`` positions."""
         cfg = self.config
         if max_len > cfg.block_size:
             raise ValueError(f"cache max_len={max_len} exceeds block_size={cfg.block_size}")
         w = self.lm_head.weight
-        return KVCache(n_layer=cfg.n_layer, batch_size=batch_size, n_head=cfg.n_head,
-                       max_len=max_len, head_dim=cfg.d_model // cfg.n_head,
-                       dtype=dtype or w.dtype, device=device or w.device)
+        return KVCache(
+            n_layer=cfg.n_layer,
+            batch_size=batch_size,
+            n_head=cfg.n_head,
+            max_len=max_len,
+            head_dim=cfg.d_model // cfg.n_head,
+            dtype=dtype or w.dtype,
+            device=device or w.device,
+        )
 
     # --------------------------------------------------------------------------------------- forward
 
-    def _positions_and_mask(self, B: int, T: int, past: int, attention_mask: Tensor | None,
-                            device: torch.device) -> tuple[Tensor, Tensor | None, bool]:
+    def _positions_and_mask(
+        self, B: int, T: int, past: int, attention_mask: Tensor | None, device: torch.device
+    ) -> tuple[Tensor, Tensor | None, bool]:
         """Position ids (B or 1, T), the SDPA boolean mask (True = attend) and the is_causal flag.
 
         Query i sits at key index ``past + i``; it may attend to key j when ``j <= past + i`` and key j
@@ -237,9 +256,7 @@ class GPT(nn.Module):
                 return pos, None, False  # one new query sees every cached key
             return pos, (k_idx[None, :] <= q_idx[:, None]), False  # (T, T_total)
         if attention_mask.shape != (B, T_total):
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != (B, cached + T) = {(B, T_total)}"
-            )
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != (B, cached + T) = {(B, T_total)}")
         keep = attention_mask.bool()  # (B, T_total)
         pos = (keep.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         causal = k_idx[None, :] <= q_idx[:, None]  # (T, T_total)
@@ -247,9 +264,16 @@ class GPT(nn.Module):
         mask = (causal[None] & keep[:, None, :]) | diag[None]  # (B, T, T_total)
         return pos, mask.unsqueeze(1), False  # (B, 1, T, T_total)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, *, loss_mask: Tensor | None = None,
-                cache: KVCache | None = None, attention_mask: Tensor | None = None,
-                last_only: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        *,
+        loss_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        attention_mask: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits and, when ``targets`` is given, the mean cross-entropy.
 
         idx: (B, T) token ids. targets: (B, T) next-token ids, -100 ignored. loss_mask: (B, T) weights

@@ -61,8 +61,9 @@ class SampleOutput:
     prompt_width: int  # P, the padded prompt width; generated tokens start at this column
 
 
-def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None,
-                  temperature: float = 1.0) -> Tensor:
+def filter_logits(
+    logits: Tensor, top_k: int | None = None, top_p: float | None = None, temperature: float = 1.0
+) -> Tensor:
     """Log-probs (..., V) of the distribution actually sampled from; removed tokens are -inf.
 
     Order as in HF ``generate``: divide by ``temperature``; keep exactly the ``top_k`` largest logits
@@ -84,8 +85,14 @@ def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None 
     return F.log_softmax(x, dim=-1)  # (..., V)
 
 
-def _validate(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: int | None,
-              top_p: float | None, temperature: float) -> None:
+def _validate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    top_k: int | None,
+    top_p: float | None,
+    temperature: float,
+) -> None:
     if not prompts:
         raise ValueError("prompts is empty")
     if any(len(p) == 0 for p in prompts):
@@ -110,8 +117,9 @@ def _validate(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: 
         raise ValueError(f"prompt token id {bad[0]} outside [0, vocab_size={vocab})")
 
 
-def _pick(logits: Tensor, top_k: int | None, top_p: float | None, temperature: float,
-          generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def _pick(
+    logits: Tensor, top_k: int | None, top_p: float | None, temperature: float, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
     """Draw one token per row from the last logits (B, V); returns (token ids (B,), log-probs (B,))."""
     V = logits.size(-1)
     ids = None
@@ -140,13 +148,33 @@ def _fusable(model: GPT) -> bool:
 
 
 def _layer_params(model: GPT) -> list[tuple[Tensor, ...]]:
-    return [(b.ln_1.weight, b.ln_1.bias, b.attn.c_attn.weight, b.attn.c_attn.bias, b.attn.c_proj.weight,
-             b.attn.c_proj.bias, b.ln_2.weight, b.ln_2.bias, b.mlp.c_fc.weight, b.mlp.c_fc.bias,
-             b.mlp.c_proj.weight, b.mlp.c_proj.bias) for b in model.transformer.h]
+    return [
+        (
+            b.ln_1.weight,
+            b.ln_1.bias,
+            b.attn.c_attn.weight,
+            b.attn.c_attn.bias,
+            b.attn.c_proj.weight,
+            b.attn.c_proj.bias,
+            b.ln_2.weight,
+            b.ln_2.bias,
+            b.mlp.c_fc.weight,
+            b.mlp.c_fc.bias,
+            b.mlp.c_proj.weight,
+            b.mlp.c_proj.bias,
+        )
+        for b in model.transformer.h
+    ]
 
 
-def _decode_step(model: GPT, layers: list[tuple[Tensor, ...]], tok: Tensor, pos: Tensor | int,
-                 cache: KVCache, key_mask: Tensor | None) -> Tensor:
+def _decode_step(
+    model: GPT,
+    layers: list[tuple[Tensor, ...]],
+    tok: Tensor,
+    pos: Tensor | int,
+    cache: KVCache,
+    key_mask: Tensor | None,
+) -> Tensor:
     """Logits (B, V) of one new token per row at cache index ``cache.length``; appends its keys/values.
 
     tok: (B,) ids. pos: (B,) position ids, or an int shared by every row. key_mask: (B, 1, 1,
@@ -162,10 +190,11 @@ def _decode_step(model: GPT, layers: list[tuple[Tensor, ...]], tok: Tensor, pos:
         h = F.layer_norm(x, (C,), w1, b1, eps)  # (B, C)
         q, k, v = F.linear(h, wqkv, bqkv).view(B, 3, H, 1, C // H).unbind(1)  # 3 x (B, H, 1, hd)
         keys, values = cache.k[i], cache.v[i]  # (B, H, max_len, hd)
-        keys[:, :, L:L + 1] = k
-        values[:, :, L:L + 1] = v
-        y = F.scaled_dot_product_attention(q, keys[:, :, :L + 1], values[:, :, :L + 1],
-                                           attn_mask=key_mask)  # (B, H, 1, hd)
+        keys[:, :, L : L + 1] = k
+        values[:, :, L : L + 1] = v
+        y = F.scaled_dot_product_attention(
+            q, keys[:, :, : L + 1], values[:, :, : L + 1], attn_mask=key_mask
+        )  # (B, H, 1, hd)
         x = x + F.linear(y.reshape(B, C), wo, bo)  # (B, C)
         h = F.layer_norm(x, (C,), w2, b2, eps)  # (B, C)
         x = x + F.linear(F.gelu(F.linear(h, wfc, bfc), approximate="tanh"), wp, bp)  # (B, C)
@@ -174,10 +203,20 @@ def _decode_step(model: GPT, layers: list[tuple[Tensor, ...]], tok: Tensor, pos:
     return F.linear(x, model.lm_head.weight)  # (B, V)
 
 
-def sample(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, top_k: int | None = None,
-           top_p: float | None = None, temperature: float = 1.0, eos_id: int | None = None,
-           pad_id: int = 0, seed: int | None = None, generator: torch.Generator | None = None,
-           use_cache: bool = True) -> SampleOutput:
+def sample(
+    model: GPT,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    temperature: float = 1.0,
+    eos_id: int | None = None,
+    pad_id: int = 0,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    use_cache: bool = True,
+) -> SampleOutput:
     """Sample up to ``max_new_tokens`` continuations of each prompt; see the module docstring.
 
     ``generator`` wins over ``seed``; with neither, the global RNG is used. ``top_k=1`` is greedy.
@@ -188,20 +227,35 @@ def sample(model: GPT, prompts: list[list[int]], *, max_new_tokens: int, top_k: 
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     with torch.inference_mode():
-        out = _sample(model, prompts, max_new_tokens, top_k, top_p, temperature, eos_id, pad_id,
-                      generator, use_cache, device)
-    return SampleOutput(tokens=out.tokens.clone(), logprobs=out.logprobs.clone(),
-                        new_lengths=out.new_lengths.clone(), prompt_width=out.prompt_width)
+        out = _sample(
+            model, prompts, max_new_tokens, top_k, top_p, temperature, eos_id, pad_id, generator, use_cache, device
+        )
+    return SampleOutput(
+        tokens=out.tokens.clone(),
+        logprobs=out.logprobs.clone(),
+        new_lengths=out.new_lengths.clone(),
+        prompt_width=out.prompt_width,
+    )
 
 
-def _sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: int | None,
-            top_p: float | None, temperature: float, eos_id: int | None, pad_id: int,
-            generator: torch.Generator | None, use_cache: bool, device: torch.device) -> SampleOutput:
+def _sample(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    top_k: int | None,
+    top_p: float | None,
+    temperature: float,
+    eos_id: int | None,
+    pad_id: int,
+    generator: torch.Generator | None,
+    use_cache: bool,
+    device: torch.device,
+) -> SampleOutput:
     B, P, N = len(prompts), max(len(p) for p in prompts), max_new_tokens
     lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)  # (B,)
     tokens = torch.full((B, P + N), pad_id, dtype=torch.long)  # (B, P + N)
     for row, p in enumerate(prompts):  # built on the host, moved once
-        tokens[row, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        tokens[row, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
     mask = (torch.arange(P + N)[None, :] >= (P - lengths)[:, None]).long()  # (B, P + N) 1 = real
     padded = any(len(p) != P for p in prompts)
     tokens, mask, lengths = tokens.to(device), mask.to(device), lengths.to(device)
@@ -218,18 +272,24 @@ def _sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: in
     for n in range(N):
         width = P + n
         if not use_cache:
-            logits = model(tokens[:, :width], last_only=True,
-                           attention_mask=mask[:, :width] if padded else None)[0][:, -1]  # (B, V)
+            logits = model(tokens[:, :width], last_only=True, attention_mask=mask[:, :width] if padded else None)[0][
+                :, -1
+            ]  # (B, V)
         elif n == 0:
-            logits = model(tokens[:, :P], cache=cache, last_only=True,
-                           attention_mask=mask[:, :P] if padded else None)[0][:, -1]  # (B, V)
+            logits = model(tokens[:, :P], cache=cache, last_only=True, attention_mask=mask[:, :P] if padded else None)[
+                0
+            ][:, -1]  # (B, V)
         elif fused:
             pos = (width - 1 - shift) if padded else width - 1  # (B,) | int
             km = key_mask[..., :width] if padded else None  # (B, 1, 1, width)
             logits = _decode_step(model, layers, nxt, pos, cache, km)  # (B, V)
         else:
-            logits = model(tokens[:, width - 1:width], cache=cache, last_only=True,
-                           attention_mask=mask[:, :width] if padded else None)[0][:, -1]  # (B, V)
+            logits = model(
+                tokens[:, width - 1 : width],
+                cache=cache,
+                last_only=True,
+                attention_mask=mask[:, :width] if padded else None,
+            )[0][:, -1]  # (B, V)
         tok, lp = _pick(logits, top_k, top_p, temperature, generator)  # (B,), (B,)
         nxt = tok.masked_fill(done, pad_id) if eos_id is not None else tok  # (B,)
         tokens[:, width] = nxt
@@ -246,5 +306,6 @@ def _sample(model: GPT, prompts: list[list[int]], max_new_tokens: int, top_k: in
         new_lengths.fill_(N)
     else:
         steps = int(new_lengths.max())  # the first step at which every row had stopped, or N
-    return SampleOutput(tokens=tokens[:, :P + steps], logprobs=logprobs[:, :steps],
-                        new_lengths=new_lengths, prompt_width=P)
+    return SampleOutput(
+        tokens=tokens[:, : P + steps], logprobs=logprobs[:, :steps], new_lengths=new_lengths, prompt_width=P
+    )

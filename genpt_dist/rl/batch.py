@@ -36,7 +36,7 @@ class RolloutRequest:
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def rows(self, start: int, stop: int) -> "RolloutRequest":
+    def rows(self, start: int, stop: int) -> RolloutRequest:
         """The same request for rows [start, stop) only."""
         return replace(self, prompts=self.prompts[start:stop], seeds=self.seeds[start:stop])
 
@@ -80,10 +80,10 @@ class RolloutBatch:
     @property
     def generated(self) -> Tensor:
         """(B, N) the generated tokens."""
-        return self.tokens[:, self.prompt_width:]
+        return self.tokens[:, self.prompt_width :]
 
     @classmethod
-    def concat(cls, batches: list["RolloutBatch"]) -> "RolloutBatch":
+    def concat(cls, batches: list[RolloutBatch]) -> RolloutBatch:
         """Rows of all batches in order; the prompt part is left-padded and the generated part
         right-padded to the widest batch. Versions must agree; costs are summed."""
         if not batches:
@@ -100,8 +100,9 @@ class RolloutBatch:
         out: dict[str, Any] = {}
         for name in ("tokens", "attention_mask"):  # (B_b, P_b + N_b) -> (B_b, P + N)
             fill = batches[0].pad_id if name == "tokens" else 0
-            out[name] = torch.cat([F.pad(getattr(b, name), (P - b.prompt_width, N - b.gen_width), value=fill)
-                                   for b in batches])
+            out[name] = torch.cat(
+                [F.pad(getattr(b, name), (P - b.prompt_width, N - b.gen_width), value=fill) for b in batches]
+            )
         for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards"):  # (B_b, N_b) -> (B_b, N)
             if getattr(batches[0], name) is not None:
                 out[name] = torch.cat([F.pad(getattr(b, name), (0, N - b.gen_width)) for b in batches])

@@ -27,9 +27,15 @@ DISC_DIR = "ds_disc"
 def disc_model_config(cfg: Config, vocab_size: int, pad_id: int) -> DiscriminatorConfig:
     """D's shape from the recipe; it reads <bos> + prompt_len + max_new_tokens tokens."""
     d, r = cfg.adversarial.discriminator.model, cfg.adversarial.rollout
-    return DiscriminatorConfig(vocab_size=vocab_size, block_size=1 + r.prompt_len + r.sampling.max_new_tokens,
-                               n_layer=d.n_layer, n_head=d.n_head, d_model=d.d_model, dropout=d.dropout,
-                               pad_id=pad_id)
+    return DiscriminatorConfig(
+        vocab_size=vocab_size,
+        block_size=1 + r.prompt_len + r.sampling.max_new_tokens,
+        n_layer=d.n_layer,
+        n_head=d.n_head,
+        d_model=d.d_model,
+        dropout=d.dropout,
+        pad_id=pad_id,
+    )
 
 
 class DiscriminatorLearner:
@@ -43,17 +49,25 @@ class DiscriminatorLearner:
         self.config, self.pad_id = model_cfg, model_cfg.pad_id
         torch.manual_seed(cfg.adversarial.train.seed + 1)
         disc = Discriminator(model_cfg)
-        ds_cfg = cfg.deepspeed.model_copy(update={"zero_stage": min(cfg.deepspeed.zero_stage, 2),
-                                                  "offload_params": False})
-        ds = build_ds_config(ds_cfg, micro_batch_size=cfg.adversarial.train.micro_batch_size, grad_accum=1,
-                             grad_clip=cfg.adversarial.optim.grad_clip, precision=precision,
-                             use_gpu=cfg.scaling.use_gpu)
-        opt = torch.optim.AdamW(disc.parameters(), lr=cfg.adversarial.discriminator.lr, betas=(0.9, 0.99),
-                                weight_decay=0.01)
+        ds_cfg = cfg.deepspeed.model_copy(
+            update={"zero_stage": min(cfg.deepspeed.zero_stage, 2), "offload_params": False}
+        )
+        ds = build_ds_config(
+            ds_cfg,
+            micro_batch_size=cfg.adversarial.train.micro_batch_size,
+            grad_accum=1,
+            grad_clip=cfg.adversarial.optim.grad_clip,
+            precision=precision,
+            use_gpu=cfg.scaling.use_gpu,
+        )
+        opt = torch.optim.AdamW(
+            disc.parameters(), lr=cfg.adversarial.discriminator.lr, betas=(0.9, 0.99), weight_decay=0.01
+        )
         self.engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=opt, config=ds, dist_init_required=False)
 
-    def update(self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor,
-               step: bool = True) -> dict[str, float]:
+    def update(
+        self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor, step: bool = True
+    ) -> dict[str, float]:
         """One BCE step on real (n, W) vs generated (m, W') rows, `fake_mask` 1 on the rollout's own tokens;
         with step=False only the loss and accuracies are measured."""
         pad, device = self.pad_id, self.engine.device
@@ -69,8 +83,11 @@ class DiscriminatorLearner:
             self.engine.backward(loss)
             self.engine.step()
         pred = (logits.detach() > 0).float()
-        return {"d_loss": loss.item(), "d_acc_real": (pred[: len(real)] == 1).float().mean().item(),
-                "d_acc_fake": (pred[len(real):] == 0).float().mean().item()}
+        return {
+            "d_loss": loss.item(),
+            "d_acc_real": (pred[: len(real)] == 1).float().mean().item(),
+            "d_acc_fake": (pred[len(real) :] == 0).float().mean().item(),
+        }
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """D's full fp32 weights (a collective under ZeRO-3; D is at most ZeRO-2)."""

@@ -96,8 +96,14 @@ class BaselineState:
     ema: float | None = None  # moving average of batch-mean rewards; None before the first batch
 
 
-def advantages(rewards: Tensor, *, kind: Literal["ema", "group", "rloo", "none"], group_size: int = 1,
-               state: BaselineState | None = None, ema_decay: float = 0.9) -> tuple[Tensor, BaselineState]:
+def advantages(
+    rewards: Tensor,
+    *,
+    kind: Literal["ema", "group", "rloo", "none"],
+    group_size: int = 1,
+    state: BaselineState | None = None,
+    ema_decay: float = 0.9,
+) -> tuple[Tensor, BaselineState]:
     """Sequence advantages (B,) = reward - baseline, and the updated baseline state; see the docstring.
 
     rewards: (B,) one per row; for ``group``/``rloo`` rows ``[k*g, (k+1)*g)`` share a prompt.
@@ -132,8 +138,7 @@ def advantages(rewards: Tensor, *, kind: Literal["ema", "group", "rloo", "none"]
 # ------------------------------------------------------------------------------------------ KL
 
 
-def kl_per_token(logp: Tensor, ref_logp: Tensor, mask: Tensor,
-                 estimator: Literal["k1", "k3"] = "k1") -> Tensor:
+def kl_per_token(logp: Tensor, ref_logp: Tensor, mask: Tensor, estimator: Literal["k1", "k3"] = "k1") -> Tensor:
     """Per-token KL(pi || pi_ref) estimate (B, N) from sampled-token log-probs; 0 where mask is 0.
 
     Differentiable through ``logp``. k1 = logp - ref_logp; k3 = exp(-d) + d - 1 with d = logp - ref_logp.
@@ -156,9 +161,16 @@ def reward_to_go(x: Tensor, mask: Tensor) -> Tensor:
     return rtg.masked_fill(~m, 0.0)
 
 
-def token_advantages(seq_adv: Tensor, mask: Tensor, *, token_rewards: Tensor | None = None,
-                     rewards: Tensor | None = None, kl: Tensor | None = None, kl_coef: float = 0.0,
-                     kl_mode: Literal["loss", "reward"] = "loss") -> Tensor:
+def token_advantages(
+    seq_adv: Tensor,
+    mask: Tensor,
+    *,
+    token_rewards: Tensor | None = None,
+    rewards: Tensor | None = None,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_mode: Literal["loss", "reward"] = "loss",
+) -> Tensor:
     """Per-token advantages (B, N), detached, 0 where ``mask`` is 0.
 
     * Without ``token_rewards``: ``A_t = seq_adv`` on every generated token.
@@ -198,9 +210,17 @@ def token_entropy(logits: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------- loss
 
 
-def reinforce_loss(logp: Tensor, adv: Tensor, mask: Tensor, *, kl: Tensor | None = None, kl_coef: float = 0.0,
-                   kl_mode: Literal["loss", "reward"] = "loss", entropy: Tensor | None = None,
-                   entropy_coef: float = 0.0) -> tuple[Tensor, dict[str, float]]:
+def reinforce_loss(
+    logp: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_mode: Literal["loss", "reward"] = "loss",
+    entropy: Tensor | None = None,
+    entropy_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
     """The REINFORCE loss (scalar, differentiable) and its stats; token-level means over ``mask``.
 
     logp: (B, N) log pi(a_t | s_<t) of the sampled tokens, with grad. adv: (B, N) advantages
@@ -225,7 +245,11 @@ def reinforce_loss(logp: Tensor, adv: Tensor, mask: Tensor, *, kl: Tensor | None
         loss = loss - entropy_coef * ent_mean
     a_mean = masked_mean(a, m)
     a_std = masked_mean((a - a_mean) ** 2, m).sqrt()
-    stats.update(loss=float(loss.detach()), kl=float(kl_mean.detach()) if kl_mean is not None else 0.0,
-                 entropy=float(ent_mean.detach()) if ent_mean is not None else 0.0,
-                 adv_mean=float(a_mean), adv_std=float(a_std))
+    stats.update(
+        loss=float(loss.detach()),
+        kl=float(kl_mean.detach()) if kl_mean is not None else 0.0,
+        entropy=float(ent_mean.detach()) if ent_mean is not None else 0.0,
+        adv_mean=float(a_mean),
+        adv_std=float(a_std),
+    )
     return loss, stats

@@ -96,33 +96,62 @@ def _check_fits(num_actors: int, cpus: float, gpus: float) -> None:
             continue
         need, have = num_actors * per, total.get(res, 0.0)
         if have < need:
-            raise UserError(f"{num_actors} rollout actors x {per:g} {res}s need {need:g} {res}s; "
-                            f"the Ray cluster has {have:g} {hint}")
+            raise UserError(
+                f"{num_actors} rollout actors x {per:g} {res}s need {need:g} {res}s; "
+                f"the Ray cluster has {have:g} {hint}"
+            )
         biggest = max((n.get(res, 0.0) for n in nodes), default=0.0)
         if biggest < per:
-            raise UserError(f"a rollout actor needs {per:g} {res}s on one node; the largest node has "
-                            f"{biggest:g} {hint}")
+            raise UserError(
+                f"a rollout actor needs {per:g} {res}s on one node; the largest node has {biggest:g} {hint}"
+            )
 
 
 class RolloutGroup:
     """A pool of rollout actors: placement, weight publishing, fan-out and re-issue after failures."""
 
-    def __init__(self, num_actors: int, *, cpus_per_actor: float, gpus_per_actor: float, max_restarts: int,
-                 model_config: dict, disc_config: dict, reference_state: Mapping[str, Any], pad_id: int,
-                 eos_id: int, threads: int = 1, dtype: str = "float32", ready_timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        num_actors: int,
+        *,
+        cpus_per_actor: float,
+        gpus_per_actor: float,
+        max_restarts: int,
+        model_config: dict,
+        disc_config: dict,
+        reference_state: Mapping[str, Any],
+        pad_id: int,
+        eos_id: int,
+        threads: int = 1,
+        dtype: str = "float32",
+        ready_timeout_s: float = 300.0,
+    ) -> None:
         if num_actors < 1:
             raise UserError(f"num_actors must be >= 1, got {num_actors}")
         _check_fits(num_actors, cpus_per_actor, gpus_per_actor)
         # Put once and shared by every actor; the group owns it, so restarted actors can read it again
         # (Ray logs that restarts depend on it: keep the driver's RolloutGroup alive).
         self._reference_ref = ray.put(pack_state(reference_state))
-        options = dict(num_cpus=cpus_per_actor, num_gpus=gpus_per_actor, max_restarts=max_restarts,
-                       max_task_retries=0, scheduling_strategy="SPREAD")
+        options = dict(
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+            max_restarts=max_restarts,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )
         device = "cuda" if gpus_per_actor > 0 else "cpu"
         self._actors = [
             RolloutActor.options(**options).remote(
-                f"rollout-{i}", model_config, disc_config, self._reference_ref, pad_id=pad_id, eos_id=eos_id,
-                threads=threads, device=device, dtype=dtype)
+                f"rollout-{i}",
+                model_config,
+                disc_config,
+                self._reference_ref,
+                pad_id=pad_id,
+                eos_id=eos_id,
+                threads=threads,
+                device=device,
+                dtype=dtype,
+            )
             for i in range(num_actors)
         ]
         self._weights = WeightRefs(-1, [], -1, [])
@@ -133,15 +162,22 @@ class RolloutGroup:
             ray.get([a.ready.remote() for a in self._actors], timeout=ready_timeout_s)
         except ray.exceptions.GetTimeoutError:
             self.shutdown()
-            raise UserError(f"{num_actors} rollout actors were not placed within {ready_timeout_s:g} s; "
-                            f"available resources: {ray.available_resources()}") from None
+            raise UserError(
+                f"{num_actors} rollout actors were not placed within {ready_timeout_s:g} s; "
+                f"available resources: {ray.available_resources()}"
+            ) from None
 
     @property
     def num_actors(self) -> int:
         return len(self._actors)
 
-    def publish(self, policy_version: int, policy_state: Mapping[str, Any] | None,
-                disc_version: int | None = None, disc_state: Mapping[str, Any] | None = None) -> float:
+    def publish(
+        self,
+        policy_version: int,
+        policy_state: Mapping[str, Any] | None,
+        disc_version: int | None = None,
+        disc_state: Mapping[str, Any] | None = None,
+    ) -> float:
         """Put new weights into the object store (once each) for the next requests; returns seconds.
 
         States are torch state dicts (CPU or GPU, any dtype) or numpy; a None state keeps the last one.
@@ -204,8 +240,12 @@ class RolloutGroup:
                     chunk.actor = (chunk.actor + 1) % self.num_actors
                     if chunk.attempts >= self.num_actors:  # every actor failed it once: wait for a restart
                         self._ping(chunk.actor, time.perf_counter() + self.restart_wait_s)
-                    log.warning("rollout actor died (%s); re-issuing %d rows to rollout-%d",
-                                type(exc).__name__, len(chunk.request), chunk.actor)
+                    log.warning(
+                        "rollout actor died (%s); re-issuing %d rows to rollout-%d",
+                        type(exc).__name__,
+                        len(chunk.request),
+                        chunk.actor,
+                    )
                     new = self._submit(chunk)
                     self._chunks.pop(new)
                     waiting[new] = k

@@ -41,9 +41,19 @@ _MC_STREAM = 1  # tag of the Monte Carlo seed stream in derive_seed
 class RolloutWorker:
     """Policy + frozen reference + discriminator; turns requests into rollout batches."""
 
-    def __init__(self, model_config: dict, disc_config: dict, reference_state: Mapping[str, Any] | PackedState, *,
-                 pad_id: int, eos_id: int, threads: int | None = 1, device: str = "cpu",
-                 dtype: str = "float32", score_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model_config: dict,
+        disc_config: dict,
+        reference_state: Mapping[str, Any] | PackedState,
+        *,
+        pad_id: int,
+        eos_id: int,
+        threads: int | None = 1,
+        device: str = "cpu",
+        dtype: str = "float32",
+        score_batch_size: int = 32,
+    ) -> None:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         self.pad_id, self.eos_id = pad_id, eos_id
@@ -66,8 +76,13 @@ class RolloutWorker:
         """(policy version, discriminator version); -1 = the initial weights."""
         return self.policy_version, self.disc_version
 
-    def load(self, policy_version: int | None, policy_state: Any | None,
-             disc_version: int | None = None, disc_state: Any | None = None) -> None:
+    def load(
+        self,
+        policy_version: int | None,
+        policy_state: Any | None,
+        disc_version: int | None = None,
+        disc_state: Any | None = None,
+    ) -> None:
         """Load new weights (plain or packed state dicts); a None state leaves that model and its version."""
         if policy_state is not None:
             self.policy.load_state_dict(unpack_state(policy_state))
@@ -79,8 +94,17 @@ class RolloutWorker:
     # ----------------------------------------------------------------------------------- sampling
 
     def _sample(self, prompts: list[list[int]], max_new: int, req: RolloutRequest, seed: int):
-        return sample(self.policy, prompts, max_new_tokens=max_new, top_k=req.top_k, top_p=req.top_p,
-                      temperature=req.temperature, eos_id=self.eos_id, pad_id=self.pad_id, seed=seed)
+        return sample(
+            self.policy,
+            prompts,
+            max_new_tokens=max_new,
+            top_k=req.top_k,
+            top_p=req.top_p,
+            temperature=req.temperature,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            seed=seed,
+        )
 
     @staticmethod
     def _calls(req: RolloutRequest) -> list[range]:
@@ -98,13 +122,14 @@ class RolloutWorker:
         lps: list[Tensor] = [torch.empty(0)] * len(req)
         sampled = 0
         for rows in self._calls(req):
-            out = self._sample([req.prompts[i] for i in rows], req.max_new_tokens, req,
-                               self._call_seed([req.seeds[i] for i in rows]))
+            out = self._sample(
+                [req.prompts[i] for i in rows], req.max_new_tokens, req, self._call_seed([req.seeds[i] for i in rows])
+            )
             sampled += len(rows) * out.logprobs.size(1)
             P_c = out.prompt_width
             for j, i in enumerate(rows):
                 n = int(out.new_lengths[j])
-                gen[i] = out.tokens[j, P_c:P_c + n].tolist()
+                gen[i] = out.tokens[j, P_c : P_c + n].tolist()
                 lps[i] = out.logprobs[j, :n].float().cpu()
         tokens, attn, P = self._assemble([p + g for p, g in zip(req.prompts, gen)], [len(p) for p in req.prompts])
         B, N = tokens.size(0), tokens.size(1) - P
@@ -112,8 +137,8 @@ class RolloutWorker:
         gen_mask = attn[:, P:]  # (B, N)
         logprobs = torch.zeros(B, N)  # (B, N)
         for i, lp in enumerate(lps):
-            logprobs[i, :lp.numel()] = lp
-        ref_logprobs = self._ref_logprobs(tokens, attn)[:, P - 1:].masked_fill(gen_mask == 0, 0.0)  # (B, N)
+            logprobs[i, : lp.numel()] = lp
+        ref_logprobs = self._ref_logprobs(tokens, attn)[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)  # (B, N)
         d_logits = self._disc_logits(tokens, attn)  # (B,)
         rewards = sequence_reward(d_logits, req.reward_kind)  # (B,)
 
@@ -123,11 +148,24 @@ class RolloutWorker:
             token_rewards, mc_tokens = self._mc_rewards(req, gen, rewards, gen_mask)
             mc_seconds = time.perf_counter() - t_mc
         return RolloutBatch(
-            tokens=tokens, prompt_width=P, attention_mask=attn, logprobs=logprobs, ref_logprobs=ref_logprobs,
-            gen_mask=gen_mask.clone(), lengths=lengths, d_logits=d_logits, rewards=rewards,
-            token_rewards=token_rewards, policy_version=self.policy_version, disc_version=self.disc_version,
-            seconds=time.perf_counter() - t0, actor="local", pad_id=self.pad_id, mc_seconds=mc_seconds,
-            mc_tokens=mc_tokens, sampled_tokens=sampled,
+            tokens=tokens,
+            prompt_width=P,
+            attention_mask=attn,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            gen_mask=gen_mask.clone(),
+            lengths=lengths,
+            d_logits=d_logits,
+            rewards=rewards,
+            token_rewards=token_rewards,
+            policy_version=self.policy_version,
+            disc_version=self.disc_version,
+            seconds=time.perf_counter() - t0,
+            actor="local",
+            pad_id=self.pad_id,
+            mc_seconds=mc_seconds,
+            mc_tokens=mc_tokens,
+            sampled_tokens=sampled,
         )
 
     def _assemble(self, seqs: list[list[int]], prompt_lens: list[int]) -> tuple[Tensor, Tensor, int]:
@@ -139,8 +177,8 @@ class RolloutWorker:
         tokens = torch.full((len(seqs), P + N), self.pad_id, dtype=torch.long)  # (B, P + N)
         attn = torch.zeros((len(seqs), P + N), dtype=torch.long)  # (B, P + N)
         for i, (s, p) in enumerate(zip(seqs, prompt_lens)):
-            tokens[i, P - p:P - p + len(s)] = torch.tensor(s, dtype=torch.long)
-            attn[i, P - p:P - p + len(s)] = 1
+            tokens[i, P - p : P - p + len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[i, P - p : P - p + len(s)] = 1
         return tokens, attn, P
 
     # ------------------------------------------------------------------------------------ scoring
@@ -162,8 +200,9 @@ class RolloutWorker:
         """(B,) discriminator logits."""
         return self._score(lambda x, m: self.disc(x, attention_mask=m), tokens, attn)
 
-    def _mc_rewards(self, req: RolloutRequest, gen: list[list[int]], rewards: Tensor,
-                    gen_mask: Tensor) -> tuple[Tensor, int]:
+    def _mc_rewards(
+        self, req: RolloutRequest, gen: list[list[int]], rewards: Tensor, gen_mask: Tensor
+    ) -> tuple[Tensor, int]:
         """SeqGAN token rewards (B, N) and the MC cost in sampled token slots.
 
         For each row, prefixes ending at generated index t = stride-1, 2*stride-1, ... before its last
@@ -191,7 +230,7 @@ class RolloutWorker:
                     groups.append([item])
             seeds = [req.seeds[i] for i in rows]
             for k, group in enumerate(groups):
-                prefixes = [req.prompts[i] + gen[i][:t + 1] for i, _, t in group for _ in range(M)]
+                prefixes = [req.prompts[i] + gen[i][: t + 1] for i, _, t in group for _ in range(M)]
                 budgets = torch.tensor([req.max_new_tokens - t - 1 for _, _, t in group for _ in range(M)])
                 out = self._sample(prefixes, int(budgets.max()), req, derive_seed(*seeds, _MC_STREAM, k))
                 cost += len(prefixes) * out.logprobs.size(1)

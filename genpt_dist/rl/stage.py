@@ -40,8 +40,15 @@ from genpt_dist.checkpoint import CheckpointMeta, RLState, check_init_matches, l
 from genpt_dist.config import Config
 from genpt_dist.errors import UserError
 from genpt_dist.rl.disc_learner import DiscriminatorLearner, disc_model_config
-from genpt_dist.rl.reinforce import (BaselineState, advantages, entropy_of_logprobs, kl_per_token, reinforce_loss,
-                                     rollout_seed, token_advantages)
+from genpt_dist.rl.reinforce import (
+    BaselineState,
+    advantages,
+    entropy_of_logprobs,
+    kl_per_token,
+    reinforce_loss,
+    rollout_seed,
+    token_advantages,
+)
 from genpt_dist.rl.reward import normalize
 from genpt_dist.rl.rollout import RolloutBatch, RolloutGroup, RolloutRequest
 from genpt_dist.train.collective import all_gather_objects, all_reduce_mean, broadcast_object
@@ -50,8 +57,23 @@ from genpt_dist.train.sources import ShardSource
 
 log = logging.getLogger(__name__)
 
-STEP_KEYS = ("reward_mean", "reward_std", "kl", "entropy", "sample_len", "d_acc_real", "d_acc_fake", "d_loss",
-             "pg_loss", "rollout_tokens_per_s", "rollout_s", "publish_s", "version_lag", "tokens_seen", "reissued")
+STEP_KEYS = (
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "entropy",
+    "sample_len",
+    "d_acc_real",
+    "d_acc_fake",
+    "d_loss",
+    "pg_loss",
+    "rollout_tokens_per_s",
+    "rollout_s",
+    "publish_s",
+    "version_lag",
+    "tokens_seen",
+    "reissued",
+)
 VAL_KEYS = ("val_loss", "val_ppl", "val_bpb")
 
 
@@ -78,9 +100,15 @@ class RLPart:
         self.disc.load(folder)
 
     def meta_fields(self) -> dict[str, Any]:
-        return {"rl": RLState(baseline=dataclasses.asdict(self.baseline), policy_version=self.policy_version,
-                              disc_version=self.disc_version, d_pretrained=self.d_pretrained,
-                              discriminator=self.disc.config_dict())}
+        return {
+            "rl": RLState(
+                baseline=dataclasses.asdict(self.baseline),
+                policy_version=self.policy_version,
+                disc_version=self.disc_version,
+                d_pretrained=self.d_pretrained,
+                discriminator=self.disc.config_dict(),
+            )
+        }
 
 
 class RLWorker:
@@ -92,14 +120,22 @@ class RLWorker:
         self.group: RolloutGroup = job.extra["rollout_group"]
         self.prompts_per_rank = adv.prompts_per_step // world
         self.rows_per_rank = self.prompts_per_rank * adv.rollout.samples_per_prompt
-        source = ShardSource(job.data, batch_size=self.prompts_per_rank, eval_batches=adv.train.eval_batches,
-                             eval_batch_size=adv.train.micro_batch_size, loader=cfg.loader, rank=rank, world=world)
+        source = ShardSource(
+            job.data,
+            batch_size=self.prompts_per_rank,
+            eval_batches=adv.train.eval_batches,
+            eval_batch_size=adv.train.micro_batch_size,
+            loader=cfg.loader,
+            rank=rank,
+            world=world,
+        )
         self.engine = engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
         self.tok = source.tokenizer
         resume = engine.resume_point()
         engine.build(engine.new_model(), grad_accum=self.rows_per_rank // adv.train.micro_batch_size, resume=resume)
-        disc = DiscriminatorLearner(cfg, disc_model_config(cfg, self.tok.vocab_size, self.tok.pad_id),
-                                    precision=engine.precision)
+        disc = DiscriminatorLearner(
+            cfg, disc_model_config(cfg, self.tok.vocab_size, self.tok.pad_id), precision=engine.precision
+        )
         self.state = RLPart(disc)
         engine.parts.append(self.state)
         if resume is not None:
@@ -135,9 +171,18 @@ class RLWorker:
         # Rows are sampled in batched calls of whole prompt groups, one per actor where possible; tokens
         # depend on this grouping (fixed by the config), never on which actor serves a call.
         per_actor = max(1, adv.prompts_per_step // r.num_actors) * r.samples_per_prompt
-        return RolloutRequest(prompts=prompts, seeds=seeds, max_new_tokens=s.max_new_tokens, top_k=s.top_k,
-                              top_p=s.top_p, temperature=s.temperature, mc_rollouts=adv.mc_rollouts,
-                              mc_stride=adv.mc_stride, reward_kind=adv.reward, rows_per_call=per_actor)
+        return RolloutRequest(
+            prompts=prompts,
+            seeds=seeds,
+            max_new_tokens=s.max_new_tokens,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            temperature=s.temperature,
+            mc_rollouts=adv.mc_rollouts,
+            mc_stride=adv.mc_stride,
+            reward_kind=adv.reward,
+            rows_per_call=per_actor,
+        )
 
     def rollouts(self, step: int, windows: torch.Tensor) -> RolloutBatch:
         """Every rank's prompt windows sampled by the pool (rank 0 asks), the batch on every rank."""
@@ -153,9 +198,14 @@ class RLWorker:
         """This rank's rows: its own prompts' samples (groups never straddle ranks)."""
         lo, n = self.engine.rank * self.rows_per_rank, len(batch.tokens)
         rows = slice(lo, lo + self.rows_per_rank)
-        return dataclasses.replace(batch, **{
-            f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)
-            if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).shape[:1] == (n,)})
+        return dataclasses.replace(
+            batch,
+            **{
+                f.name: getattr(batch, f.name)[rows]
+                for f in dataclasses.fields(batch)
+                if isinstance(getattr(batch, f.name), torch.Tensor) and getattr(batch, f.name).shape[:1] == (n,)
+            },
+        )
 
     def publish(self) -> float:
         """Gather full weights (collective) and let rank 0 publish them to the rollout actors."""
@@ -173,9 +223,11 @@ class RLWorker:
         device, P = self.engine.device, rb.prompt_width
         tokens, am = rb.tokens[rows].to(device), rb.attention_mask[rows].to(device)
         logits, _ = self.engine.engine(tokens, attention_mask=am)  # (R, P+N, V)
-        logp_all = torch.log_softmax(logits[:, P - 1:-1].float(), dim=-1)  # (R, N, V)
+        logp_all = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)  # (R, N, V)
         logp = logp_all.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)  # (R, N)
-        with torch.set_grad_enabled(with_entropy and torch.is_grad_enabled()):  # measured always, in the loss with a coef
+        with torch.set_grad_enabled(
+            with_entropy and torch.is_grad_enabled()
+        ):  # measured always, in the loss with a coef
             entropy = entropy_of_logprobs(logp_all)  # (R, N)
         return logp, entropy
 
@@ -194,12 +246,23 @@ class RLWorker:
             with torch.no_grad():
                 logp = torch.cat([self._policy_logprobs(rb, c, False)[0] for c in chunks])  # (B, N)
             kl_reward = kl_per_token(logp, ref, mask, estimator="k1")
-        seq_adv, self.state.baseline = advantages(rb.rewards.to(device), kind=adv_cfg.baseline,
-                                                  group_size=adv_cfg.rollout.samples_per_prompt,
-                                                  state=self.state.baseline, ema_decay=adv_cfg.ema_decay)
+        seq_adv, self.state.baseline = advantages(
+            rb.rewards.to(device),
+            kind=adv_cfg.baseline,
+            group_size=adv_cfg.rollout.samples_per_prompt,
+            state=self.state.baseline,
+            ema_decay=adv_cfg.ema_decay,
+        )
         token_rewards = rb.token_rewards.to(device) if rb.token_rewards is not None else None
-        adv = token_advantages(seq_adv, mask, token_rewards=token_rewards, rewards=rb.rewards.to(device),
-                               kl=kl_reward, kl_coef=adv_cfg.kl_coef, kl_mode=adv_cfg.kl_mode)
+        adv = token_advantages(
+            seq_adv,
+            mask,
+            token_rewards=token_rewards,
+            rewards=rb.rewards.to(device),
+            kl=kl_reward,
+            kl_coef=adv_cfg.kl_coef,
+            kl_mode=adv_cfg.kl_mode,
+        )
         if adv_cfg.normalize_advantages:
             adv = normalize(adv, mask)
         total = mask.sum().clamp(min=1)
@@ -207,9 +270,16 @@ class RLWorker:
         for rows in chunks:
             logp, entropy = self._policy_logprobs(rb, rows, adv_cfg.entropy_coef > 0)
             kl = kl_per_token(logp, ref[rows], mask[rows], estimator=estimator)
-            loss, chunk_stats = reinforce_loss(logp, adv[rows].detach(), mask[rows], kl=kl, kl_coef=adv_cfg.kl_coef,
-                                               kl_mode=adv_cfg.kl_mode, entropy=entropy,
-                                               entropy_coef=adv_cfg.entropy_coef)
+            loss, chunk_stats = reinforce_loss(
+                logp,
+                adv[rows].detach(),
+                mask[rows],
+                kl=kl,
+                kl_coef=adv_cfg.kl_coef,
+                kl_mode=adv_cfg.kl_mode,
+                entropy=entropy,
+                entropy_coef=adv_cfg.entropy_coef,
+            )
             weight = float(mask[rows].sum() / total)  # this chunk's share of the rank's generated tokens
             self.engine.engine.backward(loss * (weight * len(chunks)))  # DeepSpeed divides by len(chunks)
             self.engine.engine.step()
@@ -227,8 +297,13 @@ class RLWorker:
             d_stats = st.disc.update(self.disc_real(windows), mine.tokens, mine.attention_mask)
             st.d_pretrained += 1
             if self.engine.rank == 0 and st.d_pretrained % adv.train.log_every == 0:
-                log.info("[adversarial] D pre-train %d/%d acc real %.2f fake %.2f", st.d_pretrained,
-                         adv.discriminator.pretrain_steps, d_stats["d_acc_real"], d_stats["d_acc_fake"])
+                log.info(
+                    "[adversarial] D pre-train %d/%d acc real %.2f fake %.2f",
+                    st.d_pretrained,
+                    adv.discriminator.pretrain_steps,
+                    d_stats["d_acc_real"],
+                    d_stats["d_acc_fake"],
+                )
             st.disc_version += 1
 
     def run(self) -> None:
@@ -257,24 +332,59 @@ class RLWorker:
             st.disc_version += d_steps > 0
             engine.tokens_seen += int(batch.gen_mask.sum())
             publish_s = self.publish()
-            local = [mine.rewards.mean().item(), mine.rewards.std().item() if len(mine.rewards) > 1 else 0.0,
-                     stats["kl"], stats["entropy"], mine.lengths.float().mean().item(),
-                     d_stats["d_acc_real"], d_stats["d_acc_fake"], d_stats["d_loss"], stats["loss"]]
+            local = [
+                mine.rewards.mean().item(),
+                mine.rewards.std().item() if len(mine.rewards) > 1 else 0.0,
+                stats["kl"],
+                stats["entropy"],
+                mine.lengths.float().mean().item(),
+                d_stats["d_acc_real"],
+                d_stats["d_acc_fake"],
+                d_stats["d_loss"],
+                stats["loss"],
+            ]
             g = all_reduce_mean(local, engine.world)
-            engine.metrics.update(step=engine.step, reward_mean=g[0], reward_std=g[1], kl=g[2], entropy=g[3],
-                                  sample_len=g[4], d_acc_real=g[5], d_acc_fake=g[6], d_loss=g[7], pg_loss=g[8],
-                                  rollout_tokens_per_s=float(batch.gen_mask.sum()) / max(rollout_s, 1e-9),
-                                  rollout_s=rollout_s, publish_s=publish_s,
-                                  version_lag=st.policy_version - 1 - batch.policy_version,
-                                  tokens_seen=engine.tokens_seen,
-                                  reissued=(self.group.reissued - self.reissued_before) if engine.rank == 0 else 0)
+            engine.metrics.update(
+                step=engine.step,
+                reward_mean=g[0],
+                reward_std=g[1],
+                kl=g[2],
+                entropy=g[3],
+                sample_len=g[4],
+                d_acc_real=g[5],
+                d_acc_fake=g[6],
+                d_loss=g[7],
+                pg_loss=g[8],
+                rollout_tokens_per_s=float(batch.gen_mask.sum()) / max(rollout_s, 1e-9),
+                rollout_s=rollout_s,
+                publish_s=publish_s,
+                version_lag=st.policy_version - 1 - batch.policy_version,
+                tokens_seen=engine.tokens_seen,
+                reissued=(self.group.reissued - self.reissued_before) if engine.rank == 0 else 0,
+            )
             engine.log_metrics(STEP_KEYS)
             step, cadence = engine.step, engine.cadence
             if engine.rank == 0 and cadence.log(step):
-                progress_line("adversarial", step, adv.train.steps, g[8], engine.metrics["rollout_tokens_per_s"], 0.0,
-                              time.time() - t_start, start_step)
-                log.info("[adversarial] step %d reward %.3f kl %.4f entropy %.3f D acc real %.2f fake %.2f "
-                         "publish %.2fs", step, g[0], g[2], g[3], g[5], g[6], publish_s)
+                progress_line(
+                    "adversarial",
+                    step,
+                    adv.train.steps,
+                    g[8],
+                    engine.metrics["rollout_tokens_per_s"],
+                    0.0,
+                    time.time() - t_start,
+                    start_step,
+                )
+                log.info(
+                    "[adversarial] step %d reward %.3f kl %.4f entropy %.3f D acc real %.2f fake %.2f publish %.2fs",
+                    step,
+                    g[0],
+                    g[2],
+                    g[3],
+                    g[5],
+                    g[6],
+                    publish_s,
+                )
             if cadence.evaluate(step):
                 engine.evaluate()
                 engine.log_metrics(VAL_KEYS)
@@ -298,21 +408,33 @@ def adversarial_job(data: str, init: str, run: str, cfg: Config) -> tuple[Job, A
     model_cfg = ref.model_config
     _, hi = cfg.scaling.worker_range
     if adv.prompts_per_step % hi:
-        raise UserError(f"adversarial.prompts_per_step={adv.prompts_per_step} must be a multiple of the "
-                        f"{hi} workers")
+        raise UserError(f"adversarial.prompts_per_step={adv.prompts_per_step} must be a multiple of the {hi} workers")
     rows = adv.prompts_per_step // hi * r.samples_per_prompt
     if rows % adv.train.micro_batch_size:
-        raise UserError(f"adversarial.train.micro_batch_size={adv.train.micro_batch_size} must divide the "
-                        f"{rows} rollout rows per worker (prompts_per_step / workers x samples_per_prompt)")
+        raise UserError(
+            f"adversarial.train.micro_batch_size={adv.train.micro_batch_size} must divide the "
+            f"{rows} rollout rows per worker (prompts_per_step / workers x samples_per_prompt)"
+        )
     n_new = r.sampling.max_new_tokens
     if 1 + r.prompt_len + n_new > model_cfg.block_size:
-        raise UserError(f"<bos> + prompt_len {r.prompt_len} + max_new_tokens {n_new} exceeds the "
-                        f"model's context of {model_cfg.block_size}")
+        raise UserError(
+            f"<bos> + prompt_len {r.prompt_len} + max_new_tokens {n_new} exceeds the "
+            f"model's context of {model_cfg.block_size}"
+        )
     if r.prompt_len + n_new > manifest.seq_len:
-        raise UserError(f"prompt_len + max_new_tokens = {r.prompt_len + n_new} exceeds the data's "
-                        f"{manifest.seq_len}-token samples (real windows for D)")
-    job = Job(stage="adversarial", config=cfg.model_dump(mode="json"), model=dataclasses.asdict(model_cfg),
-              seq_len=manifest.seq_len, data=manifest.url, run=storage.normalize(run), init=ref.url)
+        raise UserError(
+            f"prompt_len + max_new_tokens = {r.prompt_len + n_new} exceeds the data's "
+            f"{manifest.seq_len}-token samples (real windows for D)"
+        )
+    job = Job(
+        stage="adversarial",
+        config=cfg.model_dump(mode="json"),
+        model=dataclasses.asdict(model_cfg),
+        seq_len=manifest.seq_len,
+        data=manifest.url,
+        run=storage.normalize(run),
+        init=ref.url,
+    )
     return job, manifest
 
 
@@ -328,19 +450,44 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
     # The workers and the actors together: an autoscaling cluster gets one request for both and time to
     # add nodes before the actors are placed (RolloutGroup itself refuses what does not fit now).
     actors = (r.num_actors * r.cpus_per_actor, r.num_actors * r.gpus_per_actor, f"{r.num_actors} rollout actors")
-    with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=actors[0],
-                  extra_gpus=actors[1], extra_what=actors[2]):
+    with room_for(
+        lo,
+        cfg.scaling.cpus_per_worker,
+        cfg.scaling.use_gpu,
+        extra_cpus=actors[0],
+        extra_gpus=actors[1],
+        extra_what=actors[2],
+    ):
         tok = manifest.load_tokenizer()
         ref_state = load_state_dict(resolve(job.init))
-        group = RolloutGroup(r.num_actors, cpus_per_actor=r.cpus_per_actor, gpus_per_actor=r.gpus_per_actor,
-                             max_restarts=r.max_restarts, model_config=job.model,
-                             disc_config=dataclasses.asdict(disc_model_config(cfg, tok.vocab_size, tok.pad_id)),
-                             reference_state=ref_state, pad_id=tok.pad_id, eos_id=tok.eos_id, threads=r.threads)
+        group = RolloutGroup(
+            r.num_actors,
+            cpus_per_actor=r.cpus_per_actor,
+            gpus_per_actor=r.gpus_per_actor,
+            max_restarts=r.max_restarts,
+            model_config=job.model,
+            disc_config=dataclasses.asdict(disc_model_config(cfg, tok.vocab_size, tok.pad_id)),
+            reference_state=ref_state,
+            pad_id=tok.pad_id,
+            eos_id=tok.eos_id,
+            threads=r.threads,
+        )
         try:
             job = dataclasses.replace(job, extra={"rollout_group": group})
             metrics = fit(job, cfg, adversarial_worker, address=address, also_needs=actors)
         finally:
             group.shutdown()
-    keys = ("step", "reward_mean", "kl", "d_acc_real", "d_acc_fake", "val_loss", "val_ppl", "val_bpb",
-            "rollout_tokens_per_s", "publish_s", "checkpoint")
+    keys = (
+        "step",
+        "reward_mean",
+        "kl",
+        "d_acc_real",
+        "d_acc_fake",
+        "val_loss",
+        "val_ppl",
+        "val_bpb",
+        "rollout_tokens_per_s",
+        "publish_s",
+        "checkpoint",
+    )
     return {"command": "adversarial", "run": job.run, "init": job.init, **{k: metrics.get(k) for k in keys}}

@@ -7,8 +7,8 @@ once and bfloat16 is kept as its raw bits.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 import torch

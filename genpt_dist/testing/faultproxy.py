@@ -38,8 +38,17 @@ from urllib.parse import urlsplit
 
 HOST = "127.0.0.1"
 KINDS = ("500", "503", "reset", "slow", "truncate")
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
-              "expect", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "content-length",
+}
 _ERRORS = {
     500: ("InternalError", "We encountered an internal error. Please try again."),
     503: ("SlowDown", "Please reduce your request rate."),
@@ -49,16 +58,28 @@ _ERRORS = {
 
 def _error_body(status: int, path: str) -> bytes:
     code, message = _ERRORS[status]
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-            f"<Resource>{path}</Resource><RequestId>faultproxy</RequestId></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        f"<Resource>{path}</Resource><RequestId>faultproxy</RequestId></Error>"
+    ).encode()
 
 
 class FaultProxy:
     """A fault-injecting reverse proxy on 127.0.0.1:<free port>; `.endpoint` is its http:// URL."""
 
-    def __init__(self, upstream: str, *, seed: int = 0, rate: float = 0.1, kinds: tuple[str, ...] = KINDS,
-                 slow_s: float = 0.5, max_faults: int | None = None, only: str | None = None,
-                 consecutive: int = 2, deny: str | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        rate: float = 0.1,
+        kinds: tuple[str, ...] = KINDS,
+        slow_s: float = 0.5,
+        max_faults: int | None = None,
+        only: str | None = None,
+        consecutive: int = 2,
+        deny: str | None = None,
+    ):
         unknown = set(kinds) - set(KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)} (known: {', '.join(KINDS)})")
@@ -83,7 +104,7 @@ class FaultProxy:
             raise RuntimeError("proxy not started")
         return f"http://{HOST}:{self._server.server_address[1]}"
 
-    def start(self) -> "FaultProxy":
+    def start(self) -> FaultProxy:
         proxy = self
 
         class Handler(_Handler):
@@ -101,7 +122,7 @@ class FaultProxy:
             server.shutdown()
             server.server_close()
 
-    def __enter__(self) -> "FaultProxy":
+    def __enter__(self) -> FaultProxy:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -127,9 +148,13 @@ class FaultProxy:
                 self.counts["denied"] += 1
                 return "deny"
             draw, kind = self._rng.random(), self._rng.choice(self.kinds)  # always both: a fixed sequence
-            if (self._paused or draw >= self.rate or (self.only is not None and not self.only.search(what))
-                    or (self.max_faults is not None and self.counts["faults"] >= self.max_faults)
-                    or self._in_a_row >= self.consecutive):
+            if (
+                self._paused
+                or draw >= self.rate
+                or (self.only is not None and not self.only.search(what))
+                or (self.max_faults is not None and self.counts["faults"] >= self.max_faults)
+                or self._in_a_row >= self.consecutive
+            ):
                 self._in_a_row = 0
                 return None
             self._in_a_row += 1
@@ -190,14 +215,20 @@ class _Handler(BaseHTTPRequestHandler):
         owner = self.owner
         kind = owner.decide(self.command, self.path)
         if kind == "deny":
-            self._send(403, [("Content-Type", "application/xml")],
-                       b"" if self.command == "HEAD" else _error_body(403, self.path))
+            self._send(
+                403,
+                [("Content-Type", "application/xml")],
+                b"" if self.command == "HEAD" else _error_body(403, self.path),
+            )
             return
         if kind in ("500", "503"):
             owner.record(kind)
             status = int(kind)
-            self._send(status, [("Content-Type", "application/xml")],
-                       b"" if self.command == "HEAD" else _error_body(status, self.path))
+            self._send(
+                status,
+                [("Content-Type", "application/xml")],
+                b"" if self.command == "HEAD" else _error_body(status, self.path),
+            )
             return
         if kind == "reset":
             owner.record(kind)
@@ -238,7 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_one_request(self) -> None:
         try:
             super().handle_one_request()
-        except (ConnectionError, BrokenPipeError, socket.timeout):
+        except (TimeoutError, ConnectionError, BrokenPipeError):
             self.close_connection = True
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle  # noqa: N815

@@ -54,6 +54,12 @@ def init_single_process_group(device: torch.device | str = "cpu") -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK=str(device.index or 0), DS_ACCELERATOR=device.type)  # DeepSpeed's device
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK=str(device.index or 0),
+        DS_ACCELERATOR=device.type,
+    )  # DeepSpeed's device
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)

@@ -23,8 +23,15 @@ def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
     return "bf16"
 
 
-def build_ds_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: int, grad_clip: float,
-                    precision: str, use_gpu: bool = False) -> dict[str, Any]:
+def build_ds_config(
+    ds: DeepSpeedConfig,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    precision: str,
+    use_gpu: bool = False,
+) -> dict[str, Any]:
     """The DeepSpeed JSON config, built from the typed config in one function (`ds.grad_accum` is the
     recipe's; the caller passes the one in force, which an elastic resume may have rescaled).
 
@@ -32,8 +39,7 @@ def build_ds_config(ds: DeepSpeedConfig, *, micro_batch_size: int, grad_accum: i
     copy of every gradient costs ~4% of a ZeRO-1/2 step (`bench train`) and saves nothing."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=use_gpu, reduce_bucket_size=5e7,
-                    allgather_bucket_size=5e7)
+        zero.update(overlap_comm=False, contiguous_gradients=use_gpu, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if ds.offload_params:

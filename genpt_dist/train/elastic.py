@@ -37,8 +37,9 @@ import contextlib
 import logging
 import re
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from genpt_dist.checkpoint import CheckpointMeta
 
@@ -58,8 +59,15 @@ def to_universal(tag_folder: Path) -> None:
 
     sharded = tag_folder.with_name(tag_folder.name + ".sharded")
     tag_folder.rename(sharded)
-    args = argparse.Namespace(input_folder=str(sharded), output_folder=str(tag_folder), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    args = argparse.Namespace(
+        input_folder=str(sharded),
+        output_folder=str(tag_folder),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
     # ds_to_universal prints its progress to stdout, which belongs to the command's JSON line.
     with contextlib.redirect_stdout(sys.stderr):
         ds_to_universal.main(args)
@@ -75,8 +83,12 @@ def resharded(folder: Path, saved_world: int, world: int, engines: Iterable[Any]
         yield
         return
     if rank == 0:
-        log.warning("checkpoint written by %d workers, resumed by %d: re-partitioning the optimizer state of %s",
-                    saved_world, world, ", ".join(str(f.relative_to(folder)) for f in folders))
+        log.warning(
+            "checkpoint written by %d workers, resumed by %d: re-partitioning the optimizer state of %s",
+            saved_world,
+            world,
+            ", ".join(str(f.relative_to(folder)) for f in folders),
+        )
     for tag_folder in folders:
         to_universal(tag_folder)
     # DeepSpeed reads `checkpoint.load_universal` only while loading, through this private attribute
@@ -100,8 +112,9 @@ def checkpoint_global_batch(meta: CheckpointMeta, seq_len: int) -> int | None:
     return round(meta.tokens_seen / (meta.step * seq_len))
 
 
-def grad_accum_for(accum: int, micro: int, worker_range: tuple[int, int], seq_len: int, world: int,
-                   meta: CheckpointMeta | None) -> int:
+def grad_accum_for(
+    accum: int, micro: int, worker_range: tuple[int, int], seq_len: int, world: int, meta: CheckpointMeta | None
+) -> int:
     """grad_accum that keeps the run's global batch at this world size (see the module docstring):
     `accum` and `micro` are the recipe's, `worker_range` its (min, max) workers."""
     _, hi = worker_range
@@ -109,11 +122,22 @@ def grad_accum_for(accum: int, micro: int, worker_range: tuple[int, int], seq_le
     if target is None or target == micro * accum * world:
         return accum
     if target % (micro * world):
-        log.warning("global batch %d is not a multiple of %d workers x micro batch %d: keeping grad_accum=%d "
-                    "(global batch %d)", target, world, micro, accum, micro * accum * world)
+        log.warning(
+            "global batch %d is not a multiple of %d workers x micro batch %d: keeping grad_accum=%d (global batch %d)",
+            target,
+            world,
+            micro,
+            accum,
+            micro * accum * world,
+        )
         return accum
-    log.info("%d workers: grad_accum %d -> %d keeps the global batch of %d samples", world, accum,
-             target // (micro * world), target)
+    log.info(
+        "%d workers: grad_accum %d -> %d keeps the global batch of %d samples",
+        world,
+        accum,
+        target // (micro * world),
+        target,
+    )
     return target // (micro * world)
 
 

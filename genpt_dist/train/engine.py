@@ -26,15 +26,27 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (CHECKPOINTS_DIR, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointMeta, CheckpointRef,
-                                   download, latest_checkpoint, load_state_dict, resolve)
+from genpt_dist.checkpoint import (
+    CHECKPOINTS_DIR,
+    DS_DIR,
+    DS_TAG,
+    META,
+    TOKENIZER,
+    CheckpointMeta,
+    CheckpointRef,
+    download,
+    latest_checkpoint,
+    load_state_dict,
+    resolve,
+)
 from genpt_dist.config import Config, TrainConfig
 from genpt_dist.data.packing import token_byte_lengths
 from genpt_dist.model.gpt import GPT, GPTConfig
@@ -107,8 +119,13 @@ class LocalReporter:
             return
         step = int(metrics.get("step", 0))
         storage.upload_dir(str(folder), storage.join(self.root, f"checkpoint_{step:09d}_{time.time_ns()}"))
-        names = sorted({m.group(1) for f in storage.list_files(self.root)
-                        if (m := re.match(rf"{re.escape(self.root)}/(checkpoint_[^/]+)/", f))})
+        names = sorted(
+            {
+                m.group(1)
+                for f in storage.list_files(self.root)
+                if (m := re.match(rf"{re.escape(self.root)}/(checkpoint_[^/]+)/", f))
+            }
+        )
         for old in names[: max(0, len(names) - self.keep)]:
             storage.delete_prefix(storage.join(self.root, old))
 
@@ -165,8 +182,14 @@ class Engine:
         torch.manual_seed(self.schedule.seed)
         return GPT(self.model_cfg)
 
-    def build(self, model: GPT, *, grad_accum: int, resume: CheckpointRef | None,
-              before_wrap: Callable[[GPT], None] | None = None) -> None:
+    def build(
+        self,
+        model: GPT,
+        *,
+        grad_accum: int,
+        resume: CheckpointRef | None,
+        before_wrap: Callable[[GPT], None] | None = None,
+    ) -> None:
         """Warm-start `model` from `--init` unless the run resumes from `resume`, let `before_wrap` change
         it (freezing), then wrap it in DeepSpeed. The stage then calls `restore(resume)`."""
         from genpt_dist.train.deepspeed import build_ds_config, build_engine, build_optimizer, resolve_precision
@@ -180,9 +203,14 @@ class Engine:
         self.grad_accum = grad_accum
         self.flops_per_token = model.flops_per_token(self.job.seq_len)  # before ZeRO-3 partitions it
         self.precision = resolve_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu)
-        ds_config = build_ds_config(self.cfg.deepspeed, micro_batch_size=self.schedule.micro_batch_size,
-                                    grad_accum=grad_accum, grad_clip=self.optim.grad_clip, precision=self.precision,
-                                    use_gpu=self.cfg.scaling.use_gpu)
+        ds_config = build_ds_config(
+            self.cfg.deepspeed,
+            micro_batch_size=self.schedule.micro_batch_size,
+            grad_accum=grad_accum,
+            grad_clip=self.optim.grad_clip,
+            precision=self.precision,
+            use_gpu=self.cfg.scaling.use_gpu,
+        )
         opt, sched = build_optimizer(model, self.optim, self.schedule.steps)
         self.engine = build_engine(model, ds_config, opt, sched)
         self.device = self.engine.device
@@ -201,16 +229,18 @@ class Engine:
             same_world = meta.world_size == self.world  # else every partition is re-partitioned
             download(ref, tmp, only_rank=self.rank if same_world else None)
             with elastic.resharded(Path(tmp), meta.world_size, self.world, engines, rank=self.rank):
-                self.engine.load_checkpoint(str(Path(tmp) / DS_DIR), tag=DS_TAG, load_optimizer_states=True,
-                                            load_lr_scheduler_states=True)
+                self.engine.load_checkpoint(
+                    str(Path(tmp) / DS_DIR), tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
                 rng = Path(tmp) / "rng" / f"rank_{self.rank}.pt"
                 if rng.exists():
                     torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
                 for part in self.parts:
                     part.load(Path(tmp), meta)
         self.source.load_state_dict(elastic.loader_state_for(meta, self.source.batch_size, self.world))
-        log.info("rank %d: resumed %s at step %d (written by %d workers)", self.rank, ref.url, self.step,
-                 meta.world_size)
+        log.info(
+            "rank %d: resumed %s at step %d (written by %d workers)", self.rank, ref.url, self.step, meta.world_size
+        )
 
     # ------------------------------------------------------------------ run-time pieces
     def open_metrics_log(self) -> MetricsLog:
@@ -229,8 +259,12 @@ class Engine:
         self.engine.eval()
         sums = LossSums()
         for batch in self.source.eval_batches():
-            sums += batch_loss_sums(lambda idx: self.engine(idx)[0], batch.idx.to(self.device),
-                                    batch.targets.to(self.device), self.byte_table)
+            sums += batch_loss_sums(
+                lambda idx: self.engine(idx)[0],
+                batch.idx.to(self.device),
+                batch.targets.to(self.device),
+                self.byte_table,
+            )
         self.engine.train()
         result = LossSums.from_list(all_reduce_sum(sums.tolist())).metrics()
         self.metrics.update(result)
@@ -249,12 +283,25 @@ class Engine:
         for part in self.parts:
             part_fields.update(part.meta_fields())
         return CheckpointMeta(
-            stage=self.job.stage, step=self.step, tokens_seen=self.tokens_seen, world_size=self.world,
-            zero_stage=self.cfg.deepspeed.zero_stage, precision=self.precision, model=self.model_cfg,
-            config=self.job.config, tokenizer_sha256=self.tok.sha256, data_url=self.job.data,
-            data_fingerprint=self.source.data_fingerprint, init=self.job.init, loader=self.source.state_dict(),
-            metrics=dict(self.metrics), files=files, micro_batch_size=self.source.batch_size,
-            saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **part_fields)
+            stage=self.job.stage,
+            step=self.step,
+            tokens_seen=self.tokens_seen,
+            world_size=self.world,
+            zero_stage=self.cfg.deepspeed.zero_stage,
+            precision=self.precision,
+            model=self.model_cfg,
+            config=self.job.config,
+            tokenizer_sha256=self.tok.sha256,
+            data_url=self.job.data,
+            data_fingerprint=self.source.data_fingerprint,
+            init=self.job.init,
+            loader=self.source.state_dict(),
+            metrics=dict(self.metrics),
+            files=files,
+            micro_batch_size=self.source.batch_size,
+            saved_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **part_fields,
+        )
 
     def save_and_report(self) -> None:
         """Every rank writes its shard and parts, rank 0 meta.json; then all ranks report (a collective)."""

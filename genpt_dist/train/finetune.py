@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (FROZEN, CheckpointMeta, CheckpointRef, FinetuneState, list_checkpoints,
-                                   load_tokenizer, resolve)
+from genpt_dist.checkpoint import (
+    FROZEN,
+    CheckpointMeta,
+    CheckpointRef,
+    FinetuneState,
+    list_checkpoints,
+    load_tokenizer,
+    resolve,
+)
 from genpt_dist.config import Config, FinetuneConfig
 from genpt_dist.data.task import ExampleLoader, collate, load_task
 from genpt_dist.errors import UserError
@@ -44,9 +52,12 @@ def frozen_parameter_names(model: GPT, ft: FinetuneConfig) -> list[str]:
     names = []
     for name, _ in model.named_parameters():
         parts = name.split(".")
-        if freeze_emb and parts[:2] in (["transformer", "wte"], ["transformer", "wpe"]):
-            names.append(name)
-        elif parts[:2] == ["transformer", "h"] and int(parts[2]) in frozen_blocks:
+        if (
+            freeze_emb
+            and parts[:2] in (["transformer", "wte"], ["transformer", "wpe"])
+            or parts[:2] == ["transformer", "h"]
+            and int(parts[2]) in frozen_blocks
+        ):
             names.append(name)
     return names
 
@@ -62,8 +73,11 @@ class TaskSource:
         self.batch_size = ft.train.micro_batch_size
         kw = dict(batch_size=self.batch_size, rank=rank, world_size=world, seed=ft.train.seed)
         self.train = ExampleLoader(self.task.train, shuffle=True, **kw)
-        self.val = ExampleLoader(self.task.val, shuffle=False, **{**kw, "world_size": min(world, len(self.task.val)),
-                                                                  "rank": min(rank, len(self.task.val) - 1)})
+        self.val = ExampleLoader(
+            self.task.val,
+            shuffle=False,
+            **{**kw, "world_size": min(world, len(self.task.val)), "rank": min(rank, len(self.task.val) - 1)},
+        )
         self.eval_batches_n = ft.train.eval_batches
 
     def _batch(self, examples) -> Batch:
@@ -103,8 +117,11 @@ class FinetunePart:
     def load(self, folder: Path, meta: CheckpointMeta) -> None:
         if meta.finetune is not None:
             st = meta.finetune
-            self.early_stop.best_val, self.early_stop.bad_evals, self.early_stop.stopped = (st.best_val, st.bad_evals,
-                                                                                            st.stopped)
+            self.early_stop.best_val, self.early_stop.bad_evals, self.early_stop.stopped = (
+                st.best_val,
+                st.bad_evals,
+                st.stopped,
+            )
         if (folder / FROZEN).exists():  # the exact values, not the engine's (possibly bf16) copies
             from safetensors.torch import load_file
 
@@ -112,8 +129,11 @@ class FinetunePart:
 
     def meta_fields(self) -> dict[str, Any]:
         es = self.early_stop
-        return {"finetune": FinetuneState(best_val=es.best_val, bad_evals=es.bad_evals, stopped=es.stopped,
-                                          frozen=sorted(self.frozen))}
+        return {
+            "finetune": FinetuneState(
+                best_val=es.best_val, bad_evals=es.bad_evals, stopped=es.stopped, frozen=sorted(self.frozen)
+            )
+        }
 
 
 def freeze(model: GPT, ft: FinetuneConfig, rank: int) -> dict[str, torch.Tensor]:
@@ -136,20 +156,36 @@ def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
     ft = cfg.finetune
     source: DataSource
     if job.extra["prepared"]:
-        source = ShardSource(job.data, batch_size=ft.train.micro_batch_size, eval_batches=ft.train.eval_batches,
-                             loader=cfg.loader, rank=rank, world=world)
+        source = ShardSource(
+            job.data,
+            batch_size=ft.train.micro_batch_size,
+            eval_batches=ft.train.eval_batches,
+            loader=cfg.loader,
+            rank=rank,
+            world=world,
+        )
     else:
         source = TaskSource(job, ft, rank, world)
     engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
     resume = engine.resume_point()
-    accum = elastic.grad_accum_for(cfg.deepspeed.grad_accum, ft.train.micro_batch_size, cfg.scaling.worker_range,
-                                   job.seq_len, world, resume.meta if resume else None)
+    accum = elastic.grad_accum_for(
+        cfg.deepspeed.grad_accum,
+        ft.train.micro_batch_size,
+        cfg.scaling.worker_range,
+        job.seq_len,
+        world,
+        resume.meta if resume else None,
+    )
     early_stop = EarlyStop(patience=ft.patience)
     part = FinetunePart({}, early_stop)
     engine.parts.append(part)
     # Freezing after the --init weights are in (their exact values are kept), before DeepSpeed wraps the model.
-    engine.build(engine.new_model(), grad_accum=accum, resume=resume,
-                 before_wrap=lambda model: part.frozen.update(freeze(model, ft, rank)))
+    engine.build(
+        engine.new_model(),
+        grad_accum=accum,
+        resume=resume,
+        before_wrap=lambda model: part.frozen.update(freeze(model, ft, rank)),
+    )
     if resume is not None:
         engine.restore(resume)
     run_mle(engine, early_stop)
@@ -172,8 +208,9 @@ def finetune_job(task: str, init: str, run: str, cfg: Config) -> tuple[Job, dict
     task = storage.normalize(task)
     ft = cfg.finetune
     if ft.train_last_blocks is not None and ft.train_last_blocks > model_cfg.n_layer:
-        raise UserError(f"finetune.train_last_blocks={ft.train_last_blocks} but the model has "
-                        f"{model_cfg.n_layer} blocks")
+        raise UserError(
+            f"finetune.train_last_blocks={ft.train_last_blocks} but the model has {model_cfg.n_layer} blocks"
+        )
     manifest = _prepared_dataset(task)
     if manifest is not None:  # domain adaptation on a prepared dataset: its shards, its tokenizer
         if manifest.tokenizer_sha256 != tok.sha256:
@@ -182,13 +219,26 @@ def finetune_job(task: str, init: str, run: str, cfg: Config) -> tuple[Job, dict
         task_sha, seq_len = manifest.sha256, manifest.seq_len
     else:
         data = load_task(task, tok, ft, model_cfg.block_size)  # fails here, before any worker, on bad input
-        log.info("task %s: %d train / %d val %s examples (%d cut to fit)", task, len(data.train), len(data.val),
-                 data.kind, data.truncated)
+        log.info(
+            "task %s: %d train / %d val %s examples (%d cut to fit)",
+            task,
+            len(data.train),
+            len(data.val),
+            data.kind,
+            data.truncated,
+        )
         info = {"examples": len(data.train) + len(data.val), "truncated": data.truncated}
         task_sha, seq_len = hashlib.sha256(storage.read_bytes(task)).hexdigest(), model_cfg.block_size
-    job = Job(stage="finetune", config=cfg.model_dump(mode="json"), model=dataclasses.asdict(model_cfg),
-              seq_len=seq_len, data=task, run=storage.normalize(run), init=ref.url,
-              extra={"task_sha256": task_sha, "prepared": manifest is not None})
+    job = Job(
+        stage="finetune",
+        config=cfg.model_dump(mode="json"),
+        model=dataclasses.asdict(model_cfg),
+        seq_len=seq_len,
+        data=task,
+        run=storage.normalize(run),
+        init=ref.url,
+        extra={"task_sha256": task_sha, "prepared": manifest is not None},
+    )
     return job, info
 
 
@@ -200,8 +250,14 @@ def finetune(task: str, init: str, run: str, cfg: Config, address: str | None = 
     metrics = fit(job, cfg, finetune_worker, address=address)
     best = best_checkpoint(job.run)
     keys = ("step", "train_loss", "val_loss", "val_ppl", "val_bpb", "best_val_loss", "stopped_early")
-    return {"command": "finetune", "run": job.run, "init": job.init, **info, **{k: metrics.get(k) for k in keys},
-            "checkpoint": best.url if best else metrics.get("checkpoint")}
+    return {
+        "command": "finetune",
+        "run": job.run,
+        "init": job.init,
+        **info,
+        **{k: metrics.get(k) for k in keys},
+        "checkpoint": best.url if best else metrics.get("checkpoint"),
+    }
 
 
 def _prepared_dataset(task: str):

@@ -21,7 +21,8 @@ import dataclasses
 import functools
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -59,8 +60,14 @@ def ray_train_worker(job_dict: dict[str, Any], run_stage: StageFn) -> None:
     run_stage(job, ctx.get_world_rank(), ctx.get_world_size(), ray_train_reporter)
 
 
-def fit(job: Job, cfg: Config, run_stage: StageFn, address: str | None = None, *,
-        also_needs: tuple[float, float, str] = (0.0, 0.0, "")) -> dict[str, Any]:
+def fit(
+    job: Job,
+    cfg: Config,
+    run_stage: StageFn,
+    address: str | None = None,
+    *,
+    also_needs: tuple[float, float, str] = (0.0, 0.0, ""),
+) -> dict[str, Any]:
     """Run `run_stage` on N Ray Train workers; returns the final metrics and the latest checkpoint.
 
     `also_needs` = (CPUs, GPUs, what) the stage holds besides the workers (e.g. rollout actors)."""
@@ -71,8 +78,14 @@ def fit(job: Job, cfg: Config, run_stage: StageFn, address: str | None = None, *
     schedule, _ = cfg.stage_schedule(job.stage)
     lo, hi = cfg.scaling.worker_range
     extra_cpus, extra_gpus, extra_what = also_needs
-    with room_for(lo, cfg.scaling.cpus_per_worker, cfg.scaling.use_gpu, extra_cpus=extra_cpus,
-                  extra_gpus=extra_gpus, extra_what=extra_what):  # Ray Train's own requests take over
+    with room_for(
+        lo,
+        cfg.scaling.cpus_per_worker,
+        cfg.scaling.use_gpu,
+        extra_cpus=extra_cpus,
+        extra_gpus=extra_gpus,
+        extra_what=extra_what,
+    ):  # Ray Train's own requests take over
         job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
         remove_incomplete(job.run)  # what a killed upload left: never loadable, never rotated by Ray Train
         fs, path = storage.pyarrow_filesystem(job.run)
@@ -82,10 +95,12 @@ def fit(job: Job, cfg: Config, run_stage: StageFn, address: str | None = None, *
         trainer = TorchTrainer(
             functools.partial(ray_train_worker, run_stage=run_stage),
             train_loop_config=dataclasses.asdict(job),
-            scaling_config=ray.train.ScalingConfig(num_workers=hi if lo == hi else (lo, hi),
-                                                   use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
-            torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo",
-                                     timeout_s=cfg.scaling.timeout_s),
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=hi if lo == hi else (lo, hi), use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            ),
+            torch_config=TorchConfig(
+                backend="nccl" if cfg.scaling.use_gpu else "gloo", timeout_s=cfg.scaling.timeout_s
+            ),
             run_config=ray.train.RunConfig(
                 name=CHECKPOINTS_DIR,
                 storage_path=path,

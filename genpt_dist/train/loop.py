@@ -49,8 +49,10 @@ def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
     from genpt_dist.train.metrics import measure_matmul_flops, progress_line
 
     schedule, accum, world = engine.schedule, engine.grad_accum, engine.world
-    peak = measure_matmul_flops(torch.bfloat16 if engine.precision != "fp32" else torch.float32,
-                                device="cuda" if engine.cfg.scaling.use_gpu else "cpu")
+    peak = measure_matmul_flops(
+        torch.bfloat16 if engine.precision != "fp32" else torch.float32,
+        device="cuda" if engine.cfg.scaling.use_gpu else "cpu",
+    )
     engine.open_metrics_log()
     batches = engine.source.train_batches()
     start_step, t_start = engine.step, time.time()
@@ -70,19 +72,27 @@ def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
             engine.tokens_seen += int(tokens)
             tok_s = tokens / dt
             mfu = engine.flops_per_token * tok_s / world / peak
-            engine.metrics.update(step=step, train_loss=mean_loss, tokens_per_s=tok_s, mfu=mfu,
-                                  lr=engine.engine.get_lr()[0], tokens_seen=engine.tokens_seen)
+            engine.metrics.update(
+                step=step,
+                train_loss=mean_loss,
+                tokens_per_s=tok_s,
+                mfu=mfu,
+                lr=engine.engine.get_lr()[0],
+                tokens_seen=engine.tokens_seen,
+            )
             if engine.rank == 0 and cadence.log(step):
-                progress_line(engine.job.stage, step, schedule.steps, mean_loss, tok_s, mfu, time.time() - t_start,
-                              start_step)
+                progress_line(
+                    engine.job.stage, step, schedule.steps, mean_loss, tok_s, mfu, time.time() - t_start, start_step
+                )
             engine.log_metrics(TRAIN_KEYS)
             window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.time()
         if cadence.evaluate(step):
             val = engine.evaluate()
             engine.log_metrics(VAL_KEYS)
             if engine.rank == 0:
-                log.info("[%s] step %d val_loss %.4f val_bpb %.4f", engine.job.stage, step, val["val_loss"],
-                         val["val_bpb"])
+                log.info(
+                    "[%s] step %d val_loss %.4f val_bpb %.4f", engine.job.stage, step, val["val_loss"], val["val_bpb"]
+                )
             if early_stop is not None:
                 early_stop.update(val["val_loss"])
                 engine.metrics.update(best_val_loss=early_stop.best_val, stopped_early=early_stop.stopped)

@@ -17,8 +17,9 @@ from genpt_dist.device import synchronize
 log = logging.getLogger(__name__)
 
 
-def measure_matmul_flops(dtype: torch.dtype = torch.bfloat16, n: int | None = None, seconds: float = 0.5,
-                         device: str = "cpu") -> float:
+def measure_matmul_flops(
+    dtype: torch.dtype = torch.bfloat16, n: int | None = None, seconds: float = 0.5, device: str = "cpu"
+) -> float:
     """Sustained FLOP/s of an n x n matmul in `dtype` on `device` (this process's threads on a CPU):
     the MFU denominator. n defaults to 1024 on a CPU and 8192 on a GPU, where smaller matmuls do not
     fill the device."""
@@ -84,10 +85,19 @@ class MetricsLog:
             shutil.rmtree(self._tb_dir, ignore_errors=True)
 
 
-def progress_line(stage: str, step: int, total: int, loss: float, tokens_per_s: float, mfu: float,
-                  elapsed: float, done_before: int) -> None:
+def progress_line(
+    stage: str, step: int, total: int, loss: float, tokens_per_s: float, mfu: float, elapsed: float, done_before: int
+) -> None:
     rate = (step - done_before) / max(elapsed, 1e-9)
     eta = (total - step) / rate if rate > 0 else float("inf")
     # Through logging, not print: Ray Train tees a worker's sys.stderr, so a print reached the driver twice.
-    log.info("[%s] step %d/%d loss %.4f tok/s %s mfu %.1f%% eta %.1f min", stage, step, total, loss,
-             f"{tokens_per_s:,.0f}", 100 * mfu, eta / 60)
+    log.info(
+        "[%s] step %d/%d loss %.4f tok/s %s mfu %.1f%% eta %.1f min",
+        stage,
+        step,
+        total,
+        loss,
+        f"{tokens_per_s:,.0f}",
+        100 * mfu,
+        eta / 60,
+    )

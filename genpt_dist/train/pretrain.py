@@ -24,12 +24,24 @@ def pretrain_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
     """One pretraining worker: the shard source, the engine (the global batch kept across world sizes),
     the MLE loop."""
     cfg = Config.model_validate(job.config)
-    source = ShardSource(job.data, batch_size=cfg.train.micro_batch_size, eval_batches=cfg.train.eval_batches,
-                         loader=cfg.loader, rank=rank, world=world)
+    source = ShardSource(
+        job.data,
+        batch_size=cfg.train.micro_batch_size,
+        eval_batches=cfg.train.eval_batches,
+        loader=cfg.loader,
+        rank=rank,
+        world=world,
+    )
     engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
     resume = engine.resume_point()
-    accum = elastic.grad_accum_for(cfg.deepspeed.grad_accum, cfg.train.micro_batch_size, cfg.scaling.worker_range,
-                                   job.seq_len, world, resume.meta if resume else None)
+    accum = elastic.grad_accum_for(
+        cfg.deepspeed.grad_accum,
+        cfg.train.micro_batch_size,
+        cfg.scaling.worker_range,
+        job.seq_len,
+        world,
+        resume.meta if resume else None,
+    )
     engine.build(engine.new_model(), grad_accum=accum, resume=resume)
     if resume is not None:
         engine.restore(resume)
@@ -44,12 +56,25 @@ def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> J
     if init:
         check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
     m = cfg.model
-    model = GPTConfig(vocab_size=manifest.load_tokenizer().vocab_size, block_size=cfg.model.block_size or
-                      manifest.seq_len, n_layer=m.n_layer, n_head=m.n_head, d_model=m.d_model, dropout=m.dropout)
+    model = GPTConfig(
+        vocab_size=manifest.load_tokenizer().vocab_size,
+        block_size=cfg.model.block_size or manifest.seq_len,
+        n_layer=m.n_layer,
+        n_head=m.n_head,
+        d_model=m.d_model,
+        dropout=m.dropout,
+    )
     run = storage.normalize(run)
     storage.check_bucket(run)
-    return Job(stage="pretrain", config=cfg.model_dump(mode="json"), model=dataclasses.asdict(model),
-               seq_len=manifest.seq_len, data=manifest.url, run=run, init=init)
+    return Job(
+        stage="pretrain",
+        config=cfg.model_dump(mode="json"),
+        model=dataclasses.asdict(model),
+        seq_len=manifest.seq_len,
+        data=manifest.url,
+        run=run,
+        init=init,
+    )
 
 
 def pretrain(data: str, run: str, cfg: Config, init: str | None = None, address: str | None = None) -> dict[str, Any]:

@@ -7,9 +7,10 @@ on a prepared corpus); `train.finetune.TaskSource` reads a task file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -52,17 +53,36 @@ class ShardSource:
     first `eval_batches` batches of this rank (`eval_batch_size` rows each, default `batch_size`) for
     evaluation."""
 
-    def __init__(self, data_url: str, *, batch_size: int, eval_batches: int, loader: LoaderConfig, rank: int,
-                 world: int, eval_batch_size: int | None = None):
+    def __init__(
+        self,
+        data_url: str,
+        *,
+        batch_size: int,
+        eval_batches: int,
+        loader: LoaderConfig,
+        rank: int,
+        world: int,
+        eval_batch_size: int | None = None,
+    ):
         manifest = load_manifest(data_url)
         self.tokenizer = manifest.load_tokenizer()
         self.data_fingerprint = manifest.sha256
         self.batch_size, self.n_eval = batch_size, eval_batches
         kw: dict[str, Any] = dict(rank=rank, world_size=world, max_bad_shard_fraction=loader.max_bad_shard_fraction)
-        self.train = ShardLoader(manifest, "train", batch_size=batch_size, seed=loader.seed,
-                                 num_workers=loader.num_workers, shuffle=True, **kw)
-        self.val = (ShardLoader(manifest, "val", batch_size=eval_batch_size or batch_size, shuffle=False, **kw)
-                    if manifest.num_samples("val") else None)
+        self.train = ShardLoader(
+            manifest,
+            "train",
+            batch_size=batch_size,
+            seed=loader.seed,
+            num_workers=loader.num_workers,
+            shuffle=True,
+            **kw,
+        )
+        self.val = (
+            ShardLoader(manifest, "val", batch_size=eval_batch_size or batch_size, shuffle=False, **kw)
+            if manifest.num_samples("val")
+            else None
+        )
 
     def train_batches(self) -> Iterator[Batch]:
         pad = self.tokenizer.pad_id
