@@ -5,7 +5,7 @@
   (RayJob) an entrypoint; the runtime env builds.
 * Bad input is one line and exit 2: an address where nothing answers; resources no node type can ever
   provide and a client without the cluster's token (in the autoscaling test, on its cluster). min > max
-  workers: tests/test_elastic.py (message) and tests/test_bad_inputs.py (command line).
+  workers: tests/train/test_elastic.py (message) and tests/test_bad_inputs.py (command line).
 * Multi-node (`ray.cluster_utils.Cluster`, 1-CPU nodes, a head without CPUs): the two training workers
   run on different nodes, each reading its own disjoint slice of the shards; a node removed mid-run
   leaves the elastic run ([1, 2] workers) to finish on one worker from the last checkpoint; a rollout

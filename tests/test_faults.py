@@ -3,7 +3,7 @@
 The proxy sits between every client (boto3 in the driver, Ray Train workers and DataLoader workers,
 pyarrow in Ray Train's checkpoint upload) and the local moto server, and injects 500s, 503 SlowDown,
 connection resets, slow responses and truncated bodies on a seeded schedule. A killed worker is
-covered by test_pretrain.py, a killed rollout actor by test_adversarial.py; here: a killed driver,
+covered by train/test_pretrain.py, a killed rollout actor by rl/test_adversarial.py; here: a killed driver,
 a truncated newest checkpoint, and an output interrupted while it is published.
 """
 

@@ -15,7 +15,7 @@ from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 STAGE: list[str] = []  # configs/tiny.yaml's adversarial section: 8 prompts x 4 samples, 8 + 16 tokens
 

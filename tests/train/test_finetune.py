@@ -18,7 +18,7 @@ from genpt_dist.data.task import Example, collate, load_task
 from genpt_dist.model.sampling import sample
 from genpt_dist.tokenizer import byte_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 
 

@@ -9,7 +9,7 @@
   a 2-worker run resumes with 1 worker, and the 1-worker step-15 checkpoint with 2 workers; the
   losses follow the run that never changed size, the global batch and the Adam step count carry on.
 
-Run as a script (`python tests/test_elastic.py repartition DIR 2,3`) this file is the subprocess of
+Run as a script (`python tests/train/test_elastic.py repartition DIR 2,3`) this file is the subprocess of
 the first test.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # the script mode has no conftest
     sys.path.insert(0, str(REPO))
 

@@ -17,7 +17,7 @@ from genpt_dist.train.finetune import finetune_job, finetune_worker
 from genpt_dist.train.loop import EarlyStop
 from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 ONE = [
     "scaling.num_workers=1",

@@ -15,7 +15,7 @@ from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.slow
 

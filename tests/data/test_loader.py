@@ -219,7 +219,7 @@ def test_unshuffled_epoch_reads_the_stored_order(dataset):
 
 # ------------------------------------------------------------- a dataset written by an earlier version
 
-V1_DATA = Path(__file__).resolve().parent / "fixtures" / "v1" / "data"
+V1_DATA = Path(__file__).resolve().parents[1] / "fixtures" / "v1" / "data"
 V1_TEXT_BYTES = 10_000  # the fixture is the first 10,000 bytes of tinyshakespeare, configs/tiny.yaml,
 #                         --set data.tokenizer=byte data.shard_samples=8, prepared by the shards-v1 code
 

@@ -13,7 +13,7 @@ import torch
 
 from genpt_dist.bench import run_bench
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_sync_quick_publishes_to_both_actors(ray_session, tmp_path):
