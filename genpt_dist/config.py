@@ -231,8 +231,11 @@ class AdversarialConfig(_Strict):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     mc_rollouts: int = Field(0, ge=0, description="SeqGAN Monte Carlo completions per prefix (0 = sequence reward)")
     mc_stride: int = Field(8, ge=1, description="token positions between Monte Carlo prefixes")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
-    discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)
+    # The pydantic plugin reads a field's default only from `= Field(default...)`, not from the Field in
+    # `_stage_section`'s Annotated metadata, so it takes these classes' stage sections for required
+    # arguments and their no-argument construction for an error; at runtime every section has a default.
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # type: ignore[arg-type]
+    discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)  # type: ignore[arg-type]
 
 
 _FT_TRAIN = {
@@ -304,8 +307,9 @@ class Config(_Strict):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    # The ignores: stage sections' defaults are invisible to the pydantic plugin (see AdversarialConfig).
+    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # type: ignore[arg-type]
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @model_validator(mode="after")
@@ -323,7 +327,11 @@ class Config(_Strict):
         """The schedule and optimizer sections a stage trains with."""
         if stage == "pretrain":
             return self.train, self.optim
-        section = {"finetune": self.finetune, "adversarial": self.adversarial}[stage]
+        sections: dict[str, FinetuneConfig | AdversarialConfig] = {
+            "finetune": self.finetune,
+            "adversarial": self.adversarial,
+        }
+        section = sections[stage]
         return section.train, section.optim
 
 

@@ -25,6 +25,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import IO
 
 HOST = "127.0.0.1"
 
@@ -56,7 +57,7 @@ class MotoS3Server:
         self.start_timeout_s = start_timeout_s
         self.port: int | None = None
         self.proc: subprocess.Popen | None = None
-        self._log = None
+        self._log: IO[bytes] | None = None
 
     @property
     def endpoint(self) -> str:

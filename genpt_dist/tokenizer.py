@@ -60,9 +60,12 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
         self.hf.encode_special_tokens = True  # a literal "<eos>" in text is text, not the special token
-        self.pad_id, self.bos_id, self.eos_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS)
-        if (self.pad_id, self.bos_id, self.eos_id) != (0, 1, 2):
+        pad_id, bos_id, eos_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS)
+        if pad_id is None or bos_id is None or eos_id is None or (pad_id, bos_id, eos_id) != (0, 1, 2):
             raise ValueError("tokenizer special tokens must be <pad>=0, <bos>=1, <eos>=2")
+        self.pad_id: int = pad_id
+        self.bos_id: int = bos_id
+        self.eos_id: int = eos_id
         self._byte_ids = _byte_lookup(hf)  # (256,) ids when this is the merge-free byte tokenizer
 
     @property

@@ -87,7 +87,7 @@ HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]]
     "scaling": [("2 workers x 1 thread vs 1 x 2, x", lambda r: r.get("ratio_2x1_vs_1x2"), ">=", 0.9)],
 }
 # Figures read from two benches' JSON: (figure, benches, how to read it, comparison, target)
-CROSS_HEADLINES: list[tuple[str, tuple[str, ...], Callable[..., Any], str, float | None]] = [
+CROSS_HEADLINES: list[tuple[str, tuple[str, ...], Callable[..., Any], str, float]] = [
     (
         "loader vs training consumption (seq 256), x",
         ("loader", "train"),
@@ -226,7 +226,7 @@ def bench_all(
     for figure, needs, read, op, target in CROSS_HEADLINES:
         if all(n in benches for n in needs):
             results = [storage.read_json(benches[n]["results"]) if benches[n]["results"] else None for n in needs]
-            value = _read(lambda rs, read=read: read(*rs), results) if all(results) else None
+            value = _read(read, *results) if all(results) else None
             met = None if value is None else bool(_OPS[op](value, target))
             rows.append(
                 {
@@ -247,9 +247,9 @@ def bench_all(
     }
 
 
-def _read(read: Callable[[dict], Any], result: dict[str, Any]) -> Any:
+def _read(read: Callable[..., Any], *results: Any) -> Any:
     try:
-        value = read(result)
+        value = read(*results)
     except (KeyError, TypeError, ZeroDivisionError):
         return None
     return round(value, 3) if isinstance(value, float) else value

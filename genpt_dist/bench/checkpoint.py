@@ -127,7 +127,7 @@ def bench_checkpoint(quick: bool = False) -> dict[str, Any]:
         }
         restored: dict[str, Path] = {}
 
-        def restore(who: str, fn: Callable[[str, Path], None]) -> Callable[[int], None]:
+        def restore(who: str, fn: Callable[[str, Path], object]) -> Callable[[int], None]:
             def run(i: int) -> None:
                 restored[who] = Path(tmp) / f"restore-{who}-{i}"
                 fn(f"{dest[who]}/0", restored[who])

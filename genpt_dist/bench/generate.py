@@ -144,7 +144,7 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                 fns = {"ours": run_ours(ours, prompts, new_tokens), "hf": run_hf(hf, prompts, new_tokens)}
                 for fn in fns.values():
                     fn()  # warm-up (allocator, oneDNN kernels)
-                timed = {name: [] for name in fns}
+                timed: dict[str, list[tuple[float, int, float]]] = {name: [] for name in fns}
                 for _ in range(repeats):  # alternate, so a noisy neighbour hurts both alike
                     for name, fn in fns.items():
                         timed[name].append(_best_time(fn, 1, dev))

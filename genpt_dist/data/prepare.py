@@ -31,7 +31,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 from tqdm import tqdm
@@ -319,7 +319,7 @@ def prepare(
     return _summary(manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
 
 
-def _refuse_empty(stats: ReadStats) -> None:
+def _refuse_empty(stats: ReadStats) -> NoReturn:
     if stats.files and stats.binary_skipped == stats.files:
         raise UserError(f"only binary files in the input ({stats.files} skipped)")
     raise UserError(f"empty corpus: {stats.files} file(s) hold no text")

@@ -77,7 +77,7 @@ def encode_shard(keys: list[str], rows: np.ndarray) -> bytes:
 
 def _ustar_members(data: bytes) -> list[tuple[str, int, int]] | None:
     """(name, payload offset, size) of each member, or None if the tar needs the general reader."""
-    members = []
+    members: list[tuple[str, int, int]] = []
     off, end = 0, len(data)
     while True:
         if off + BLOCK > end:

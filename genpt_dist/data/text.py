@@ -43,7 +43,9 @@ class ReadStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def _count_replacements(exc: UnicodeDecodeError) -> tuple[str, int]:
+def _count_replacements(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):  # registered for decoding only
+        raise exc
     _count_replacements.n += 1  # type: ignore[attr-defined]
     return "\ufffd", exc.end
 

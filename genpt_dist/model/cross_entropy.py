@@ -31,7 +31,7 @@ GPU_CHUNK_ELEMENTS = 1 << 26  # 256 MiB of float32
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, rows: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, logits: Tensor, targets: Tensor, rows: int) -> Tensor:
         N = logits.shape[0]
         valid = targets != IGNORE_INDEX  # (N,)
         safe = torch.where(valid, targets, 0)  # (N,)
@@ -46,7 +46,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         return torch.where(valid, lse - picked, 0.0)  # (N,)
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+    def backward(ctx, grad_loss: Tensor):
         logits, safe, valid, lse = ctx.saved_tensors
         rows = ctx.rows
         scale = torch.where(valid, grad_loss.float(), 0.0)  # (N,)

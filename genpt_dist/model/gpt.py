@@ -158,13 +158,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))  # (B, T, C)
 
 
+class TransformerModules(nn.ModuleDict):
+    """``GPT.transformer``: a ModuleDict (the GPT-2 parameter names) whose entries are typed."""
+
+    wte: nn.Embedding
+    wpe: nn.Embedding
+    drop: nn.Dropout
+    h: nn.ModuleList  # of Block
+    ln_f: nn.LayerNorm
+
+
 class GPT(nn.Module):
     """GPT-2 language model: embeddings, ``n_layer`` pre-LN blocks, final LN, tied ``lm_head``."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.transformer = nn.ModuleDict(
+        self.transformer = TransformerModules(
             dict(
                 wte=nn.Embedding(cfg.vocab_size, cfg.d_model),
                 wpe=nn.Embedding(cfg.block_size, cfg.d_model),

@@ -39,13 +39,15 @@ dtype and device: cast it (``model.to(torch.bfloat16)``) for bf16 sampling; log-
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genpt_dist.model.gpt import GPT, KVCache
+from genpt_dist.model.gpt import GPT, Block, KVCache
 
 _STOP_CHECK_EVERY = 8  # steps between reads of "has every row stopped?"
 
@@ -163,7 +165,7 @@ def _layer_params(model: GPT) -> list[tuple[Tensor, ...]]:
             b.mlp.c_proj.weight,
             b.mlp.c_proj.bias,
         )
-        for b in model.transformer.h
+        for b in cast("Iterable[Block]", model.transformer.h)  # GPT builds h from Blocks only
     ]
 
 
@@ -281,7 +283,8 @@ def _sample(
             ][:, -1]  # (B, V)
         elif fused:
             pos = (width - 1 - shift) if padded else width - 1  # (B,) | int
-            km = key_mask[..., :width] if padded else None  # (B, 1, 1, width)
+            km = key_mask[..., :width] if key_mask is not None else None  # (B, 1, 1, width); None unless padded
+            assert cache is not None  # fused implies use_cache
             logits = _decode_step(model, layers, nxt, pos, cache, km)  # (B, V)
         else:
             logits = model(

@@ -129,10 +129,10 @@ def advantages(
     grouped = r.view(B // g, g)  # (G, g)
     total = grouped.sum(dim=1, keepdim=True)  # (G, 1)
     if kind == "group":
-        base = total / g  # (G, 1)
+        group_base = total / g  # (G, 1)
     else:
-        base = (total - grouped) / (g - 1)  # (G, g) mean of the other members
-    return (grouped - base).reshape(B), state
+        group_base = (total - grouped) / (g - 1)  # (G, g) mean of the other members
+    return (grouped - group_base).reshape(B), state
 
 
 # ------------------------------------------------------------------------------------------ KL

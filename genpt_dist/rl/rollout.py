@@ -187,6 +187,8 @@ class RolloutGroup:
         if policy_state is not None:
             w = w._replace(policy_version=int(policy_version), policy=[ray.put(pack_state(policy_state))])
         if disc_state is not None:
+            if disc_version is None:
+                raise ValueError("publish: a disc_state needs its disc_version")
             w = w._replace(disc_version=int(disc_version), disc=[ray.put(pack_state(disc_state))])
         self._weights = w
         return time.perf_counter() - t0

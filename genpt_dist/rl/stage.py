@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -238,7 +238,7 @@ class RLWorker:
         chunks = [slice(lo, lo + micro) for lo in range(0, self.rows_per_rank, micro)]
         mask = rb.gen_mask.to(device).float()  # (B, N)
         ref = rb.ref_logprobs.to(device)  # (B, N)
-        estimator = "k3" if adv_cfg.kl_mode == "loss" else "k1"
+        estimator: Literal["k1", "k3"] = "k3" if adv_cfg.kl_mode == "loss" else "k1"
         # k3 as a loss term pulls towards the reference (k1's gradient averages to zero under pi);
         # k1 as a reward penalty is the unbiased per-token estimate.
         kl_reward = None
@@ -459,6 +459,7 @@ def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None
         extra_what=actors[2],
     ):
         tok = manifest.load_tokenizer()
+        assert job.init is not None  # adversarial_job sets it
         ref_state = load_state_dict(resolve(job.init))
         group = RolloutGroup(
             r.num_actors,

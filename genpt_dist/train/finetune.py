@@ -66,6 +66,7 @@ class TaskSource:
     """Task examples for the loop: shuffled train batches, fixed val batches."""
 
     def __init__(self, job: Job, ft: FinetuneConfig, rank: int, world: int):
+        assert job.init is not None  # finetune_job sets it
         ref = resolve(job.init)
         self.tokenizer = load_tokenizer(ref)
         self.data_fingerprint = job.extra["task_sha256"]
@@ -168,13 +169,15 @@ def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
         source = TaskSource(job, ft, rank, world)
     engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
     resume = engine.resume_point()
+    resume_meta = resume.meta if resume else None
+    assert resume_meta is None or isinstance(resume_meta, CheckpointMeta)  # list_checkpoints: never an export
     accum = elastic.grad_accum_for(
         cfg.deepspeed.grad_accum,
         ft.train.micro_batch_size,
         cfg.scaling.worker_range,
         job.seq_len,
         world,
-        resume.meta if resume else None,
+        resume_meta,
     )
     early_stop = EarlyStop(patience=ft.patience)
     part = FinetunePart({}, early_stop)

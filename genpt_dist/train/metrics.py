@@ -76,12 +76,14 @@ class MetricsLog:
         storage.write_text(self.url, "".join(json.dumps(r) + "\n" for r in self.records))
         if self._tb is not None:
             self._tb.flush()
+            assert self._tb_dir is not None  # set with _tb
             storage.upload_dir(self._tb_dir, self.tb_url)
 
     def close(self) -> None:
         self.flush()
         if self._tb is not None:
             self._tb.close()
+            assert self._tb_dir is not None  # set with _tb
             shutil.rmtree(self._tb_dir, ignore_errors=True)
 
 

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import check_init_matches
+from genpt_dist.checkpoint import CheckpointMeta, check_init_matches
 from genpt_dist.config import Config
 from genpt_dist.data.manifest import load_manifest
 from genpt_dist.errors import UserError
@@ -34,13 +34,15 @@ def pretrain_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
     )
     engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
     resume = engine.resume_point()
+    resume_meta = resume.meta if resume else None
+    assert resume_meta is None or isinstance(resume_meta, CheckpointMeta)  # list_checkpoints: never an export
     accum = elastic.grad_accum_for(
         cfg.deepspeed.grad_accum,
         cfg.train.micro_batch_size,
         cfg.scaling.worker_range,
         job.seq_len,
         world,
-        resume.meta if resume else None,
+        resume_meta,
     )
     engine.build(engine.new_model(), grad_accum=accum, resume=resume)
     if resume is not None:
