@@ -36,20 +36,10 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (
-    CHECKPOINTS_DIR,
-    META,
-    TOKENIZER,
-    CheckpointMeta,
-    CheckpointRef,
-    ExportMeta,
-    ExportSource,
-    load_state_dict,
-    load_tokenizer,
-    resolve,
-)
+from genpt_dist.checkpoint import CHECKPOINTS_DIR, TOKENIZER, CheckpointRef, load_state_dict, load_tokenizer, resolve
 from genpt_dist.errors import UserError
 from genpt_dist.hf_compat import hf_config_dict, to_hf_state_dict
+from genpt_dist.meta import META, CheckpointMeta, ExportMeta, ExportSource
 from genpt_dist.model.gpt import GPTConfig
 from genpt_dist.tokenizer import BOS, EOS, PAD, Tokenizer
 

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CheckpointMeta, CheckpointRef, ExportMeta, latest_checkpoint, read_meta
+from genpt_dist.checkpoint import CheckpointRef, latest_checkpoint, read_meta
 from genpt_dist.config import Config
 from genpt_dist.data.prepare import prepare
+from genpt_dist.meta import CheckpointMeta, ExportMeta
 from genpt_dist.raycluster import init_ray
 
 log = logging.getLogger(__name__)

@@ -27,9 +27,10 @@ import torch
 from helpers import random_export
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CHECKPOINTS_DIR, DS_DIR, DS_TAG, META, TOKENIZER, CheckpointMeta
+from genpt_dist.checkpoint import CHECKPOINTS_DIR, DS_DIR, DS_TAG, TOKENIZER
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
+from genpt_dist.meta import META, CheckpointMeta
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.testing.faultproxy import FaultProxy
 from genpt_dist.tokenizer import byte_tokenizer

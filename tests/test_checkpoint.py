@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 from helpers import assert_user_error, cli
 
-from genpt_dist.checkpoint import (
+from genpt_dist.checkpoint import is_complete, load_model, resolve
+from genpt_dist.errors import UserError
+from genpt_dist.meta import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_FORMAT_V1,
     META,
@@ -25,12 +27,8 @@ from genpt_dist.checkpoint import (
     ExportSource,
     FinetuneState,
     RLState,
-    is_complete,
-    load_model,
     parse_meta,
-    resolve,
 )
-from genpt_dist.errors import UserError
 from genpt_dist.model.gpt import GPTConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "v1"

@@ -18,10 +18,11 @@ import torch
 from helpers import TINY, assert_user_error, cli, random_export
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import EXPORT_FORMAT, latest_checkpoint, load_model, load_state_dict, resolve
+from genpt_dist.checkpoint import latest_checkpoint, load_model, load_state_dict, resolve
 from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
 from genpt_dist.export import export
+from genpt_dist.meta import EXPORT_FORMAT
 
 # ------------------------------------------------------------------------------ without Ray
 

@@ -33,7 +33,8 @@ TARGET_RATIO = 0.5
 
 def write_checkpoint_files(folder: Path, params: int, seed: int = 0) -> dict[str, int]:
     """A ZeRO-2 bf16 checkpoint's files for `params` parameters and 2 ranks; returns relative path -> bytes."""
-    from genpt_dist.checkpoint import DS_DIR, DS_TAG, META, TOKENIZER
+    from genpt_dist.checkpoint import DS_DIR, DS_TAG, TOKENIZER
+    from genpt_dist.meta import META
 
     rng = np.random.default_rng(seed)
     sizes = {

@@ -2,7 +2,8 @@
 
 Per policy update (step s), on N Ray Train workers, each with the policy's `Engine` and the
 discriminator D's learner (`rl.disc_learner`):
-1. Prompts: every rank cuts `prompts_per_step / N` windows from its share of the real shards;
+1. Prompts: every rank cuts `prompts_per_step / N` windows from its share of the real shards
+   (`rl.real_text`);
    a prompt is <bos> + the first `prompt_len` tokens of a window (0: <bos> alone). Rank 0 gathers
    them, repeats each `samples_per_prompt` times and asks the rollout actor pool (`RolloutGroup`)
    for samples, each row seeded by (seed, step, row). The actors hold the latest published policy,
@@ -12,10 +13,9 @@ discriminator D's learner (`rl.disc_learner`):
    step s-1's weights are published: strictly on-policy.
 2. Policy: advantages from the sequence rewards and the configured baseline (EMA, group mean,
    leave-one-out), whitened over the rank's rows; the KL to the reference as a per-token reward
-   penalty or a loss term; loss = token-mean of -A * log pi(a_t) (+ KL, - entropy) (`rl.reinforce`).
-   The rank's rows go through the engine `adversarial.train.micro_batch_size` at a time, each micro
-   loss weighted by its share of the rank's generated tokens, so the accumulated gradient is that of
-   the token-mean over all of them; one optimizer step.
+   penalty or a loss term; loss = token-mean of -A * log pi(a_t) (+ KL, - entropy) (`rl.reinforce`),
+   accumulated over micro batches of `adversarial.train.micro_batch_size` rows, one optimizer step
+   (`rl.policy_update`).
 3. Discriminator: `d_steps` binary cross-entropy updates on real windows (<bos> + prompt_len +
    max_new_tokens real tokens; as many distinct ones as samples) vs this step's samples. Before the
    first policy update D is trained for `pretrain_steps` rounds on samples of the initial policy
@@ -31,25 +31,22 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from genpt_dist import faults, storage
-from genpt_dist.checkpoint import CheckpointMeta, RLState, check_init_matches, load_state_dict, resolve
+from genpt_dist.checkpoint import check_init_matches, load_state_dict, resolve
 from genpt_dist.config import Config
 from genpt_dist.errors import UserError
+from genpt_dist.meta import CheckpointMeta, RLState
 from genpt_dist.rl.disc_learner import DiscriminatorLearner, disc_model_config
+from genpt_dist.rl.policy_update import policy_update
+from genpt_dist.rl.real_text import RealTextWindows
 from genpt_dist.rl.reinforce import (
     BaselineState,
-    advantages,
-    entropy_of_logprobs,
-    kl_per_token,
-    reinforce_loss,
     rollout_seed,
-    token_advantages,
 )
-from genpt_dist.rl.reward import normalize
 from genpt_dist.rl.rollout import RolloutBatch, RolloutGroup, RolloutRequest
 from genpt_dist.train.collective import all_gather_objects, all_reduce_mean, broadcast_object
 from genpt_dist.train.engine import Engine, Job, Reporter
@@ -141,28 +138,16 @@ class RLWorker:
         if resume is not None:
             engine.restore(resume)
         self.reissued_before = self.group.reissued if rank == 0 else 0
-        self._real = source.train_batches()
+        r = cfg.adversarial.rollout
+        self.real = RealTextWindows(
+            source.train_batches(),
+            bos_id=self.tok.bos_id,
+            pad_id=self.tok.pad_id,
+            width=r.prompt_len + r.sampling.max_new_tokens,
+            samples_per_prompt=r.samples_per_prompt,
+        )
 
     # --------------------------------------------------------------- pieces
-    def real_windows(self) -> torch.Tensor:
-        """(prompts_per_rank, 1 + P + N) real windows: <bos> + real tokens."""
-        r = self.cfg.adversarial.rollout
-        batch = next(self._real)
-        width = r.prompt_len + r.sampling.max_new_tokens
-        # A sample cut at a document start already begins with <bos>: its window is that <bos> + the tokens
-        # after it (the targets; -100 = pad -> <pad> = 0), never <bos><bos>, which no rollout has.
-        starts = batch.idx[:, :1] == self.tok.bos_id  # (B, 1)
-        body = torch.where(starts, batch.targets[:, :width].clamp(min=self.tok.pad_id), batch.idx[:, :width])
-        bos = torch.full((body.shape[0], 1), self.tok.bos_id, dtype=body.dtype)
-        return torch.cat([bos, body], dim=1)
-
-    def disc_real(self, windows: torch.Tensor) -> torch.Tensor:
-        """Real windows for a D update, one per generated row: this step's prompt windows and
-        `samples_per_prompt - 1` fresh batches from the shards (not the prompt windows repeated, so D
-        sees as many distinct real sequences as generated ones)."""
-        extra = [self.real_windows() for _ in range(self.cfg.adversarial.rollout.samples_per_prompt - 1)]
-        return torch.cat([windows, *extra])
-
     def request(self, step: int, windows: list[list[int]]) -> RolloutRequest:
         adv = self.cfg.adversarial
         r, s = adv.rollout, adv.rollout.sampling
@@ -218,83 +203,14 @@ class RLWorker:
             self.group.publish(self.state.policy_version, policy, self.state.disc_version, disc)
         return time.perf_counter() - t0
 
-    def _policy_logprobs(self, rb: RolloutBatch, rows: slice, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, N) log pi of the sampled tokens of `rows` (with grad) and their (R, N) policy entropy."""
-        device, P = self.engine.device, rb.prompt_width
-        tokens, am = rb.tokens[rows].to(device), rb.attention_mask[rows].to(device)
-        logits, _ = self.engine.engine(tokens, attention_mask=am)  # (R, P+N, V)
-        logp_all = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)  # (R, N, V)
-        logp = logp_all.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)  # (R, N)
-        with torch.set_grad_enabled(
-            with_entropy and torch.is_grad_enabled()
-        ):  # measured always, in the loss with a coef
-            entropy = entropy_of_logprobs(logp_all)  # (R, N)
-        return logp, entropy
-
-    def policy_update(self, rb: RolloutBatch) -> dict[str, float]:
-        """Advantages over the rank's rows, then the token-mean loss accumulated over micro batches."""
-        adv_cfg, device = self.cfg.adversarial, self.engine.device
-        micro = adv_cfg.train.micro_batch_size
-        chunks = [slice(lo, lo + micro) for lo in range(0, self.rows_per_rank, micro)]
-        mask = rb.gen_mask.to(device).float()  # (B, N)
-        ref = rb.ref_logprobs.to(device)  # (B, N)
-        estimator: Literal["k1", "k3"] = "k3" if adv_cfg.kl_mode == "loss" else "k1"
-        # k3 as a loss term pulls towards the reference (k1's gradient averages to zero under pi);
-        # k1 as a reward penalty is the unbiased per-token estimate.
-        kl_reward = None
-        if adv_cfg.kl_mode == "reward" and adv_cfg.kl_coef > 0:  # advantages need the policy's current KL
-            with torch.no_grad():
-                logp = torch.cat([self._policy_logprobs(rb, c, False)[0] for c in chunks])  # (B, N)
-            kl_reward = kl_per_token(logp, ref, mask, estimator="k1")
-        seq_adv, self.state.baseline = advantages(
-            rb.rewards.to(device),
-            kind=adv_cfg.baseline,
-            group_size=adv_cfg.rollout.samples_per_prompt,
-            state=self.state.baseline,
-            ema_decay=adv_cfg.ema_decay,
-        )
-        token_rewards = rb.token_rewards.to(device) if rb.token_rewards is not None else None
-        adv = token_advantages(
-            seq_adv,
-            mask,
-            token_rewards=token_rewards,
-            rewards=rb.rewards.to(device),
-            kl=kl_reward,
-            kl_coef=adv_cfg.kl_coef,
-            kl_mode=adv_cfg.kl_mode,
-        )
-        if adv_cfg.normalize_advantages:
-            adv = normalize(adv, mask)
-        total = mask.sum().clamp(min=1)
-        stats: dict[str, float] = {}
-        for rows in chunks:
-            logp, entropy = self._policy_logprobs(rb, rows, adv_cfg.entropy_coef > 0)
-            kl = kl_per_token(logp, ref[rows], mask[rows], estimator=estimator)
-            loss, chunk_stats = reinforce_loss(
-                logp,
-                adv[rows].detach(),
-                mask[rows],
-                kl=kl,
-                kl_coef=adv_cfg.kl_coef,
-                kl_mode=adv_cfg.kl_mode,
-                entropy=entropy,
-                entropy_coef=adv_cfg.entropy_coef,
-            )
-            weight = float(mask[rows].sum() / total)  # this chunk's share of the rank's generated tokens
-            self.engine.engine.backward(loss * (weight * len(chunks)))  # DeepSpeed divides by len(chunks)
-            self.engine.engine.step()
-            for k, v in chunk_stats.items():
-                stats[k] = stats.get(k, 0.0) + weight * v
-        return stats
-
     # --------------------------------------------------------------- the loop
     def pretrain_discriminator(self) -> None:
         """SeqGAN: D learns real vs the initial policy's samples before the first policy update."""
         adv, st = self.cfg.adversarial, self.state
         while st.d_pretrained < adv.discriminator.pretrain_steps:
-            windows = self.real_windows()
+            windows = self.real.next()
             mine = self.my_rows(self.rollouts(-1 - st.d_pretrained, windows))
-            d_stats = st.disc.update(self.disc_real(windows), mine.tokens, mine.attention_mask)
+            d_stats = st.disc.update(self.real.for_discriminator(windows), mine.tokens, mine.attention_mask)
             st.d_pretrained += 1
             if self.engine.rank == 0 and st.d_pretrained % adv.train.log_every == 0:
                 log.info(
@@ -317,12 +233,12 @@ class RLWorker:
         publish_s = self.publish()
         while engine.step < adv.train.steps:
             t0 = time.time()
-            windows = self.real_windows()
+            windows = self.real.next()
             batch = self.rollouts(engine.step, windows)
             mine = self.my_rows(batch)
             rollout_s = time.time() - t0
-            stats = self.policy_update(mine)
-            real = self.disc_real(windows)
+            stats, st.baseline = policy_update(engine.engine, mine, adv, st.baseline)
+            real = self.real.for_discriminator(windows)
             d_steps = adv.discriminator.d_steps
             d_stats = st.disc.update(real, mine.tokens, mine.attention_mask, step=d_steps > 0)
             for _ in range(d_steps - 1):
@@ -332,45 +248,36 @@ class RLWorker:
             st.disc_version += d_steps > 0
             engine.tokens_seen += int(batch.gen_mask.sum())
             publish_s = self.publish()
-            local = [
-                mine.rewards.mean().item(),
-                mine.rewards.std().item() if len(mine.rewards) > 1 else 0.0,
-                stats["kl"],
-                stats["entropy"],
-                mine.lengths.float().mean().item(),
-                d_stats["d_acc_real"],
-                d_stats["d_acc_fake"],
-                d_stats["d_loss"],
-                stats["loss"],
-            ]
-            g = all_reduce_mean(local, engine.world)
+            rewards = mine.rewards
+            local = {
+                "reward_mean": rewards.mean().item(),
+                "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
+                "kl": stats["kl"],
+                "entropy": stats["entropy"],
+                "sample_len": mine.lengths.float().mean().item(),
+                **{k: d_stats[k] for k in ("d_acc_real", "d_acc_fake", "d_loss")},
+                "pg_loss": stats["loss"],
+            }
+            engine.metrics.update(zip(local, all_reduce_mean(list(local.values()), engine.world)))
             engine.metrics.update(
                 step=engine.step,
-                reward_mean=g[0],
-                reward_std=g[1],
-                kl=g[2],
-                entropy=g[3],
-                sample_len=g[4],
-                d_acc_real=g[5],
-                d_acc_fake=g[6],
-                d_loss=g[7],
-                pg_loss=g[8],
-                rollout_tokens_per_s=float(batch.gen_mask.sum()) / max(rollout_s, 1e-9),
                 rollout_s=rollout_s,
                 publish_s=publish_s,
-                version_lag=st.policy_version - 1 - batch.policy_version,
                 tokens_seen=engine.tokens_seen,
+                rollout_tokens_per_s=float(batch.gen_mask.sum()) / max(rollout_s, 1e-9),
+                version_lag=st.policy_version - 1 - batch.policy_version,
                 reissued=(self.group.reissued - self.reissued_before) if engine.rank == 0 else 0,
             )
             engine.log_metrics(STEP_KEYS)
             step, cadence = engine.step, engine.cadence
             if engine.rank == 0 and cadence.log(step):
+                m = engine.metrics
                 progress_line(
                     "adversarial",
                     step,
                     adv.train.steps,
-                    g[8],
-                    engine.metrics["rollout_tokens_per_s"],
+                    m["pg_loss"],
+                    m["rollout_tokens_per_s"],
                     0.0,
                     time.time() - t_start,
                     start_step,
@@ -378,11 +285,11 @@ class RLWorker:
                 log.info(
                     "[adversarial] step %d reward %.3f kl %.4f entropy %.3f D acc real %.2f fake %.2f publish %.2fs",
                     step,
-                    g[0],
-                    g[2],
-                    g[3],
-                    g[5],
-                    g[6],
+                    m["reward_mean"],
+                    m["kl"],
+                    m["entropy"],
+                    m["d_acc_real"],
+                    m["d_acc_fake"],
                     publish_s,
                 )
             if cadence.evaluate(step):
@@ -440,7 +347,8 @@ def adversarial_job(data: str, init: str, run: str, cfg: Config) -> tuple[Job, A
 
 def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
     """Driver: validate, start the rollout pool, run the workers, summarise."""
-    from genpt_dist.raycluster import init_ray, room_for
+    from genpt_dist.capacity import room_for
+    from genpt_dist.raycluster import init_ray
     from genpt_dist.train.launcher import fit
 
     r = cfg.adversarial.rollout

@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from genpt_dist.checkpoint import CheckpointMeta
+from genpt_dist.meta import CheckpointMeta
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,7 @@ from genpt_dist.checkpoint import (
     CHECKPOINTS_DIR,
     DS_DIR,
     DS_TAG,
-    META,
     TOKENIZER,
-    CheckpointMeta,
     CheckpointRef,
     download,
     latest_checkpoint,
@@ -49,6 +47,7 @@ from genpt_dist.checkpoint import (
 )
 from genpt_dist.config import Config, TrainConfig
 from genpt_dist.data.packing import token_byte_lengths
+from genpt_dist.meta import META, CheckpointMeta
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.train.collective import all_gather_objects, all_reduce_sum, broadcast_object
 from genpt_dist.train.metrics import MetricsLog

@@ -21,18 +21,11 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import (
-    FROZEN,
-    CheckpointMeta,
-    CheckpointRef,
-    FinetuneState,
-    list_checkpoints,
-    load_tokenizer,
-    resolve,
-)
+from genpt_dist.checkpoint import FROZEN, CheckpointRef, list_checkpoints, load_tokenizer, resolve
 from genpt_dist.config import Config, FinetuneConfig
 from genpt_dist.data.task import ExampleLoader, collate, load_task
 from genpt_dist.errors import UserError
+from genpt_dist.meta import CheckpointMeta, FinetuneState
 from genpt_dist.model.gpt import GPT
 from genpt_dist.train import elastic
 from genpt_dist.train.engine import Engine, Job, Reporter

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from genpt_dist import storage
+from genpt_dist.capacity import room_for
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_incomplete
 from genpt_dist.config import Config
-from genpt_dist.raycluster import init_ray, room_for, worker_env
+from genpt_dist.raycluster import init_ray, worker_env
 from genpt_dist.train.engine import Job, Reporter
 
 log = logging.getLogger(__name__)

@@ -7,10 +7,11 @@ import logging
 from typing import Any
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import CheckpointMeta, check_init_matches
+from genpt_dist.checkpoint import check_init_matches
 from genpt_dist.config import Config
 from genpt_dist.data.manifest import load_manifest
 from genpt_dist.errors import UserError
+from genpt_dist.meta import CheckpointMeta
 from genpt_dist.model.gpt import GPTConfig
 from genpt_dist.train import elastic
 from genpt_dist.train.engine import Engine, Job, Reporter

@@ -30,9 +30,9 @@ if str(REPO) not in sys.path:  # the script mode has no conftest
     sys.path.insert(0, str(REPO))
 
 from genpt_dist import storage  # noqa: E402
-from genpt_dist.checkpoint import CheckpointMeta  # noqa: E402
 from genpt_dist.config import load_config  # noqa: E402
 from genpt_dist.errors import UserError  # noqa: E402
+from genpt_dist.meta import CheckpointMeta  # noqa: E402
 from genpt_dist.model.gpt import GPTConfig  # noqa: E402
 from genpt_dist.train import elastic  # noqa: E402
 

@@ -1,0 +1,103 @@
+"""One REINFORCE policy update over a rank's rollout rows, through the policy's DeepSpeed engine.
+
+1. Advantages over all the rank's rows first (they need whole prompt groups and, for whitening,
+   the whole batch): the sequence rewards minus the configured baseline (`reinforce.advantages`),
+   per token (`reinforce.token_advantages`: SeqGAN Monte Carlo rewards where given; in
+   `kl_mode="reward"` minus the KL reward-to-go, for which a no-grad forward measures the current
+   policy's log-probs), whitened over the batch when `normalize_advantages`.
+2. The loss over the rows `micro_batch_size` at a time: token-mean of -A * log pi(a_t) (+ k3 KL to
+   the reference as a loss term, - entropy bonus; `reinforce.reinforce_loss`). Each micro loss is
+   weighted by its share of the rank's generated tokens (times the number of micro batches, which
+   DeepSpeed's accumulation divides back out), so the accumulated gradient is exactly that of the
+   token-mean over all rows; DeepSpeed steps the optimizer once, at the accumulation boundary.
+Stats are the micro batches' stats averaged with the same weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+from genpt_dist.config import AdversarialConfig
+from genpt_dist.rl.batch import RolloutBatch
+from genpt_dist.rl.reinforce import (
+    BaselineState,
+    advantages,
+    entropy_of_logprobs,
+    kl_per_token,
+    reinforce_loss,
+    token_advantages,
+)
+from genpt_dist.rl.reward import normalize
+
+
+def policy_logprobs(
+    engine: Any, rb: RolloutBatch, rows: slice, with_entropy: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, N) log pi of the sampled tokens of `rows` (with grad) and (R, N) the policy's entropy there
+    (with grad only when it is in the loss)."""
+    P = rb.prompt_width
+    tokens, am = rb.tokens[rows].to(engine.device), rb.attention_mask[rows].to(engine.device)
+    logits, _ = engine(tokens, attention_mask=am)  # (R, P+N, V)
+    logp_all = torch.log_softmax(logits[:, P - 1 : -1].float(), dim=-1)  # (R, N, V)
+    logp = logp_all.gather(-1, tokens[:, P:].unsqueeze(-1)).squeeze(-1)  # (R, N)
+    with torch.set_grad_enabled(with_entropy and torch.is_grad_enabled()):
+        entropy = entropy_of_logprobs(logp_all)  # (R, N)
+    return logp, entropy
+
+
+def policy_update(
+    engine: Any, rb: RolloutBatch, cfg: AdversarialConfig, baseline: BaselineState
+) -> tuple[dict[str, float], BaselineState]:
+    """One optimizer step of `engine` (the policy's DeepSpeed engine) on the rows of `rb`; returns the
+    stats and the baseline's new state (see the module docstring)."""
+    device, micro, rows_total = engine.device, cfg.train.micro_batch_size, len(rb.tokens)
+    chunks = [slice(lo, lo + micro) for lo in range(0, rows_total, micro)]
+    mask = rb.gen_mask.to(device).float()  # (B, N)
+    ref = rb.ref_logprobs.to(device)  # (B, N)
+    # k3 as a loss term pulls towards the reference (k1's gradient averages to zero under pi);
+    # k1 as a reward penalty is the unbiased per-token estimate.
+    estimator: Literal["k1", "k3"] = "k3" if cfg.kl_mode == "loss" else "k1"
+    kl_reward = None
+    if cfg.kl_mode == "reward" and cfg.kl_coef > 0:  # advantages need the policy's current KL
+        with torch.no_grad():
+            logp = torch.cat([policy_logprobs(engine, rb, c, False)[0] for c in chunks])  # (B, N)
+        kl_reward = kl_per_token(logp, ref, mask, estimator="k1")
+    rewards = rb.rewards.to(device)  # (B,)
+    seq_adv, baseline = advantages(
+        rewards, kind=cfg.baseline, group_size=cfg.rollout.samples_per_prompt, state=baseline, ema_decay=cfg.ema_decay
+    )
+    token_rewards = rb.token_rewards.to(device) if rb.token_rewards is not None else None
+    adv = token_advantages(
+        seq_adv,
+        mask,
+        token_rewards=token_rewards,
+        rewards=rewards,
+        kl=kl_reward,
+        kl_coef=cfg.kl_coef,
+        kl_mode=cfg.kl_mode,
+    )  # (B, N)
+    if cfg.normalize_advantages:
+        adv = normalize(adv, mask)
+    total = mask.sum().clamp(min=1)
+    stats: dict[str, float] = {}
+    for rows in chunks:
+        logp, entropy = policy_logprobs(engine, rb, rows, cfg.entropy_coef > 0)
+        kl = kl_per_token(logp, ref[rows], mask[rows], estimator=estimator)
+        loss, chunk_stats = reinforce_loss(
+            logp,
+            adv[rows].detach(),
+            mask[rows],
+            kl=kl,
+            kl_coef=cfg.kl_coef,
+            kl_mode=cfg.kl_mode,
+            entropy=entropy,
+            entropy_coef=cfg.entropy_coef,
+        )
+        weight = float(mask[rows].sum() / total)  # this chunk's share of the rank's generated tokens
+        engine.backward(loss * (weight * len(chunks)))  # DeepSpeed divides by len(chunks)
+        engine.step()
+        for k, v in chunk_stats.items():
+            stats[k] = stats.get(k, 0.0) + weight * v
+    return stats, baseline
