@@ -94,7 +94,7 @@ CROSS_HEADLINES: list[tuple[str, tuple[str, ...], Callable[..., Any], str, float
         lambda loader, train: loader["ours_tok_s_seq256_w0"] / train["tokens_per_s_zero2"],
         ">=",
         20.0,
-    ),
+    )
 ]
 _OPS = {">=": operator.ge, "<=": operator.le}
 

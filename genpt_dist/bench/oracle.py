@@ -222,7 +222,7 @@ def bench_oracle(quick: bool = False, workdir: str | None = None, overrides: lis
     from genpt_dist.data.prepare import prepare
     from genpt_dist.data.text import doc_in_val
     from genpt_dist.errors import UserError
-    from genpt_dist.rl.stage import adversarial
+    from genpt_dist.rl.driver import adversarial
     from genpt_dist.tokenizer import byte_tokenizer
     from genpt_dist.train.pretrain import pretrain
 

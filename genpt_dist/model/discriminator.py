@@ -63,11 +63,7 @@ class EncoderBlock(nn.Module):
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
         y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=key_mask,
-            dropout_p=self.dropout if self.training else 0.0,
+            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
         )  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         x = x + self.resid_dropout(self.c_proj(y))  # (B, T, C)

@@ -165,12 +165,7 @@ def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
     resume_meta = resume.meta if resume else None
     assert resume_meta is None or isinstance(resume_meta, CheckpointMeta)  # list_checkpoints: never an export
     accum = elastic.grad_accum_for(
-        cfg.deepspeed.grad_accum,
-        ft.train.micro_batch_size,
-        cfg.scaling.worker_range,
-        job.seq_len,
-        world,
-        resume_meta,
+        cfg.deepspeed.grad_accum, ft.train.micro_batch_size, cfg.scaling.worker_range, job.seq_len, world, resume_meta
     )
     early_stop = EarlyStop(patience=ft.patience)
     part = FinetunePart({}, early_stop)

@@ -118,15 +118,7 @@ def test_resume_mid_epoch_and_across_the_epoch_boundary(dataset, workers):
     manifest = load_manifest(dataset)
 
     def make() -> ShardLoader:
-        return ShardLoader(
-            manifest,
-            "train",
-            batch_size=BATCH,
-            rank=1,
-            world_size=2,
-            num_workers=workers,
-            seed=3,
-        )
+        return ShardLoader(manifest, "train", batch_size=BATCH, rank=1, world_size=2, num_workers=workers, seed=3)
 
     per_epoch = make().batches_per_epoch  # 38: with 3 workers the runs are 13, 13, 12 batches
     reference = list(islice(iter(make()), per_epoch + 6))  # one DataLoader across the epoch boundary
