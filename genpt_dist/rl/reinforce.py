@@ -11,18 +11,38 @@ estimated on a batch of rollouts by the loss ``-mean_t(A_t * log pi(a_t | s_<t))
 detached. The mean runs over every generated token of the batch (token-level mean, eos included,
 padding after the stop excluded), so long sequences weigh more than short ones.
 
-``A_t`` is the sequence reward minus a baseline (``advantages``), the same for every token of a row,
+``A_t`` is the sequence advantage of the row (``advantages``), the same for every token of the row,
 unless SeqGAN Monte Carlo token rewards are given, in which case ``A_t = Q_t - b`` with the row's
-baseline b (``token_advantages``). Baselines (none of them depends on the row's own action, so the
-estimator stays unbiased, except ``group``, which includes the row itself and shrinks A by
-(g-1)/g):
+baseline b (``token_advantages``). Estimators (``kind``); g is ``group_size`` (samples per prompt),
+B the number of rows given:
 
-* ``none``:  A = r.
+* ``none``:  A = r. Unbiased, highest variance.
 * ``ema``:   A = r - b with b an exponential moving average of past batch-mean rewards; the first
-  batch uses its own mean. The average is updated *after* the advantages are computed.
-* ``group``: A_i = r_i - mean of the g rows that share the prompt (GRPO-style, without the std).
-* ``rloo``:  A_i = r_i - mean of the *other* g-1 rows of the prompt (leave-one-out; unbiased).
-  ``group`` and ``rloo`` expect the rows of a prompt to be contiguous, ``group_size`` rows each.
+  batch uses its own mean. The average is updated *after* the advantages are computed. Unbiased
+  (b does not depend on this batch's actions, except on the first batch).
+* ``rloo``:  A_i = r_i - mean of the *other* g-1 rows of the prompt (leave-one-out; Kool et al.
+  2019, Ahmadian et al. 2024). Unbiased: the baseline never sees the row's own action.
+* ``dr_grpo`` (alias ``group``): A_i = r_i - mean_g, the mean over the g rows of the prompt, without
+  the std (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training"). The mean includes the
+  row itself, so A = (g-1)/g * the rloo advantage: unbiased up to that constant shrink. ``group`` is
+  the older name of the same estimator, kept for existing recipes.
+* ``grpo``:  A_i = (r_i - mean_g) / (std_g + 1e-4), std_g the *population* std (divide by g) of the
+  prompt's rows (GRPO, Shao et al. 2024, DeepSeekMath; eps as in TRL). TRL divides by torch's
+  default (Bessel, g-1) std, so its advantages are sqrt((g-1)/g) times these. The std scaling
+  reweights prompts: those whose rows nearly agree (too easy or too hard) are scaled up, which Dr.
+  GRPO calls a difficulty bias; the gradient is biased, in exchange for advantages that do not
+  depend on the reward's scale.
+* ``reinforce++``: A = (r - mean_B) / (std_B + 1e-4) over the whole batch given, population std, no
+  per-prompt baseline (global whitening; REINFORCE++, Hu 2025). The caller passes every row of the
+  step (across workers) so the statistics are the step's. Dividing by one std per step is a step-size
+  rescale and does not reweight prompts; the batch mean includes the row itself (bias O(1/B)).
+  Without a per-prompt baseline the variance is higher than ``rloo``'s when prompts differ in
+  difficulty; ``group_size`` is ignored.
+
+``rloo``, ``dr_grpo``/``group`` and ``grpo`` expect the rows of a prompt to be contiguous,
+``group_size`` rows each. Rows whose reward is NaN (not scored) are left out of every statistic (the
+means, stds, counts and the ema update) and get A = 0; a group with no scored row gives 0s, and so
+does a group with a single scored row (no other row to compare it with; also under ``rloo``).
 
 KL to the frozen reference pi_ref (the pretrained model) keeps the policy from collapsing onto what
 fools the discriminator. Per token, with the sampled token's log-probs under both models,
@@ -59,7 +79,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -96,43 +116,63 @@ class BaselineState:
     ema: float | None = None  # moving average of batch-mean rewards; None before the first batch
 
 
+AdvantageKind = Literal["ema", "group", "dr_grpo", "grpo", "rloo", "reinforce++", "none"]
+_GROUP_KINDS = ("group", "dr_grpo", "grpo", "rloo")
+_STD_EPS = 1e-4  # added to the std in grpo / reinforce++ (TRL's GRPO value)
+
+
 def advantages(
     rewards: Tensor,
     *,
-    kind: Literal["ema", "group", "rloo", "none"],
+    kind: AdvantageKind,
     group_size: int = 1,
     state: BaselineState | None = None,
     ema_decay: float = 0.9,
 ) -> tuple[Tensor, BaselineState]:
-    """Sequence advantages (B,) = reward - baseline, and the updated baseline state; see the docstring.
+    """Sequence advantages (B,) and the updated baseline state; see the module docstring.
 
-    rewards: (B,) one per row; for ``group``/``rloo`` rows ``[k*g, (k+1)*g)`` share a prompt.
+    rewards: (B,) one per row, NaN where a row was not scored (its advantage is 0 and it is left out of
+    the statistics); for ``group``/``dr_grpo``/``grpo``/``rloo`` rows ``[k*g, (k+1)*g)`` share a prompt.
+    For ``grpo`` and ``reinforce++`` the advantage is scaled, so ``rewards - A`` is no baseline.
     The state is not mutated; a new one is returned.
     """
     state = state or BaselineState()
     r = rewards.detach().float()  # (B,)
     B = r.numel()
+    scored = ~torch.isnan(r)  # (B,) rows that have a reward
+    r0 = r.masked_fill(~scored, 0.0)  # (B,) NaN -> 0, so sums skip unscored rows
     if kind == "none":
-        return r.clone(), state
+        return r0, state
     if kind == "ema":
-        batch_mean = float(r.mean())
+        if not bool(scored.any()):
+            return r0, state  # nothing scored: all 0, the average does not move
+        batch_mean = float(r[scored].mean())
         base = batch_mean if state.ema is None else state.ema
         new_ema = batch_mean if state.ema is None else ema_decay * state.ema + (1.0 - ema_decay) * batch_mean
-        return r - base, BaselineState(ema=new_ema)
-    if kind not in ("group", "rloo"):
-        raise ValueError(f"baseline kind must be ema, group, rloo or none, got {kind!r}")
-    g = group_size
-    if g < 1 or B % g:
-        raise ValueError(f"{B} rewards do not split into groups of group_size={g}")
-    if kind == "rloo" and g < 2:
-        raise ValueError("the rloo baseline needs group_size >= 2 (samples_per_prompt)")
-    grouped = r.view(B // g, g)  # (G, g)
-    total = grouped.sum(dim=1, keepdim=True)  # (G, 1)
-    if kind == "group":
-        group_base = total / g  # (G, 1)
+        return (r0 - base).masked_fill(~scored, 0.0), BaselineState(ema=new_ema)
+    if kind == "reinforce++":
+        g = max(B, 1)  # one group: the whole batch
+    elif kind in _GROUP_KINDS:
+        g = group_size
+        if g < 1 or B % g:
+            raise ValueError(f"{B} rewards do not split into groups of group_size={g}")
+        if kind == "rloo" and g < 2:
+            raise ValueError("the rloo baseline needs group_size >= 2 (samples_per_prompt)")
     else:
-        group_base = (total - grouped) / (g - 1)  # (G, g) mean of the other members
-    return (grouped - group_base).reshape(B), state
+        raise ValueError(f"baseline kind must be one of {', '.join(get_args(AdvantageKind))}, got {kind!r}")
+    grouped = r0.view(B // g, g)  # (G, g)
+    m = scored.view(B // g, g)  # (G, g)
+    n = m.sum(dim=1, keepdim=True).float()  # (G, 1) scored rows per group
+    total = grouped.sum(dim=1, keepdim=True)  # (G, 1) over scored rows
+    if kind == "rloo":
+        group_base = (total - grouped) / (n - 1).clamp(min=1.0)  # (G, g) mean of the other scored rows
+        adv = (grouped - group_base).masked_fill(n < 2, 0.0)  # (G, g) a lone scored row has no baseline
+    else:  # group, dr_grpo, grpo, reinforce++
+        adv = grouped - total / n.clamp(min=1.0)  # (G, g)
+        if kind in ("grpo", "reinforce++"):
+            var = (adv.square() * m).sum(dim=1, keepdim=True) / n.clamp(min=1.0)  # (G, 1) population variance
+            adv = adv / (var.sqrt() + _STD_EPS)  # (G, g)
+    return adv.masked_fill(~m, 0.0).reshape(B), state
 
 
 # ------------------------------------------------------------------------------------------ KL

@@ -105,6 +105,82 @@ def test_advantages_reject_bad_groups():
         advantages(R, kind="mean")
 
 
+R6 = torch.tensor([1.0, 2.0, 6.0, 0.0, 3.0, 3.0])  # 2 prompts x 3 rows: means 3 and 2
+EPS = 1e-4
+NAN = float("nan")
+
+
+def test_advantages_dr_grpo_grpo_reinforce_pp_exact():
+    adv, _ = advantages(R6, kind="dr_grpo", group_size=3)
+    close(adv, [-2.0, -1.0, 3.0, -2.0, 1.0, 1.0])
+    # Population stds: sqrt((4 + 1 + 9) / 3) and sqrt((4 + 1 + 1) / 3).
+    s1, s2 = math.sqrt(14 / 3), math.sqrt(2.0)
+    adv, _ = advantages(R6, kind="grpo", group_size=3)
+    close(adv, [-2 / (s1 + EPS), -1 / (s1 + EPS), 3 / (s1 + EPS), -2 / (s2 + EPS), 1 / (s2 + EPS), 1 / (s2 + EPS)])
+    # Batch mean 2.5, population std sqrt(21.5 / 6); no per-prompt baseline, group_size ignored.
+    sb = math.sqrt(21.5 / 6)
+    expected = [d / (sb + EPS) for d in (-1.5, -0.5, 3.5, -2.5, 0.5, 0.5)]
+    for g in (1, 3, 4):
+        adv, _ = advantages(R6, kind="reinforce++", group_size=g)
+        close(adv, expected, atol=1e-6)
+
+
+def test_advantages_group_is_dr_grpo():
+    r = torch.randn(24, generator=torch.Generator().manual_seed(0))
+    for g in (1, 3, 8):
+        assert torch.equal(advantages(r, kind="group", group_size=g)[0], advantages(r, kind="dr_grpo", group_size=g)[0])
+
+
+def test_advantages_reinforce_pp_whitens_the_batch():
+    r = 5.0 + 3.0 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    adv, state = advantages(r, kind="reinforce++", group_size=8)
+    assert float(adv.mean()) == pytest.approx(0.0, abs=1e-5)
+    assert float(adv.std(correction=0)) == pytest.approx(1.0, abs=1e-3)
+    assert state == BaselineState()
+
+
+def test_advantages_nan_rows_get_zero_and_leave_the_statistics_alone():
+    r = torch.tensor([1.0, NAN, 2.0, 4.0, 5.0, NAN])  # 2 groups of 3, one unscored row each
+    scored = ~torch.isnan(r)
+    for kind in ("group", "dr_grpo", "grpo", "rloo", "reinforce++", "none"):
+        adv, _ = advantages(r, kind=kind, group_size=3)
+        assert torch.isfinite(adv).all(), kind
+        close(adv[~scored], [0.0, 0.0])
+        # The scored rows get what they would get without the unscored ones (groups of 2).
+        close(adv[scored], advantages(r[scored], kind=kind, group_size=2)[0], atol=1e-6)
+    a = 0.5 / (0.5 + EPS)  # |r - mean| / population std of two rows one apart
+    close(advantages(r, kind="grpo", group_size=3)[0], [-a, 0.0, a, -a, a, 0.0])
+    close(advantages(r, kind="rloo", group_size=3)[0], [-1.0, 0.0, 1.0, -1.0, 1.0, 0.0])
+    # ema: the batch mean (and the update) skip unscored rows.
+    adv, state = advantages(r, kind="ema", state=BaselineState())
+    close(adv, [-2.0, 0.0, -1.0, 1.0, 2.0, 0.0])
+    assert state.ema == pytest.approx(3.0)
+
+
+def test_advantages_unscored_groups_give_zeros():
+    r = torch.tensor([NAN, NAN, NAN, 1.0, NAN, NAN, 0.0, 2.0, 7.0])  # all unscored / one scored / all scored
+    for kind in ("group", "dr_grpo", "grpo", "rloo"):
+        adv, _ = advantages(r, kind=kind, group_size=3)
+        assert torch.isfinite(adv).all(), kind
+        close(adv[:6], [0.0] * 6)  # no scored row, or only one: nothing to compare with
+        assert (adv[6:] != 0).any(), kind
+    all_nan = torch.full((4,), NAN)
+    for kind in ("none", "reinforce++"):
+        close(advantages(all_nan, kind=kind)[0], [0.0] * 4)
+    adv, state = advantages(all_nan, kind="ema", state=BaselineState(ema=2.0))
+    close(adv, [0.0] * 4)
+    assert state.ema == pytest.approx(2.0)  # nothing scored: the average does not move
+
+
+def test_advantages_new_kinds_reject_bad_groups():
+    with pytest.raises(ValueError, match="group_size=4"):
+        advantages(R6, kind="grpo", group_size=4)
+    with pytest.raises(ValueError, match="group_size=4"):
+        advantages(R6, kind="dr_grpo", group_size=4)
+    with pytest.raises(ValueError, match="reinforce\\+\\+"):
+        advantages(R6, kind="reinforce")
+
+
 # ----------------------------------------------------------------------------------- KL, advantages
 
 
