@@ -67,10 +67,20 @@ def _cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_adversarial(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.config import load_config
-    from genpt_dist.rl.stage import adversarial
+    from genpt_dist.rl.driver import adversarial
 
     cfg = load_config(args.config, args.overrides)
     return adversarial(args.data, args.init, args.run, cfg, address=args.address)
+
+
+def _cmd_reinforce(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.config import load_config
+    from genpt_dist.rl.driver import reinforce
+
+    cfg = load_config(args.config, args.overrides)
+    return reinforce(
+        args.init, args.run, cfg, prompts=args.prompts, data=args.data, rewards=args.rewards, address=args.address
+    )
 
 
 def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
@@ -175,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
     _stage_args(p)
     p.set_defaults(fn=_cmd_adversarial)
+
+    p = sub.add_parser("reinforce", help="REINFORCE toward the rewards you name (Python functions, discriminator)")
+    p.add_argument("--init", required=True, metavar="CKPT", help="the model to improve (also the KL reference)")
+    p.add_argument("--run", required=True, metavar="URL", help="run folder; the same --run again resumes")
+    p.add_argument("--prompts", metavar="SRC", help="JSONL or parquet prompts; their other fields reach the rewards")
+    p.add_argument("--data", metavar="URL", help="a prepared dataset: real-text prompts, and the discriminator's text")
+    p.add_argument(
+        "--reward",
+        dest="rewards",
+        action="append",
+        metavar="SPEC",
+        help="python:FILE.py:FUNC, python:package.module:FUNC, model:FOLDER or discriminator, with an optional @WEIGHT "
+        "(repeatable; the weighted sum is the reward; default: the recipe's reinforce.rewards)",
+    )
+    _stage_args(p)
+    p.set_defaults(fn=_cmd_reinforce)
 
     p = sub.add_parser("finetune", help="supervised fine-tuning of a checkpoint on a downstream task")
     p.add_argument(

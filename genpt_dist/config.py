@@ -212,8 +212,23 @@ _ADV_TRAIN = {
 _ADV_OPTIM = {"lr": 2e-5, "warmup_steps": 0, "min_lr_ratio": 1.0}
 
 
-class AdversarialConfig(_Strict):
-    """SeqGAN-style REINFORCE against an online discriminator, with a KL guard to the pretrained model."""
+class PromptsConfig(_Strict):
+    """The prompt file of `reinforce --prompts` (JSONL or parquet; its other fields reach the rewards)."""
+
+    prompt_field: str = Field("prompt", description="field (column) holding the prompt text")
+    held_out_fraction: float = Field(
+        0.0, ge=0, lt=1, description="share of prompts (by a hash of the text) held out, evaluated every eval_every"
+    )
+    eval_prompts: int = Field(64, ge=1, description="held-out prompts evaluated (greedy, one completion each)")
+    pass_reward: float = Field(
+        1.0, description="held-out accuracy: share of greedy completions whose reward reaches this (a checker's 1)"
+    )
+
+
+class ReinforceConfig(_Strict):
+    """REINFORCE from rollout actors' samples, scored by the configured rewards, with a KL guard to the
+    `--init` model. `reinforce` is it with the rewards a user names; `adversarial` (the seed's recipe)
+    with the online discriminator and real-text prompts."""
 
     train: _stage_section(TrainConfig, **_ADV_TRAIN) = Field(  # type: ignore[valid-type]
         description="policy updates (steps), rows per forward/backward, cadence"
@@ -221,9 +236,16 @@ class AdversarialConfig(_Strict):
     optim: _stage_section(OptimConfig, **_ADV_OPTIM) = Field(  # type: ignore[valid-type]
         description="the policy's optimizer (constant LR after warmup by default)"
     )
+    rewards: list[str] = Field(
+        default_factory=list,
+        description="reward specs, summed with their weights: python:FILE.py:FUNC, python:package.module:FUNC, "
+        "model:FOLDER, discriminator, each with an optional @WEIGHT (--reward replaces them)",
+    )
     prompts_per_step: int = Field(8, ge=1, description="prompts per update, over all workers")
-    reward: Literal["prob", "log"] = Field("prob", description="sequence reward D(x) or log D(x)")
-    baseline: Literal["ema", "group", "rloo", "none"] = Field("rloo", description="REINFORCE baseline")
+    reward: Literal["prob", "log"] = Field("prob", description="discriminator reward D(x) or log D(x)")
+    baseline: Literal["ema", "group", "dr_grpo", "grpo", "rloo", "reinforce++", "none"] = Field(
+        "rloo", description="advantage estimator (rl/reinforce.py states each)"
+    )
     ema_decay: float = Field(0.9, ge=0, lt=1, description="moving-average baseline decay")
     normalize_advantages: bool = Field(True, description="divide advantages by their batch std")
     kl_coef: float = Field(0.05, ge=0, description="weight of KL(policy || pretrained)")
@@ -234,6 +256,7 @@ class AdversarialConfig(_Strict):
     # The pydantic plugin reads a field's default only from `= Field(default...)`, not from the Field in
     # `_stage_section`'s Annotated metadata, so it takes these classes' stage sections for required
     # arguments and their no-argument construction for an error; at runtime every section has a default.
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # type: ignore[arg-type]
     discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)  # type: ignore[arg-type]
 
@@ -308,7 +331,10 @@ class Config(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     # The ignores: stage sections' defaults are invisible to the pydantic plugin (see AdversarialConfig).
-    adversarial: AdversarialConfig = Field(default_factory=AdversarialConfig)  # type: ignore[arg-type]
+    adversarial: _stage_section(ReinforceConfig, rewards=["discriminator"]) = Field(  # type: ignore[valid-type]
+        description="the seed's recipe: REINFORCE against the online discriminator"
+    )
+    reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)  # type: ignore[arg-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
 
@@ -327,9 +353,10 @@ class Config(_Strict):
         """The schedule and optimizer sections a stage trains with."""
         if stage == "pretrain":
             return self.train, self.optim
-        sections: dict[str, FinetuneConfig | AdversarialConfig] = {
+        sections: dict[str, FinetuneConfig | ReinforceConfig] = {
             "finetune": self.finetune,
             "adversarial": self.adversarial,
+            "reinforce": self.reinforce,
         }
         section = sections[stage]
         return section.train, section.optim

@@ -45,7 +45,7 @@ def pipeline(
 ) -> dict[str, Any]:
     from genpt_dist.export import export
     from genpt_dist.report import write_report
-    from genpt_dist.rl.stage import adversarial
+    from genpt_dist.rl.driver import adversarial
     from genpt_dist.train.finetune import best_checkpoint, finetune
     from genpt_dist.train.pretrain import pretrain
 

@@ -24,6 +24,8 @@ class RolloutRequest:
     mc_stride: int = 8  # a prefix is measured every mc_stride generated tokens
     reward_kind: Literal["prob", "log"] = "prob"  # reward D(x) or log D(x)
     rows_per_call: int = 1  # consecutive rows sampled in one batched call; never split across actors
+    texts: list[str] | None = None  # (B,) prompt texts for Python reward functions (None: no text rewards)
+    columns: list[dict[str, Any]] | None = None  # (B,) the prompt file's other fields per row, for them
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -38,7 +40,13 @@ class RolloutRequest:
 
     def rows(self, start: int, stop: int) -> RolloutRequest:
         """The same request for rows [start, stop) only."""
-        return replace(self, prompts=self.prompts[start:stop], seeds=self.seeds[start:stop])
+        return replace(
+            self,
+            prompts=self.prompts[start:stop],
+            seeds=self.seeds[start:stop],
+            texts=self.texts[start:stop] if self.texts is not None else None,
+            columns=self.columns[start:stop] if self.columns is not None else None,
+        )
 
 
 @dataclass
@@ -56,7 +64,8 @@ class RolloutBatch:
     gen_mask: Tensor  # (B, N) int64: 1 for generated tokens (eos incl.); = attention_mask[:, P:]
     lengths: Tensor  # (B,) int64: generated tokens per row, eos included
     d_logits: Tensor  # (B,) float32: discriminator logit of prompt + generated tokens (> 0 = "real")
-    rewards: Tensor  # (B,) float32: sequence reward, D(x) or log D(x) (the request's reward_kind)
+    rewards: Tensor  # (B,) float32: the sequence reward, the weighted sum of the components; NaN = no
+    #                  component scored the row (it is left out of the update)
     token_rewards: Tensor | None  # (B, N) float32: SeqGAN MC rewards, 0 where not generated; None without MC
     policy_version: int  # version of the policy that sampled every row (-1: the reference weights)
     disc_version: int  # version of the discriminator that scored them (-1: never loaded)
@@ -67,6 +76,8 @@ class RolloutBatch:
     mc_seconds: float = 0.0  # part of seconds: sampling and scoring Monte Carlo completions
     mc_tokens: int = 0  # MC cost: token slots sampled for completions (rows x steps run)
     sampled_tokens: int = 0  # token slots sampled for the rows themselves (rows x steps run)
+    reward_components: Tensor | None = None  # (B, C) float32: each reward component's value, NaN = not scored
+    reward_names: tuple[str, ...] = ()  # (C,) the components' names (rl.rewards.RewardSpec.name)
 
     @property
     def batch_size(self) -> int:
@@ -106,8 +117,9 @@ class RolloutBatch:
         for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards"):  # (B_b, N_b) -> (B_b, N)
             if getattr(batches[0], name) is not None:
                 out[name] = torch.cat([F.pad(getattr(b, name), (0, N - b.gen_width)) for b in batches])
-        for name in ("lengths", "d_logits", "rewards"):  # (B_b,)
-            out[name] = torch.cat([getattr(b, name) for b in batches])
+        for name in ("lengths", "d_logits", "rewards", "reward_components"):  # (B_b,) or (B_b, C)
+            if getattr(batches[0], name) is not None:
+                out[name] = torch.cat([getattr(b, name) for b in batches])
         for name in ("seconds", "sync_seconds", "mc_seconds", "mc_tokens", "sampled_tokens"):
             out[name] = sum(getattr(b, name) for b in batches)
         return replace(batches[0], prompt_width=P, actor=",".join(b.actor for b in batches), **out)

@@ -18,18 +18,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from genpt_dist.config import Config
+from genpt_dist.config import Config, ReinforceConfig
 from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
+from genpt_dist.train.engine import Job
 
 DISC_DIR = "ds_disc"
 
 
-def disc_model_config(cfg: Config, vocab_size: int, pad_id: int) -> DiscriminatorConfig:
-    """D's shape from the recipe; it reads <bos> + prompt_len + max_new_tokens tokens."""
-    d, r = cfg.adversarial.discriminator.model, cfg.adversarial.rollout
+def disc_model_config(
+    section: ReinforceConfig, vocab_size: int, pad_id: int, context: int | None = None
+) -> DiscriminatorConfig:
+    """D's shape from the stage's section; it reads <bos> + prompt_len + max_new_tokens tokens of real-text
+    prompts, or up to `context` tokens (the policy's) when prompts of any length come from a file."""
+    d, r = section.discriminator.model, section.rollout
     return DiscriminatorConfig(
         vocab_size=vocab_size,
-        block_size=1 + r.prompt_len + r.sampling.max_new_tokens,
+        block_size=context or 1 + r.prompt_len + r.sampling.max_new_tokens,
         n_layer=d.n_layer,
         n_head=d.n_head,
         d_model=d.d_model,
@@ -38,31 +42,35 @@ def disc_model_config(cfg: Config, vocab_size: int, pad_id: int) -> Discriminato
     )
 
 
+def disc_context(job: Job) -> int | None:
+    """D's context for `disc_model_config`: the policy's when the prompts come from a file (any length),
+    else None (the real-text windows')."""
+    return job.model["block_size"] if job.extra.get("prompts") else None
+
+
 class DiscriminatorLearner:
     """D's engine and its BCE update (built inside a worker, after the policy's engine)."""
 
-    def __init__(self, cfg: Config, model_cfg: DiscriminatorConfig, *, precision: str):
+    def __init__(self, cfg: Config, section: ReinforceConfig, model_cfg: DiscriminatorConfig, *, precision: str):
         import deepspeed
 
         from genpt_dist.train.deepspeed import build_ds_config
 
         self.config, self.pad_id = model_cfg, model_cfg.pad_id
-        torch.manual_seed(cfg.adversarial.train.seed + 1)
+        torch.manual_seed(section.train.seed + 1)
         disc = Discriminator(model_cfg)
         ds_cfg = cfg.deepspeed.model_copy(
             update={"zero_stage": min(cfg.deepspeed.zero_stage, 2), "offload_params": False}
         )
         ds = build_ds_config(
             ds_cfg,
-            micro_batch_size=cfg.adversarial.train.micro_batch_size,
+            micro_batch_size=section.train.micro_batch_size,
             grad_accum=1,
-            grad_clip=cfg.adversarial.optim.grad_clip,
+            grad_clip=section.optim.grad_clip,
             precision=precision,
             use_gpu=cfg.scaling.use_gpu,
         )
-        opt = torch.optim.AdamW(
-            disc.parameters(), lr=cfg.adversarial.discriminator.lr, betas=(0.9, 0.99), weight_decay=0.01
-        )
+        opt = torch.optim.AdamW(disc.parameters(), lr=section.discriminator.lr, betas=(0.9, 0.99), weight_decay=0.01)
         self.engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=opt, config=ds, dist_init_required=False)
 
     def update(

@@ -1,10 +1,10 @@
 """One REINFORCE policy update over a rank's rollout rows, through the policy's DeepSpeed engine.
 
-1. Advantages over all the rank's rows first (they need whole prompt groups and, for whitening,
-   the whole batch): the sequence rewards minus the configured baseline (`reinforce.advantages`),
-   per token (`reinforce.token_advantages`: SeqGAN Monte Carlo rewards where given; in
-   `kl_mode="reward"` minus the KL reward-to-go, for which a no-grad forward measures the current
-   policy's log-probs), whitened over the batch when `normalize_advantages`.
+1. Per-token advantages over all the rank's rows first (`reinforce.token_advantages`), from the
+   sequence advantages the caller computed over the whole step (`reinforce.advantages`: they need
+   whole prompt groups, and batch statistics for the whitening estimators): SeqGAN Monte Carlo
+   rewards where given; in `kl_mode="reward"` minus the KL reward-to-go, for which a no-grad forward
+   measures the current policy's log-probs; whitened over the batch when `normalize_advantages`.
 2. The loss over the rows `micro_batch_size` at a time: token-mean of -A * log pi(a_t) (+ k3 KL to
    the reference as a loss term, - entropy bonus; `reinforce.reinforce_loss`). Each micro loss is
    weighted by its share of the rank's generated tokens (times the number of micro batches, which
@@ -19,16 +19,9 @@ from typing import Any, Literal
 
 import torch
 
-from genpt_dist.config import AdversarialConfig
+from genpt_dist.config import ReinforceConfig
 from genpt_dist.rl.batch import RolloutBatch
-from genpt_dist.rl.reinforce import (
-    BaselineState,
-    advantages,
-    entropy_of_logprobs,
-    kl_per_token,
-    reinforce_loss,
-    token_advantages,
-)
+from genpt_dist.rl.reinforce import entropy_of_logprobs, kl_per_token, reinforce_loss, token_advantages
 from genpt_dist.rl.reward import normalize
 
 
@@ -47,11 +40,9 @@ def policy_logprobs(
     return logp, entropy
 
 
-def policy_update(
-    engine: Any, rb: RolloutBatch, cfg: AdversarialConfig, baseline: BaselineState
-) -> tuple[dict[str, float], BaselineState]:
-    """One optimizer step of `engine` (the policy's DeepSpeed engine) on the rows of `rb`; returns the
-    stats and the baseline's new state (see the module docstring)."""
+def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: torch.Tensor) -> dict[str, float]:
+    """One optimizer step of `engine` (the policy's DeepSpeed engine) on the rows of `rb`, whose (B,)
+    sequence advantages are `seq_adv` (0 for rows left out: their gen_mask is 0); returns the stats."""
     device, micro, rows_total = engine.device, cfg.train.micro_batch_size, len(rb.tokens)
     chunks = [slice(lo, lo + micro) for lo in range(0, rows_total, micro)]
     mask = rb.gen_mask.to(device).float()  # (B, N)
@@ -64,10 +55,8 @@ def policy_update(
         with torch.no_grad():
             logp = torch.cat([policy_logprobs(engine, rb, c, False)[0] for c in chunks])  # (B, N)
         kl_reward = kl_per_token(logp, ref, mask, estimator="k1")
-    rewards = rb.rewards.to(device)  # (B,)
-    seq_adv, baseline = advantages(
-        rewards, kind=cfg.baseline, group_size=cfg.rollout.samples_per_prompt, state=baseline, ema_decay=cfg.ema_decay
-    )
+    rewards = rb.rewards.to(device).nan_to_num(0.0)  # (B,); rows no reward scored are masked out
+    seq_adv = seq_adv.to(device).nan_to_num(0.0)  # (B,)
     token_rewards = rb.token_rewards.to(device) if rb.token_rewards is not None else None
     adv = token_advantages(
         seq_adv,
@@ -100,4 +89,4 @@ def policy_update(
         engine.step()
         for k, v in chunk_stats.items():
             stats[k] = stats.get(k, 0.0) + weight * v
-    return stats, baseline
+    return stats

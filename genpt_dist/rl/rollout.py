@@ -125,6 +125,8 @@ class RolloutGroup:
         threads: int = 1,
         dtype: str = "float32",
         ready_timeout_s: float = 300.0,
+        reward_specs: list[dict[str, Any]] | None = None,
+        tokenizer_json: str | None = None,
     ) -> None:
         if num_actors < 1:
             raise UserError(f"num_actors must be >= 1, got {num_actors}")
@@ -151,6 +153,8 @@ class RolloutGroup:
                 threads=threads,
                 device=device,
                 dtype=dtype,
+                reward_specs=reward_specs,
+                tokenizer_json=tokenizer_json,
             )
             for i in range(num_actors)
         ]
@@ -234,6 +238,10 @@ class RolloutGroup:
                 k = waiting.pop(ref)
                 try:
                     results[k] = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:  # the worker raised: a bad reward is the user's
+                    if isinstance(exc.cause, UserError):
+                        raise exc.cause from None
+                    raise
                 except _ACTOR_ERRORS as exc:
                     chunk = chunks[k]
                     chunk.attempts += 1

@@ -1,11 +1,17 @@
-"""The rollout worker of the adversarial stage, free of Ray: sample from the policy, score with the
-reference and the discriminator.
+"""The rollout worker of the RL stage, free of Ray: sample from the policy, score with the reference
+and the configured rewards.
 
 ``RolloutWorker`` holds the current policy, the frozen reference and the discriminator.
 ``generate(RolloutRequest) -> RolloutBatch`` samples with ``model.sampling.sample`` (KV cache), then
 computes reference log-probs and discriminator logits on the result and, when asked, SeqGAN Monte
 Carlo token rewards (``rl.reward``). ``load`` takes new weights (plain or packed state dicts) with
 their versions. The Ray actor around it and the pool of actors are in ``rl.rollout``.
+
+Rewards (``rl.rewards``): with no reward specs (the adversarial recipe) the reward is D's sequence
+reward. Otherwise each component is scored: ``discriminator`` by D, a Python function on the decoded
+prompt texts and completions (completion = the generated tokens before <eos>) with the request's
+columns, ``model:`` by a frozen sequence classifier (``rl.reward_model``); the row's reward is the
+weighted sum of the components that scored it (NaN if none did).
 
 Reproducibility: rows are sampled in *calls* of ``rows_per_call`` consecutive rows (1 by default),
 one batched ``sample`` call each, with a generator seeded from the rows' seeds only (the row's own
@@ -33,6 +39,8 @@ from genpt_dist.model.sampling import sample
 from genpt_dist.rl.batch import RolloutBatch, RolloutRequest
 from genpt_dist.rl.reinforce import derive_seed
 from genpt_dist.rl.reward import mc_token_rewards, sequence_reward
+from genpt_dist.rl.reward_model import RewardModel
+from genpt_dist.rl.rewards import PythonRewards, RewardSpec, combine
 from genpt_dist.rl.weights import PackedState, unpack_state
 
 _MC_STREAM = 1  # tag of the Monte Carlo seed stream in derive_seed
@@ -53,6 +61,8 @@ class RolloutWorker:
         device: str = "cpu",
         dtype: str = "float32",
         score_batch_size: int = 32,
+        reward_specs: list[dict[str, Any]] | None = None,
+        tokenizer_json: str | None = None,
     ) -> None:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -70,6 +80,17 @@ class RolloutWorker:
         self.disc.to(self.device, self.dtype).eval().requires_grad_(False)
         self.policy_version = -1
         self.disc_version = -1
+        self.specs = [RewardSpec(**s) for s in reward_specs] if reward_specs else None
+        kinds = {s.kind for s in self.specs or []}
+        self.python = PythonRewards(self.specs) if self.specs and "python" in kinds else None
+        self.models = {s.name: RewardModel(s.target) for s in self.specs or [] if s.kind == "model"}
+        self.tokenizer = None
+        if kinds & {"python", "model"}:  # text rewards: completions are decoded
+            from genpt_dist.tokenizer import Tokenizer
+
+            if tokenizer_json is None:
+                raise ValueError("text rewards need the tokenizer to decode completions")
+            self.tokenizer = Tokenizer.from_json(tokenizer_json)
 
     @property
     def versions(self) -> tuple[int, int]:
@@ -139,8 +160,9 @@ class RolloutWorker:
         for i, lp in enumerate(lps):
             logprobs[i, : lp.numel()] = lp
         ref_logprobs = self._ref_logprobs(tokens, attn)[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)  # (B, N)
-        d_logits = self._disc_logits(tokens, attn)  # (B,)
-        rewards = sequence_reward(d_logits, req.reward_kind)  # (B,)
+        uses_disc = self.specs is None or any(s.kind == "discriminator" for s in self.specs)
+        d_logits = self._disc_logits(tokens, attn) if uses_disc else torch.zeros(len(tokens))  # (B,)
+        rewards, components, names = self._rewards(req, gen, sequence_reward(d_logits, req.reward_kind))
 
         token_rewards, mc_tokens, mc_seconds = None, 0, 0.0
         if req.mc_rollouts > 0:
@@ -166,7 +188,31 @@ class RolloutWorker:
             mc_seconds=mc_seconds,
             mc_tokens=mc_tokens,
             sampled_tokens=sampled,
+            reward_components=components,
+            reward_names=names,
         )
+
+    def _rewards(
+        self, req: RolloutRequest, gen: list[list[int]], d_reward: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+        """(B,) combined rewards, (B, C) components and their names (see the module docstring)."""
+        if self.specs is None:
+            return d_reward, d_reward[:, None].clone(), ("discriminator",)
+        parts: dict[str, Tensor] = {}
+        if self.tokenizer is not None:
+            assert req.texts is not None, "text rewards need the prompt texts"
+            completions = [self.tokenizer.decode([t for t in g if t != self.eos_id]) for g in gen]
+            if self.python is not None:
+                columns = req.columns if req.columns is not None else [{} for _ in gen]
+                scored = self.python.score(req.texts, completions, columns)
+                parts.update({name: torch.tensor(values, dtype=torch.float32) for name, values in scored.items()})
+            for name, model in self.models.items():
+                parts[name] = torch.tensor(model.score(req.texts, completions), dtype=torch.float32)
+        for spec in self.specs:
+            if spec.kind == "discriminator":
+                parts[spec.name] = d_reward.float()
+        names = tuple(s.name for s in self.specs)
+        return combine(parts, self.specs), torch.stack([parts[n] for n in names], dim=1), names
 
     def _assemble(self, seqs: list[list[int]], prompt_lens: list[int]) -> tuple[Tensor, Tensor, int]:
         """Rows prompt + generated laid out with the prompts right-aligned at column P.

@@ -1,53 +1,52 @@
-"""`adversarial`: the SeqGAN-style REINFORCE stage, distributed.
+"""The RL stage, distributed: `reinforce` (rewards the user names) and `adversarial` (the seed's recipe).
 
-Per policy update (step s), on N Ray Train workers, each with the policy's `Engine` and the
-discriminator D's learner (`rl.disc_learner`):
-1. Prompts: every rank cuts `prompts_per_step / N` windows from its share of the real shards
-   (`rl.real_text`);
-   a prompt is <bos> + the first `prompt_len` tokens of a window (0: <bos> alone). Rank 0 gathers
-   them, repeats each `samples_per_prompt` times and asks the rollout actor pool (`RolloutGroup`)
-   for samples, each row seeded by (seed, step, row). The actors hold the latest published policy,
-   the frozen reference (the `--init` model) and D, and return tokens, sampling log-probs, reference
-   log-probs and D's sequence reward (optionally SeqGAN Monte Carlo per-token rewards). The batch is
-   broadcast and every rank keeps its own prompts' rows. The rollouts of step s are requested after
-   step s-1's weights are published: strictly on-policy.
-2. Policy: advantages from the sequence rewards and the configured baseline (EMA, group mean,
-   leave-one-out), whitened over the rank's rows; the KL to the reference as a per-token reward
-   penalty or a loss term; loss = token-mean of -A * log pi(a_t) (+ KL, - entropy) (`rl.reinforce`),
-   accumulated over micro batches of `adversarial.train.micro_batch_size` rows, one optimizer step
+Per policy update (step s), on N Ray Train workers, each with the policy's `Engine` and, when the
+discriminator is a reward, its learner (`rl.disc_learner`):
+1. Prompts: from a prompt file (`reinforce --prompts`: `rl.prompts`, one global batch of
+   `prompts_per_step` per step in a per-epoch shuffle, every rank taking its slice; the file's
+   other fields are the rows' columns), or real-text windows of the shards (`--data`, `rl.real_text`:
+   <bos> + the first `prompt_len` tokens). Rank 0 repeats each prompt `samples_per_prompt` times and
+   asks the rollout actor pool (`RolloutGroup`) for samples, each row seeded by (seed, step, row). The
+   actors hold the latest published policy, the frozen reference (the `--init` model) and D, and
+   return tokens, sampling log-probs, reference log-probs and the rewards (`rl.rewards`: Python
+   functions called as TRL calls them, D's sequence reward; their weighted sum; optionally SeqGAN
+   Monte Carlo token rewards). The batch is broadcast and every rank keeps its own prompts' rows. The
+   rollouts of step s are requested after step s-1's weights are published: strictly on-policy.
+2. Policy: sequence advantages over the whole step's rows (every rank computes the same ones) with
+   the configured estimator (`reinforce.advantages`), rows no reward scored left out; then the
+   token-level loss with the KL guard, accumulated over micro batches, one optimizer step
    (`rl.policy_update`).
-3. Discriminator: `d_steps` binary cross-entropy updates on real windows (<bos> + prompt_len +
-   max_new_tokens real tokens; as many distinct ones as samples) vs this step's samples. Before the
-   first policy update D is trained for `pretrain_steps` rounds on samples of the initial policy
-   (SeqGAN does this).
-4. Publish: full weights of both (ZeRO-3 parameters gathered) go to the object store once, stamped
-   with a version; actors load them before their next rollout.
-Checkpoints hold the policy and D engines, the baseline state, counters and versions (`RLPart`).
+3. Discriminator (when it is a reward): `d_steps` binary cross-entropy updates on real windows vs
+   this step's samples; before the first policy update D is trained for `pretrain_steps` rounds on
+   samples of the initial policy (SeqGAN does this).
+4. Publish: full weights of the policy (and D) go to the object store once, stamped with a version;
+   actors load them before their next rollout.
+Checkpoints hold the policy (and D) engines, the baseline state, counters, versions and the prompt
+position (`RLPart`, `PromptSource`). The drivers that validate and start a run are in `rl.driver`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from genpt_dist import faults, storage
-from genpt_dist.checkpoint import check_init_matches, load_state_dict, resolve
-from genpt_dist.config import Config
+from genpt_dist import faults
+from genpt_dist.checkpoint import load_tokenizer, resolve
+from genpt_dist.config import Config, ReinforceConfig
 from genpt_dist.errors import UserError
-from genpt_dist.meta import CheckpointMeta, RLState
-from genpt_dist.rl.disc_learner import DiscriminatorLearner, disc_model_config
+from genpt_dist.rl.disc_learner import DiscriminatorLearner, disc_context, disc_model_config
 from genpt_dist.rl.policy_update import policy_update
+from genpt_dist.rl.prompts import Prompt, PromptLoader, load_prompts, split_held_out
 from genpt_dist.rl.real_text import RealTextWindows
-from genpt_dist.rl.reinforce import (
-    BaselineState,
-    rollout_seed,
-)
+from genpt_dist.rl.reinforce import advantages, rollout_seed
+from genpt_dist.rl.rewards import component_stats, parse_reward_specs
 from genpt_dist.rl.rollout import RolloutBatch, RolloutGroup, RolloutRequest
+from genpt_dist.rl.state import PromptSource, RLPart
 from genpt_dist.train.collective import all_gather_objects, all_reduce_mean, broadcast_object
 from genpt_dist.train.engine import Engine, Job, Reporter
 from genpt_dist.train.sources import ShardSource
@@ -57,12 +56,10 @@ log = logging.getLogger(__name__)
 STEP_KEYS = (
     "reward_mean",
     "reward_std",
+    "scored",
     "kl",
     "entropy",
     "sample_len",
-    "d_acc_real",
-    "d_acc_fake",
-    "d_loss",
     "pg_loss",
     "rollout_tokens_per_s",
     "rollout_s",
@@ -71,113 +68,153 @@ STEP_KEYS = (
     "tokens_seen",
     "reissued",
 )
+D_KEYS = ("d_acc_real", "d_acc_fake", "d_loss")
 VAL_KEYS = ("val_loss", "val_ppl", "val_bpb")
+HELD_OUT_KEYS = ("held_out_reward", "held_out_accuracy")
 
 
-class RLPart:
-    """The RL stage's checkpoint part: D's engine, the baseline and the version counters."""
+def stage_section(cfg: Config, stage: str) -> ReinforceConfig:
+    """The RL section a stage runs with: `adversarial` or `reinforce`."""
+    return cfg.adversarial if stage == "adversarial" else cfg.reinforce
 
-    def __init__(self, disc: DiscriminatorLearner):
-        self.disc = disc
-        self.baseline = BaselineState()
-        self.policy_version, self.disc_version, self.d_pretrained = 0, 0, 0
 
-    def engines(self) -> list[Any]:
-        return [self.disc.engine]
-
-    def save(self, folder: Path, rank: int) -> None:
-        self.disc.save(folder)
-
-    def load(self, folder: Path, meta: CheckpointMeta) -> None:
-        if meta.rl is None:
-            raise UserError(f"checkpoint of stage {meta.stage!r} has no RL state to resume the adversarial stage from")
-        self.baseline = BaselineState(**meta.rl.baseline)
-        self.policy_version, self.disc_version = meta.rl.policy_version, meta.rl.disc_version
-        self.d_pretrained = meta.rl.d_pretrained
-        self.disc.load(folder)
-
-    def meta_fields(self) -> dict[str, Any]:
-        return {
-            "rl": RLState(
-                baseline=dataclasses.asdict(self.baseline),
-                policy_version=self.policy_version,
-                disc_version=self.disc_version,
-                d_pretrained=self.d_pretrained,
-                discriminator=self.disc.config_dict(),
-            )
-        }
+class StageStopped(Exception):
+    """A user error met inside the loop (a reward function that fails): every rank stops cleanly."""
 
 
 class RLWorker:
-    """One rank of the stage: the policy engine, D, the real-text source and (rank 0) the rollout pool."""
+    """One rank of the stage: the policy engine, D, the prompt source and (rank 0) the rollout pool."""
 
     def __init__(self, job: Job, rank: int, world: int, reporter: Reporter):
         self.cfg = cfg = Config.model_validate(job.config)
-        adv = cfg.adversarial
+        self.stage, self.section = job.stage, stage_section(cfg, job.stage)
+        sec = self.section
+        self.specs = parse_reward_specs(sec.rewards)
+        self.uses_disc = any(spec.kind == "discriminator" for spec in self.specs)
         self.group: RolloutGroup = job.extra["rollout_group"]
-        self.prompts_per_rank = adv.prompts_per_step // world
-        self.rows_per_rank = self.prompts_per_rank * adv.rollout.samples_per_prompt
-        source = ShardSource(
-            job.data,
-            batch_size=self.prompts_per_rank,
-            eval_batches=adv.train.eval_batches,
-            eval_batch_size=adv.train.micro_batch_size,
-            loader=cfg.loader,
-            rank=rank,
-            world=world,
-        )
+        self.prompts_per_rank = sec.prompts_per_step // world
+        self.rows_per_rank = self.prompts_per_rank * sec.rollout.samples_per_prompt
+        real = None
+        if job.extra.get("real"):
+            real = ShardSource(
+                job.extra["real"],
+                batch_size=self.prompts_per_rank,
+                eval_batches=sec.train.eval_batches,
+                eval_batch_size=sec.train.micro_batch_size,
+                loader=cfg.loader,
+                rank=rank,
+                world=world,
+            )
+        self.prompt_loader: PromptLoader | None = None
+        source: ShardSource | PromptSource
+        self.held_out: list[Prompt] = []
+        if job.extra.get("prompts"):
+            train, held_out = split_held_out(
+                load_prompts(job.extra["prompts"], sec.prompts.prompt_field), sec.prompts.held_out_fraction
+            )
+            self.held_out = held_out[: sec.prompts.eval_prompts]
+            self.prompt_loader = PromptLoader(train, batch_size=sec.prompts_per_step, seed=sec.train.seed)
+            assert job.init is not None  # the driver sets it
+            tok = real.tokenizer if real is not None else load_tokenizer(resolve(job.init))
+            source = PromptSource(self.prompt_loader, tok, real, job.extra["prompts_sha256"], self.prompts_per_rank)
+        else:
+            assert real is not None, "prompts come from a file or from the real text"
+            source = real
         self.engine = engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
         self.tok = source.tokenizer
         resume = engine.resume_point()
-        engine.build(engine.new_model(), grad_accum=self.rows_per_rank // adv.train.micro_batch_size, resume=resume)
-        disc = DiscriminatorLearner(
-            cfg, disc_model_config(cfg, self.tok.vocab_size, self.tok.pad_id), precision=engine.precision
-        )
+        engine.build(engine.new_model(), grad_accum=self.rows_per_rank // sec.train.micro_batch_size, resume=resume)
+        disc = None
+        if self.uses_disc:
+            disc = DiscriminatorLearner(
+                cfg,
+                sec,
+                disc_model_config(sec, self.tok.vocab_size, self.tok.pad_id, disc_context(job)),
+                precision=engine.precision,
+            )
         self.state = RLPart(disc)
         engine.parts.append(self.state)
         if resume is not None:
             engine.restore(resume)
         self.reissued_before = self.group.reissued if rank == 0 else 0
-        r = cfg.adversarial.rollout
-        self.real = RealTextWindows(
-            source.train_batches(),
-            bos_id=self.tok.bos_id,
-            pad_id=self.tok.pad_id,
-            width=r.prompt_len + r.sampling.max_new_tokens,
-            samples_per_prompt=r.samples_per_prompt,
-        )
+        r = sec.rollout
+        self.real = None
+        if real is not None:
+            self.real = RealTextWindows(
+                real.train_batches(),
+                bos_id=self.tok.bos_id,
+                pad_id=self.tok.pad_id,
+                width=r.prompt_len + r.sampling.max_new_tokens,
+                samples_per_prompt=r.samples_per_prompt,
+            )
+        self.texts_needed = any(spec.kind in ("python", "model") for spec in self.specs)
 
     # --------------------------------------------------------------- pieces
-    def request(self, step: int, windows: list[list[int]]) -> RolloutRequest:
-        adv = self.cfg.adversarial
-        r, s = adv.rollout, adv.rollout.sampling
-        prompts = [w[: 1 + r.prompt_len] for w in windows for _ in range(r.samples_per_prompt)]
-        seeds = [rollout_seed(adv.train.seed, step, i) for i in range(len(prompts))]
+    def request(
+        self, step: int, prompts: list[list[int]], texts: list[str] | None, columns: list[dict[str, Any]] | None
+    ) -> RolloutRequest:
+        """Each prompt `samples_per_prompt` times, with its text and columns for the reward functions."""
+        sec = self.section
+        r, s, g = sec.rollout, sec.rollout.sampling, sec.rollout.samples_per_prompt
+        rows = [p for p in prompts for _ in range(g)]
+        seeds = [rollout_seed(sec.train.seed, step, i) for i in range(len(rows))]
         # Rows are sampled in batched calls of whole prompt groups, one per actor where possible; tokens
         # depend on this grouping (fixed by the config), never on which actor serves a call.
-        per_actor = max(1, adv.prompts_per_step // r.num_actors) * r.samples_per_prompt
+        per_actor = max(1, sec.prompts_per_step // r.num_actors) * g
         return RolloutRequest(
-            prompts=prompts,
+            prompts=rows,
             seeds=seeds,
             max_new_tokens=s.max_new_tokens,
             top_k=s.top_k,
             top_p=s.top_p,
             temperature=s.temperature,
-            mc_rollouts=adv.mc_rollouts,
-            mc_stride=adv.mc_stride,
-            reward_kind=adv.reward,
+            mc_rollouts=sec.mc_rollouts,
+            mc_stride=sec.mc_stride,
+            reward_kind=sec.reward,
             rows_per_call=per_actor,
+            texts=[t for t in texts for _ in range(g)] if texts is not None else None,
+            columns=[c for c in columns for _ in range(g)] if columns is not None else None,
         )
 
-    def rollouts(self, step: int, windows: torch.Tensor) -> RolloutBatch:
-        """Every rank's prompt windows sampled by the pool (rank 0 asks), the batch on every rank."""
+    def step_prompts(self, step: int) -> tuple[RolloutRequest | None, torch.Tensor | None]:
+        """Rank 0's rollout request for this step (None elsewhere) and this rank's real windows (for D)."""
+        windows = self.real.next() if self.real is not None else None
+        if self.prompt_loader is not None:
+            batch = self.prompt_loader.next_batch()  # the same global batch on every rank
+            if self.engine.rank != 0:
+                return None, windows
+            prompts = [[self.tok.bos_id, *self.tok.encode(p.text)] for p in batch]
+            return self.request(step, prompts, [p.text for p in batch], [p.columns for p in batch]), windows
+        assert windows is not None
         parts = all_gather_objects(windows.tolist(), self.engine.world)
-        batch = None
+        if self.engine.rank != 0:
+            return None, windows
+        plen = 1 + self.section.rollout.prompt_len
+        prompts = [w[:plen] for part in parts for w in part]
+        texts = [self.tok.decode(p[1:]) for p in prompts] if self.texts_needed else None
+        return self.request(step, prompts, texts, None), windows
+
+    def sample_on_rank0(self, request: RolloutRequest | None) -> RolloutBatch:
+        """Rank 0 has the pool sample `request`; the batch on every rank. A reward that fails (a UserError
+        from an actor) stops every rank (`StageStopped`) instead of leaving the others waiting."""
+        batch, error = None, None
         if self.engine.rank == 0:
-            if step == faults.kill_actor_at_step():  # test hook: an actor dies; its rows are re-issued
-                self.group.kill_actor(0)
-            batch = self.group.generate(self.request(step, [w for part in parts for w in part]))
-        return broadcast_object(batch)
+            assert request is not None
+            try:
+                batch = self.group.generate(request)
+            except UserError as exc:
+                error = str(exc)
+        batch, error = broadcast_object((batch, error))
+        if error is not None:
+            raise StageStopped(error)
+        return batch
+
+    def rollouts(self, step: int) -> tuple[RolloutBatch, torch.Tensor | None]:
+        """The step's rollouts on every rank (rank 0 asks the pool) and this rank's real windows."""
+        request, windows = self.step_prompts(step)
+        if self.engine.rank == 0 and step == faults.kill_actor_at_step():  # test hook: an actor dies
+            self.group.kill_actor(0)  # its rows are re-issued to another
+        return self.sample_on_rank0(request), windows
 
     def my_rows(self, batch: RolloutBatch) -> RolloutBatch:
         """This rank's rows: its own prompts' samples (groups never straddle ranks)."""
@@ -198,68 +235,137 @@ class RLWorker:
 
         t0 = time.perf_counter()
         policy = gather_full_state_dict(self.engine.engine)
-        disc = self.state.disc.full_state_dict()
+        disc = self.state.disc.full_state_dict() if self.state.disc is not None else None
         if self.engine.rank == 0:
-            self.group.publish(self.state.policy_version, policy, self.state.disc_version, disc)
+            self.group.publish(
+                self.state.policy_version, policy, self.state.disc_version if disc is not None else None, disc
+            )
         return time.perf_counter() - t0
+
+    def evaluate_held_out(self) -> dict[str, float]:
+        """Greedy completions of the held-out prompts (rank 0 asks the pool): their mean reward and the share
+        that reaches `pass_reward` (pass@1 for a checker reward); the same figures on every rank."""
+        sec, ps = self.section, self.held_out
+        request = None
+        if self.engine.rank == 0:
+            request = RolloutRequest(
+                prompts=[[self.tok.bos_id, *self.tok.encode(p.text)] for p in ps],
+                seeds=[0] * len(ps),
+                max_new_tokens=sec.rollout.sampling.max_new_tokens,
+                top_k=1,
+                reward_kind=sec.reward,
+                rows_per_call=max(1, -(-len(ps) // sec.rollout.num_actors)),
+                texts=[p.text for p in ps],
+                columns=[p.columns for p in ps],
+            )
+        rewards = self.sample_on_rank0(request).rewards  # (H,) NaN = not scored
+        scored = rewards[~torch.isnan(rewards)]
+        result = {
+            "held_out_reward": scored.mean().item() if len(scored) else math.nan,
+            "held_out_accuracy": (rewards >= sec.prompts.pass_reward).float().mean().item(),
+        }
+        self.engine.metrics.update(result)
+        return result
+
+    def reward_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Over the whole step (the same on every rank): the combined reward of the scored rows, the share
+        scored, and each component's mean and std."""
+        rewards = batch.rewards
+        scored = ~torch.isnan(rewards)
+        values = rewards[scored]
+        out = {
+            "reward_mean": values.mean().item() if len(values) else math.nan,
+            "reward_std": values.std().item() if len(values) > 1 else 0.0,
+            "scored": scored.float().mean().item(),
+        }
+        if batch.reward_components is not None:
+            out.update(component_stats(dict(zip(batch.reward_names, batch.reward_components.unbind(1)))))
+        return out
 
     # --------------------------------------------------------------- the loop
     def pretrain_discriminator(self) -> None:
         """SeqGAN: D learns real vs the initial policy's samples before the first policy update."""
-        adv, st = self.cfg.adversarial, self.state
-        while st.d_pretrained < adv.discriminator.pretrain_steps:
-            windows = self.real.next()
-            mine = self.my_rows(self.rollouts(-1 - st.d_pretrained, windows))
+        sec, st = self.section, self.state
+        assert st.disc is not None and self.real is not None
+        while st.d_pretrained < sec.discriminator.pretrain_steps:
+            batch, windows = self.rollouts(-1 - st.d_pretrained)
+            assert windows is not None
+            mine = self.my_rows(batch)
             d_stats = st.disc.update(self.real.for_discriminator(windows), mine.tokens, mine.attention_mask)
             st.d_pretrained += 1
-            if self.engine.rank == 0 and st.d_pretrained % adv.train.log_every == 0:
+            if self.engine.rank == 0 and st.d_pretrained % sec.train.log_every == 0:
                 log.info(
-                    "[adversarial] D pre-train %d/%d acc real %.2f fake %.2f",
+                    "[%s] D pre-train %d/%d acc real %.2f fake %.2f",
+                    self.stage,
                     st.d_pretrained,
-                    adv.discriminator.pretrain_steps,
+                    sec.discriminator.pretrain_steps,
                     d_stats["d_acc_real"],
                     d_stats["d_acc_fake"],
                 )
             st.disc_version += 1
 
+    def train_discriminator(self, windows: torch.Tensor, mine: RolloutBatch) -> dict[str, float]:
+        """`d_steps` updates of D on this step's real windows vs samples (0: only measured)."""
+        st, d_steps = self.state, self.section.discriminator.d_steps
+        assert st.disc is not None and self.real is not None
+        real = self.real.for_discriminator(windows)
+        d_stats = st.disc.update(real, mine.tokens, mine.attention_mask, step=d_steps > 0)
+        for _ in range(d_steps - 1):
+            st.disc.update(real, mine.tokens, mine.attention_mask)
+        st.disc_version += d_steps > 0
+        return d_stats
+
     def run(self) -> None:
+        engine = self.engine
+        engine.open_metrics_log()
+        start_step = engine.step
+        try:
+            self._run(start_step)
+        except StageStopped as stop:
+            engine.stop_for_user_error(str(stop))
+            return
+        engine.finish(start_step)
+
+    def _run(self, start_step: int) -> None:
         from genpt_dist.train.metrics import progress_line
 
-        adv, engine, st = self.cfg.adversarial, self.engine, self.state
-        engine.open_metrics_log()
-        start_step, t_start = engine.step, time.time()
+        sec, engine, st = self.section, self.engine, self.state
+        t_start = time.time()
         self.publish()
-        self.pretrain_discriminator()
+        if st.disc is not None:
+            self.pretrain_discriminator()
         publish_s = self.publish()
-        while engine.step < adv.train.steps:
+        while engine.step < sec.train.steps:
             t0 = time.time()
-            windows = self.real.next()
-            batch = self.rollouts(engine.step, windows)
-            mine = self.my_rows(batch)
+            batch, windows = self.rollouts(engine.step)
             rollout_s = time.time() - t0
-            stats, st.baseline = policy_update(engine.engine, mine, adv, st.baseline)
-            real = self.real.for_discriminator(windows)
-            d_steps = adv.discriminator.d_steps
-            d_stats = st.disc.update(real, mine.tokens, mine.attention_mask, step=d_steps > 0)
-            for _ in range(d_steps - 1):
-                st.disc.update(real, mine.tokens, mine.attention_mask)
+            # Sequence advantages over every row of the step (identical on all ranks), then this rank's.
+            seq_adv, st.baseline = advantages(
+                batch.rewards,
+                kind=sec.baseline,
+                group_size=sec.rollout.samples_per_prompt,
+                state=st.baseline,
+                ema_decay=sec.ema_decay,
+            )
+            mine, lo = self.my_rows(batch), engine.rank * self.rows_per_rank
+            scored = ~torch.isnan(mine.rewards)  # (B,) rows no reward scored take no part in the update
+            mine = dataclasses.replace(mine, gen_mask=mine.gen_mask * scored[:, None])
+            stats = policy_update(engine.engine, mine, sec, seq_adv[lo : lo + self.rows_per_rank])
+            d_stats = self.train_discriminator(windows, mine) if st.disc is not None and windows is not None else {}
             engine.step += 1
             st.policy_version += 1
-            st.disc_version += d_steps > 0
             engine.tokens_seen += int(batch.gen_mask.sum())
             publish_s = self.publish()
-            rewards = mine.rewards
             local = {
-                "reward_mean": rewards.mean().item(),
-                "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
                 "kl": stats["kl"],
                 "entropy": stats["entropy"],
                 "sample_len": mine.lengths.float().mean().item(),
-                **{k: d_stats[k] for k in ("d_acc_real", "d_acc_fake", "d_loss")},
                 "pg_loss": stats["loss"],
+                **d_stats,
             }
             engine.metrics.update(zip(local, all_reduce_mean(list(local.values()), engine.world)))
             engine.metrics.update(
+                self.reward_metrics(batch),
                 step=engine.step,
                 rollout_s=rollout_s,
                 publish_s=publish_s,
@@ -268,135 +374,40 @@ class RLWorker:
                 version_lag=st.policy_version - 1 - batch.policy_version,
                 reissued=(self.group.reissued - self.reissued_before) if engine.rank == 0 else 0,
             )
-            engine.log_metrics(STEP_KEYS)
+            engine.log_metrics([*STEP_KEYS, *D_KEYS, *(k for k in engine.metrics if k.startswith("reward/"))])
             step, cadence = engine.step, engine.cadence
             if engine.rank == 0 and cadence.log(step):
                 m = engine.metrics
                 progress_line(
-                    "adversarial",
+                    self.stage,
                     step,
-                    adv.train.steps,
+                    sec.train.steps,
                     m["pg_loss"],
                     m["rollout_tokens_per_s"],
                     0.0,
                     time.time() - t_start,
                     start_step,
                 )
+                d = f" D acc real {m['d_acc_real']:.2f} fake {m['d_acc_fake']:.2f}" if d_stats else ""
                 log.info(
-                    "[adversarial] step %d reward %.3f kl %.4f entropy %.3f D acc real %.2f fake %.2f publish %.2fs",
+                    "[%s] step %d reward %.3f kl %.4f entropy %.3f%s publish %.2fs",
+                    self.stage,
                     step,
                     m["reward_mean"],
                     m["kl"],
                     m["entropy"],
-                    m["d_acc_real"],
-                    m["d_acc_fake"],
+                    d,
                     publish_s,
                 )
             if cadence.evaluate(step):
-                engine.evaluate()
-                engine.log_metrics(VAL_KEYS)
+                if engine.evaluate():
+                    engine.log_metrics(VAL_KEYS)
+                if self.held_out:
+                    self.evaluate_held_out()
+                    engine.log_metrics(HELD_OUT_KEYS)
             if cadence.checkpoint(step):
                 engine.save_and_report()
-        engine.finish(start_step)
 
 
-def adversarial_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None:
+def rl_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None:
     RLWorker(job, rank, world, reporter).run()
-
-
-def adversarial_job(data: str, init: str, run: str, cfg: Config) -> tuple[Job, Any]:
-    """Validate the recipe against the data and `--init` at the edge; the job and the data's manifest."""
-    from genpt_dist.data.manifest import load_manifest
-
-    adv, r = cfg.adversarial, cfg.adversarial.rollout
-    manifest = load_manifest(data)
-    check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
-    ref = resolve(init)
-    model_cfg = ref.model_config
-    _, hi = cfg.scaling.worker_range
-    if adv.prompts_per_step % hi:
-        raise UserError(f"adversarial.prompts_per_step={adv.prompts_per_step} must be a multiple of the {hi} workers")
-    rows = adv.prompts_per_step // hi * r.samples_per_prompt
-    if rows % adv.train.micro_batch_size:
-        raise UserError(
-            f"adversarial.train.micro_batch_size={adv.train.micro_batch_size} must divide the "
-            f"{rows} rollout rows per worker (prompts_per_step / workers x samples_per_prompt)"
-        )
-    n_new = r.sampling.max_new_tokens
-    if 1 + r.prompt_len + n_new > model_cfg.block_size:
-        raise UserError(
-            f"<bos> + prompt_len {r.prompt_len} + max_new_tokens {n_new} exceeds the "
-            f"model's context of {model_cfg.block_size}"
-        )
-    if r.prompt_len + n_new > manifest.seq_len:
-        raise UserError(
-            f"prompt_len + max_new_tokens = {r.prompt_len + n_new} exceeds the data's "
-            f"{manifest.seq_len}-token samples (real windows for D)"
-        )
-    job = Job(
-        stage="adversarial",
-        config=cfg.model_dump(mode="json"),
-        model=dataclasses.asdict(model_cfg),
-        seq_len=manifest.seq_len,
-        data=manifest.url,
-        run=storage.normalize(run),
-        init=ref.url,
-    )
-    return job, manifest
-
-
-def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
-    """Driver: validate, start the rollout pool, run the workers, summarise."""
-    from genpt_dist.capacity import room_for
-    from genpt_dist.raycluster import init_ray
-    from genpt_dist.train.launcher import fit
-
-    r = cfg.adversarial.rollout
-    job, manifest = adversarial_job(data, init, run, cfg)
-    lo, _ = cfg.scaling.worker_range
-    init_ray(address)
-    # The workers and the actors together: an autoscaling cluster gets one request for both and time to
-    # add nodes before the actors are placed (RolloutGroup itself refuses what does not fit now).
-    actors = (r.num_actors * r.cpus_per_actor, r.num_actors * r.gpus_per_actor, f"{r.num_actors} rollout actors")
-    with room_for(
-        lo,
-        cfg.scaling.cpus_per_worker,
-        cfg.scaling.use_gpu,
-        extra_cpus=actors[0],
-        extra_gpus=actors[1],
-        extra_what=actors[2],
-    ):
-        tok = manifest.load_tokenizer()
-        assert job.init is not None  # adversarial_job sets it
-        ref_state = load_state_dict(resolve(job.init))
-        group = RolloutGroup(
-            r.num_actors,
-            cpus_per_actor=r.cpus_per_actor,
-            gpus_per_actor=r.gpus_per_actor,
-            max_restarts=r.max_restarts,
-            model_config=job.model,
-            disc_config=dataclasses.asdict(disc_model_config(cfg, tok.vocab_size, tok.pad_id)),
-            reference_state=ref_state,
-            pad_id=tok.pad_id,
-            eos_id=tok.eos_id,
-            threads=r.threads,
-        )
-        try:
-            job = dataclasses.replace(job, extra={"rollout_group": group})
-            metrics = fit(job, cfg, adversarial_worker, address=address, also_needs=actors)
-        finally:
-            group.shutdown()
-    keys = (
-        "step",
-        "reward_mean",
-        "kl",
-        "d_acc_real",
-        "d_acc_fake",
-        "val_loss",
-        "val_ppl",
-        "val_bpb",
-        "rollout_tokens_per_s",
-        "publish_s",
-        "checkpoint",
-    )
-    return {"command": "adversarial", "run": job.run, "init": job.init, **{k: metrics.get(k) for k in keys}}

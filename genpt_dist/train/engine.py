@@ -21,6 +21,7 @@ The loops over it are plain functions: `train.loop.run_mle` (pretrain, finetune)
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -55,6 +56,8 @@ from genpt_dist.train.sources import Batch, DataSource
 from genpt_dist.val_loss import LossSums, batch_loss_sums
 
 log = logging.getLogger(__name__)
+
+STOPPED = "stopped.json"  # a run stopped by a user error (see Engine.stop_for_user_error)
 
 
 @dataclass
@@ -254,7 +257,8 @@ class Engine:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Val loss (nats/token), perplexity and bits per byte over every rank's eval batches."""
+        """Val loss (nats/token), perplexity and bits per byte over every rank's eval batches ({} when the
+        source has none)."""
         self.engine.eval()
         sums = LossSums()
         for batch in self.source.eval_batches():
@@ -265,7 +269,10 @@ class Engine:
                 self.byte_table,
             )
         self.engine.train()
-        result = LossSums.from_list(all_reduce_sum(sums.tolist())).metrics()
+        total = LossSums.from_list(all_reduce_sum(sums.tolist()))
+        if total.targets == 0:  # no val data (an RL stage on a prompt file alone)
+            return {}
+        result = total.metrics()
         self.metrics.update(result)
         return result
 
@@ -323,6 +330,15 @@ class Engine:
             self.reporter(dict(self.metrics), tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def stop_for_user_error(self, message: str) -> None:
+        """End the run early on the user's error (a reward function that fails): rank 0 records it in
+        `<run>/stopped.json`, which the driver turns into a one-line error (Ray Train hands the driver only
+        the metrics of checkpoints). Earlier checkpoints stay as they are."""
+        if self.rank == 0:
+            storage.write_text(storage.join(self.job.run, STOPPED), json.dumps({"step": self.step, "error": message}))
+        if self.mlog is not None:
+            self.mlog.close()
 
     def finish(self, start_step: int) -> None:
         """End of a loop: a run that had nothing left to do reports its finished state once."""

@@ -30,8 +30,9 @@ from genpt_dist import storage
 from genpt_dist.capacity import room_for
 from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_incomplete
 from genpt_dist.config import Config
+from genpt_dist.errors import UserError
 from genpt_dist.raycluster import init_ray, worker_env
-from genpt_dist.train.engine import Job, Reporter
+from genpt_dist.train.engine import STOPPED, Job, Reporter
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,9 @@ def fit(
     ):  # Ray Train's own requests take over
         job = dataclasses.replace(job, run=storage.normalize(job.run), env={**worker_env(), **job.env})
         remove_incomplete(job.run)  # what a killed upload left: never loadable, never rotated by Ray Train
+        stopped = storage.join(job.run, STOPPED)
+        if storage.exists(stopped):  # an earlier attempt's user error: this one starts afresh
+            storage.delete(stopped)
         fs, path = storage.pyarrow_filesystem(job.run)
         resources = {"CPU": cfg.scaling.cpus_per_worker}
         if cfg.scaling.use_gpu:
@@ -111,6 +115,10 @@ def fit(
             ),
         )
         result = trainer.fit()
+    if storage.exists(stopped):  # a worker stopped the run on the user's error: one line, exit 2
+        record = storage.read_json(stopped)
+        storage.delete(stopped)
+        raise UserError(record["error"])
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})

@@ -86,8 +86,7 @@ def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
                 )
             engine.log_metrics(TRAIN_KEYS)
             window_loss, window_tokens, window_steps, t_window = 0.0, 0, 0, time.time()
-        if cadence.evaluate(step):
-            val = engine.evaluate()
+        if cadence.evaluate(step) and (val := engine.evaluate()):  # a dataset without a val split: none
             engine.log_metrics(VAL_KEYS)
             if engine.rank == 0:
                 log.info(

@@ -38,7 +38,7 @@ def _metrics(run: str) -> list[dict]:
 
 
 def _adversarial(data: str, base: str, run: str, *overrides: str) -> dict:
-    from genpt_dist.rl.stage import adversarial
+    from genpt_dist.rl.driver import adversarial
 
     return adversarial(data, base, run, load_config(TINY, [*STAGE, *overrides]))
 
@@ -69,6 +69,9 @@ def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_bas
     rewards = [round(m["reward_mean"], 3) for m in steps]
     assert sum(m["reward_mean"] for m in last) / 3 > first["reward_mean"] + 0.3, rewards
     assert all(m["version_lag"] == 0 for m in steps), "the stage samples strictly on-policy"
+    assert all(m["reissued"] == 0 for m in steps), "no actor is killed unless a test asks for it"
+    evals = [m for m in _metrics(run) if "val_loss" in m]
+    assert [m["step"] for m in evals] == [16], "val_loss is logged once per evaluation, not every step"
     assert out["step"] == 16 and out["publish_s"] >= 0 and out["checkpoint"]
     meta = list_checkpoints(run)[-1].meta
     assert meta.rl.policy_version == 16 and meta.rl.d_pretrained == 20

@@ -1,0 +1,84 @@
+"""What the RL stage keeps in a checkpoint besides the policy engine.
+
+`RLPart` (a `train.engine.CheckpointPart`): the discriminator's engine when D is a reward, the
+advantage baseline's state and the version counters, in meta.json's `rl` record. `PromptSource` (the
+engine's `DataSource` when prompts come from a file): the prompt loader's position, and the real
+text's when a discriminator trains on it, in meta.json's `loader` record, so a resumed run continues
+with the same prompts in the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from genpt_dist.errors import UserError
+from genpt_dist.meta import CheckpointMeta, RLState
+from genpt_dist.rl.disc_learner import DiscriminatorLearner
+from genpt_dist.rl.prompts import PromptLoader
+from genpt_dist.rl.reinforce import BaselineState
+from genpt_dist.tokenizer import Tokenizer
+from genpt_dist.train.sources import Batch, ShardSource
+
+
+class RLPart:
+    """The RL stage's checkpoint part: D's engine (when D is a reward), the baseline and the counters."""
+
+    def __init__(self, disc: DiscriminatorLearner | None):
+        self.disc = disc
+        self.baseline = BaselineState()
+        self.policy_version, self.disc_version, self.d_pretrained = 0, 0, 0
+
+    def engines(self) -> list[Any]:
+        return [self.disc.engine] if self.disc is not None else []
+
+    def save(self, folder: Path, rank: int) -> None:
+        if self.disc is not None:
+            self.disc.save(folder)
+
+    def load(self, folder: Path, meta: CheckpointMeta) -> None:
+        if meta.rl is None:
+            raise UserError(f"checkpoint of stage {meta.stage!r} has no RL state to resume the RL stage from")
+        self.baseline = BaselineState(**meta.rl.baseline)
+        self.policy_version, self.disc_version = meta.rl.policy_version, meta.rl.disc_version
+        self.d_pretrained = meta.rl.d_pretrained
+        if self.disc is not None:
+            self.disc.load(folder)
+
+    def meta_fields(self) -> dict[str, Any]:
+        return {
+            "rl": RLState(
+                baseline=dataclasses.asdict(self.baseline),
+                policy_version=self.policy_version,
+                disc_version=self.disc_version,
+                d_pretrained=self.d_pretrained,
+                discriminator=self.disc.config_dict() if self.disc is not None else None,
+            )
+        }
+
+
+class PromptSource:
+    """The engine's data source when prompts come from a file: the prompt loader's position (and the real
+    text's, when a discriminator trains on it) in checkpoints; val batches from the real text, if any."""
+
+    def __init__(
+        self, prompts: PromptLoader, tokenizer: Tokenizer, real: ShardSource | None, fingerprint: str, batch_size: int
+    ):
+        self.prompts, self.real, self.tokenizer = prompts, real, tokenizer
+        self.data_fingerprint, self.batch_size = fingerprint, batch_size
+
+    def train_batches(self) -> Iterator[Batch]:
+        return self.real.train_batches() if self.real is not None else iter(())
+
+    def eval_batches(self) -> Iterable[Batch]:
+        return self.real.eval_batches() if self.real is not None else []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts": self.prompts.state_dict(), "real": self.real.state_dict() if self.real else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        if self.real is not None and state.get("real") is not None:
+            self.real.load_state_dict(state["real"])

@@ -1,0 +1,196 @@
+"""`reinforce` end to end: a Python reward (TRL's signature) with prompt columns rises, mixed with the
+discriminator, resumes in the same prompt order, and refuses bad input in one line before any worker."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from genpt_dist import storage
+from genpt_dist.checkpoint import list_checkpoints
+from genpt_dist.config import load_config
+from genpt_dist.data.prepare import prepare
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+# The share of the row's `letter` column in the completion: the column reaches the function by name.
+REWARD = """
+def letter_share(prompts, completions, letter, **kwargs):
+    return [c.count(x) / max(len(c), 1) for c, x in zip(completions, letter)]
+
+
+def raises(prompts, completions, **kwargs):
+    raise ValueError("no score today")
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, shakespeare, tmp_path_factory) -> dict[str, str]:
+    """Tiny data, a barely trained generator, a reward file and a prompt file with a `letter` column."""
+    from genpt_dist.train.pretrain import pretrain
+
+    root = tmp_path_factory.mktemp("rl")
+    data = str(root / "data")
+    prepare([str(shakespeare)], data, load_config(TINY).data)
+    base = str(root / "base")
+    pretrain(data, base, load_config(TINY, ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"]))
+    (root / "reward.py").write_text(REWARD)
+    prompts = root / "prompts.jsonl"
+    words = ["ROMEO:", "JULIET:", "To be", "My lord,", "What", "Now", "Come", "Good"]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": w, "letter": "e", "id": i}) + "\n" for i, w in enumerate(words * 3))
+    )
+    return {"data": data, "base": base, "reward": str(root / "reward.py"), "prompts": str(prompts)}
+
+
+def _metrics(run: str) -> list[dict]:
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    return [m for m in rows if "reward_mean" in m]
+
+
+def _reinforce(s: dict[str, str], run: str, rewards: list[str], *overrides: str, data: bool = False) -> dict:
+    from genpt_dist.rl.driver import reinforce
+
+    return reinforce(
+        s["base"],
+        run,
+        load_config(TINY, list(overrides)),
+        prompts=s["prompts"],
+        data=s["data"] if data else None,
+        rewards=rewards,
+    )
+
+
+@pytest.mark.slow
+def test_a_python_reward_over_prompt_columns_rises(setup, tmp_path):
+    run = str(tmp_path / "run")
+    spec = f"python:{setup['reward']}:letter_share"
+    out = _reinforce(
+        setup,
+        run,
+        [spec],
+        "reinforce.train.steps=12",
+        "reinforce.optim.lr=3e-3",
+        "reinforce.kl_coef=0",
+        "reinforce.baseline=grpo",
+        "reinforce.train.eval_every=6",
+        "reinforce.prompts.held_out_fraction=0.3",
+        "reinforce.prompts.pass_reward=0.05",
+    )
+    assert out["step"] == 12 and out["rewards"] == ["letter_share"] and out["checkpoint"]
+    steps = _metrics(run)
+    assert [m["step"] for m in steps] == list(range(1, 13))
+    first, last = sum(m["reward_mean"] for m in steps[:3]) / 3, sum(m["reward_mean"] for m in steps[-3:]) / 3
+    assert last > first + 0.05, [round(m["reward_mean"], 3) for m in steps]
+    assert all(m["reward/letter_share/mean"] == pytest.approx(m["reward_mean"], abs=1e-5) for m in steps)
+    rows = [json.loads(x) for x in storage.read_text(storage.join(run, "metrics.jsonl")).splitlines()]
+    held = [m for m in rows if "held_out_accuracy" in m]  # greedy completions of the held-out prompts
+    assert [m["step"] for m in held] == [6, 12] and all(0 <= m["held_out_accuracy"] <= 1 for m in held)
+    assert out["held_out_reward"] == pytest.approx(held[-1]["held_out_reward"])
+    meta = list_checkpoints(run)[-1].meta
+    assert meta.stage == "reinforce" and meta.rl is not None and meta.rl.discriminator is None
+
+
+@pytest.mark.slow
+def test_weighted_rewards_combine_and_resume_keeps_the_prompt_order(setup, tmp_path):
+    spec = [f"python:{setup['reward']}:letter_share@2", "discriminator@0.5"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    _reinforce(setup, straight, spec, "reinforce.train.steps=4", "reinforce.train.checkpoint_every=2", data=True)
+    _reinforce(setup, split, spec, "reinforce.train.steps=2", "reinforce.train.checkpoint_every=2", data=True)
+    _reinforce(setup, split, spec, "reinforce.train.steps=4", "reinforce.train.checkpoint_every=2", data=True)
+    a, b = _metrics(straight), _metrics(split)
+    assert [m["step"] for m in b] == [1, 2, 3, 4]
+    for m in a:  # every row is scored by both components: the reward is their weighted sum
+        combined = 2 * m["reward/letter_share/mean"] + 0.5 * m["reward/discriminator/mean"]
+        assert m["reward_mean"] == pytest.approx(combined, abs=1e-4) and "d_acc_real" in m
+    assert list_checkpoints(split)[-1].meta.loader["prompts"] == list_checkpoints(straight)[-1].meta.loader["prompts"]
+    for x, y in zip(a[2:], b[2:]):  # after the resume: the same prompts, weights and seeds, so the same rewards
+        assert y["reward/letter_share/mean"] == pytest.approx(x["reward/letter_share/mean"], abs=1e-4), (a, b)
+
+
+@pytest.mark.slow
+def test_a_reward_function_that_raises_is_one_line_and_keeps_the_last_checkpoint(setup, tmp_path):
+    run = str(tmp_path / "run")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "reinforce",
+            "--init",
+            setup["base"],
+            "--run",
+            run,
+            "--prompts",
+            setup["prompts"],
+            "--reward",
+            f"python:{setup['reward']}:raises",
+            "--config",
+            str(TINY),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("genpt-dist: error:") and "raises" in last and "no score today" in last, last
+    assert not list_checkpoints(run)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, setup) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad")
+    no_field = root / "no_field.jsonl"
+    no_field.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    long = root / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "x" * 200}) + "\n")
+    return {"no_field": str(no_field), "long": str(long)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", ["spec", "no-file", "no-function", "disc-without-data", "no-prompts", "field", "too-long"]
+)
+def test_reinforce_bad_input(case, setup, files, tmp_path):
+    reward = f"python:{setup['reward']}:letter_share"
+    args, expect = {
+        "spec": (["--prompts", setup["prompts"], "--reward", "python:nofunc"], "bad --reward 'python:nofunc'"),
+        "no-file": (["--prompts", setup["prompts"], "--reward", "python:missing.py:f"], "missing.py"),
+        "no-function": (["--prompts", setup["prompts"], "--reward", f"python:{setup['reward']}:nope"], "nope"),
+        "disc-without-data": (["--prompts", setup["prompts"], "--reward", "discriminator"], "needs --data"),
+        "no-prompts": (["--reward", reward], "needs --prompts FILE"),
+        "field": (["--prompts", files["no_field"], "--reward", reward], "line 2"),
+        "too-long": (["--prompts", files["long"], "--reward", reward], "context"),
+    }[case]
+    run = str(tmp_path / "run")
+    proc = _cli("reinforce", "--init", setup["base"], "--run", run, "--config", str(TINY), *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("genpt-dist: error:") and expect in last, last
+    assert "Traceback" not in proc.stderr and not list_checkpoints(run)
+
+
+@pytest.mark.slow
+def test_a_reward_model_scores_beside_a_function(setup, tmp_path):
+    from test_reward_model import save_classifier
+
+    (tmp_path / "rm").mkdir()
+    folder = save_classifier(tmp_path / "rm")
+    run = str(tmp_path / "run")
+    _reinforce(setup, run, [f"python:{setup['reward']}:letter_share", f"model:{folder}@0.1"], "reinforce.train.steps=2")
+    for m in _metrics(run):
+        assert {"reward/letter_share/mean", "reward/model/mean"} <= set(m), m
+        combined = m["reward/letter_share/mean"] + 0.1 * m["reward/model/mean"]
+        assert m["reward_mean"] == pytest.approx(combined, abs=1e-4)
