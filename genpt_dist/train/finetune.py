@@ -27,9 +27,8 @@ from genpt_dist.data.task import ExampleLoader, collate, load_task
 from genpt_dist.errors import UserError
 from genpt_dist.meta import CheckpointMeta, FinetuneState
 from genpt_dist.model.gpt import GPT
-from genpt_dist.train import elastic
 from genpt_dist.train.engine import Engine, Job, Reporter
-from genpt_dist.train.loop import EarlyStop, run_mle
+from genpt_dist.train.loop import EarlyStop, train_mle
 from genpt_dist.train.sources import Batch, DataSource, ShardSource
 
 log = logging.getLogger(__name__)
@@ -161,25 +160,11 @@ def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
     else:
         source = TaskSource(job, ft, rank, world)
     engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
-    resume = engine.resume_point()
-    resume_meta = resume.meta if resume else None
-    assert resume_meta is None or isinstance(resume_meta, CheckpointMeta)  # list_checkpoints: never an export
-    accum = elastic.grad_accum_for(
-        cfg.deepspeed.grad_accum, ft.train.micro_batch_size, cfg.scaling.worker_range, job.seq_len, world, resume_meta
-    )
     early_stop = EarlyStop(patience=ft.patience)
     part = FinetunePart({}, early_stop)
     engine.parts.append(part)
     # Freezing after the --init weights are in (their exact values are kept), before DeepSpeed wraps the model.
-    engine.build(
-        engine.new_model(),
-        grad_accum=accum,
-        resume=resume,
-        before_wrap=lambda model: part.frozen.update(freeze(model, ft, rank)),
-    )
-    if resume is not None:
-        engine.restore(resume)
-    run_mle(engine, early_stop)
+    train_mle(engine, before_wrap=lambda model: part.frozen.update(freeze(model, ft, rank)), early_stop=early_stop)
 
 
 def best_checkpoint(run: str) -> CheckpointRef | None:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from genpt_dist import faults
+from genpt_dist.meta import CheckpointMeta
+from genpt_dist.model.gpt import GPT
 from genpt_dist.train.collective import all_reduce_sum
 from genpt_dist.train.engine import Engine
 
@@ -98,3 +101,24 @@ def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
         if cadence.checkpoint(step):
             engine.save_and_report()
     engine.finish(start_step)
+
+
+def train_mle(
+    engine: Engine, *, before_wrap: Callable[[GPT], None] | None = None, early_stop: EarlyStop | None = None
+) -> None:
+    """A whole MLE worker over its engine (stage parts registered): the resume point, the grad_accum that
+    keeps the checkpoint's global batch at this world size, build (`before_wrap` may change the model),
+    restore, then `run_mle`."""
+    from genpt_dist.train import elastic
+
+    cfg, micro = engine.cfg, engine.schedule.micro_batch_size
+    resume = engine.resume_point()
+    meta = resume.meta if resume else None
+    assert meta is None or isinstance(meta, CheckpointMeta)  # list_checkpoints: never an export
+    accum = elastic.grad_accum_for(
+        cfg.deepspeed.grad_accum, micro, cfg.scaling.worker_range, engine.job.seq_len, engine.world, meta
+    )
+    engine.build(engine.new_model(), grad_accum=accum, resume=resume, before_wrap=before_wrap)
+    if resume is not None:
+        engine.restore(resume)
+    run_mle(engine, early_stop)

@@ -11,11 +11,9 @@ from genpt_dist.checkpoint import check_init_matches
 from genpt_dist.config import Config
 from genpt_dist.data.manifest import load_manifest
 from genpt_dist.errors import UserError
-from genpt_dist.meta import CheckpointMeta
 from genpt_dist.model.gpt import GPTConfig
-from genpt_dist.train import elastic
 from genpt_dist.train.engine import Engine, Job, Reporter
-from genpt_dist.train.loop import run_mle
+from genpt_dist.train.loop import train_mle
 from genpt_dist.train.sources import ShardSource
 
 log = logging.getLogger(__name__)
@@ -33,17 +31,7 @@ def pretrain_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
         rank=rank,
         world=world,
     )
-    engine = Engine(job, source, rank=rank, world=world, reporter=reporter)
-    resume = engine.resume_point()
-    resume_meta = resume.meta if resume else None
-    assert resume_meta is None or isinstance(resume_meta, CheckpointMeta)  # list_checkpoints: never an export
-    accum = elastic.grad_accum_for(
-        cfg.deepspeed.grad_accum, cfg.train.micro_batch_size, cfg.scaling.worker_range, job.seq_len, world, resume_meta
-    )
-    engine.build(engine.new_model(), grad_accum=accum, resume=resume)
-    if resume is not None:
-        engine.restore(resume)
-    run_mle(engine)
+    train_mle(Engine(job, source, rank=rank, world=world, reporter=reporter))
 
 
 def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> Job:
