@@ -182,6 +182,13 @@ class RolloutConfig(_Strict):
     max_restarts: int = Field(3, ge=-1, description="restarts of a dead actor (-1 = forever)")
     prompt_len: int = Field(0, ge=0, description="real-text prefix tokens per prompt after <bos> (0 = from <bos>)")
     samples_per_prompt: int = Field(4, ge=1, description="rollouts per prompt (the group of group/RLOO baselines)")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="policy updates a rollout may lag: k >= 1 samples the rollouts of steps s+1..s+k while step s "
+        "trains (one-step-off at 1) and corrects with the clipped importance ratio; 0 = strictly on-policy",
+    )
     sampling: _stage_section(SamplingConfig, max_new_tokens=64) = Field(  # type: ignore[valid-type]
         description="how each rollout is sampled (max_new_tokens: tokens per rollout)"
     )
@@ -251,6 +258,13 @@ class ReinforceConfig(_Strict):
     kl_coef: float = Field(0.05, ge=0, description="weight of KL(policy || pretrained)")
     kl_mode: Literal["reward", "loss"] = Field("loss", description="KL as a per-token reward penalty or a loss term")
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
+    clip_ratio: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="stale rollouts (rollout.max_staleness >= 1): the importance ratio is clipped "
+        "to [1 - clip_ratio, 1 + clip_ratio] as PPO clips it",
+    )
     mc_rollouts: int = Field(0, ge=0, description="SeqGAN Monte Carlo completions per prefix (0 = sequence reward)")
     mc_stride: int = Field(8, ge=1, description="token positions between Monte Carlo prefixes")
     # The pydantic plugin reads a field's default only from `= Field(default...)`, not from the Field in

@@ -26,6 +26,7 @@ class RolloutRequest:
     rows_per_call: int = 1  # consecutive rows sampled in one batched call; never split across actors
     texts: list[str] | None = None  # (B,) prompt texts for Python reward functions (None: no text rewards)
     columns: list[dict[str, Any]] | None = None  # (B,) the prompt file's other fields per row, for them
+    with_behaviour_logprobs: bool = False  # also return log mu(a_t) at temperature 1 (stale rollouts need it)
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -78,6 +79,9 @@ class RolloutBatch:
     sampled_tokens: int = 0  # token slots sampled for the rows themselves (rows x steps run)
     reward_components: Tensor | None = None  # (B, C) float32: each reward component's value, NaN = not scored
     reward_names: tuple[str, ...] = ()  # (C,) the components' names (rl.rewards.RewardSpec.name)
+    behaviour_logprobs: Tensor | None = None  # (B, N) float32: the tokens under the sampling policy at
+    #                                           temperature 1, full vocabulary (as the update measures
+    #                                           pi), 0 where not generated; None unless asked
 
     @property
     def batch_size(self) -> int:
@@ -104,8 +108,9 @@ class RolloutBatch:
         versions = {(b.policy_version, b.disc_version) for b in batches}
         if len(versions) > 1:
             raise ValueError(f"cannot concatenate rollouts of different (policy, disc) versions {sorted(versions)}")
-        if len({b.token_rewards is None for b in batches}) > 1:
-            raise ValueError("cannot concatenate batches with and without Monte Carlo token rewards")
+        for name in ("token_rewards", "behaviour_logprobs"):
+            if len({getattr(b, name) is None for b in batches}) > 1:
+                raise ValueError(f"cannot concatenate batches with and without {name}")
         P = max(b.prompt_width for b in batches)
         N = max(b.gen_width for b in batches)
         out: dict[str, Any] = {}
@@ -114,7 +119,7 @@ class RolloutBatch:
             out[name] = torch.cat(
                 [F.pad(getattr(b, name), (P - b.prompt_width, N - b.gen_width), value=fill) for b in batches]
             )
-        for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards"):  # (B_b, N_b) -> (B_b, N)
+        for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards", "behaviour_logprobs"):  # (B_b, N)
             if getattr(batches[0], name) is not None:
                 out[name] = torch.cat([F.pad(getattr(b, name), (0, N - b.gen_width)) for b in batches])
         for name in ("lengths", "d_logits", "rewards", "reward_components"):  # (B_b,) or (B_b, C)

@@ -10,6 +10,8 @@
    weighted by its share of the rank's generated tokens (times the number of micro batches, which
    DeepSpeed's accumulation divides back out), so the accumulated gradient is exactly that of the
    token-mean over all rows; DeepSpeed steps the optimizer once, at the accumulation boundary.
+   Rows sampled by an older policy (they carry `behaviour_logprobs`: `rollout.max_staleness >= 1`)
+   take the clipped importance-weighted term instead of the plain one (`reinforce_loss`).
 Stats are the micro batches' stats averaged with the same weights.
 """
 
@@ -69,6 +71,7 @@ def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: 
     )  # (B, N)
     if cfg.normalize_advantages:
         adv = normalize(adv, mask)
+    behaviour = rb.behaviour_logprobs.to(device) if rb.behaviour_logprobs is not None else None  # (B, N)
     total = mask.sum().clamp(min=1)
     stats: dict[str, float] = {}
     for rows in chunks:
@@ -83,6 +86,8 @@ def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: 
             kl_mode=cfg.kl_mode,
             entropy=entropy,
             entropy_coef=cfg.entropy_coef,
+            behaviour_logp=behaviour[rows] if behaviour is not None else None,
+            clip_ratio=cfg.clip_ratio,
         )
         weight = float(mask[rows].sum() / total)  # this chunk's share of the rank's generated tokens
         engine.backward(loss * (weight * len(chunks)))  # DeepSpeed divides by len(chunks)

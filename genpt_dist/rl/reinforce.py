@@ -260,6 +260,8 @@ def reinforce_loss(
     kl_mode: Literal["loss", "reward"] = "loss",
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
+    behaviour_logp: Tensor | None = None,
+    clip_ratio: float = 0.2,
 ) -> tuple[Tensor, dict[str, float]]:
     """The REINFORCE loss (scalar, differentiable) and its stats; token-level means over ``mask``.
 
@@ -270,13 +272,31 @@ def reinforce_loss(
     per-token policy entropy with grad, subtracted as ``entropy_coef * mean(entropy)``.
 
     loss = mean(-adv * logp) [+ kl_coef * mean(kl)] [- entropy_coef * mean(entropy)].
-    Stats: loss, pg_loss, kl, entropy, adv_mean, adv_std (plain floats; kl/entropy 0 when not given).
+
+    Stale rollouts (sampled by an older policy mu, ``behaviour_logp`` = (B, N) log mu(a_t) at temperature
+    1 over the full vocabulary, as logp is): the policy-gradient term is importance-weighted and
+    clipped as PPO clips it (veRL's one-step-off and TRL's num_iterations > 1 do the same),
+    ``mean(-min(r * adv, clip(r, 1 - clip_ratio, 1 + clip_ratio) * adv))`` with r = pi(a_t) / mu(a_t).
+    At r = 1 (fresh rollouts) its gradient is the REINFORCE gradient above.
+    Stats: loss, pg_loss, kl, entropy, adv_mean, adv_std (plain floats; kl/entropy 0 when not given),
+    and with behaviour_logp: ratio_mean and clip_fraction (the share of tokens whose clipped term is
+    the smaller one, i.e. that carry no gradient).
     """
     m = mask.bool()
     a = adv.detach().float()  # (B, N)
-    pg = masked_mean(-a * logp.float(), m)
+    stats: dict[str, float] = {}
+    if behaviour_logp is None:
+        pg = masked_mean(-a * logp.float(), m)
+    else:
+        ratio = torch.exp(logp.float() - behaviour_logp.detach().float())  # (B, N)
+        unclipped, clipped = -a * ratio, -a * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
+        pg = masked_mean(torch.maximum(unclipped, clipped), m)
+        stats.update(
+            ratio_mean=float(masked_mean(ratio.detach(), m)),
+            clip_fraction=float(masked_mean((clipped > unclipped).float(), m)),
+        )
     loss = pg
-    stats = {"pg_loss": float(pg.detach())}
+    stats["pg_loss"] = float(pg.detach())
     kl_mean = masked_mean(kl.float(), m) if kl is not None else None
     if kl_mean is not None and kl_mode == "loss" and kl_coef != 0.0:
         loss = loss + kl_coef * kl_mean

@@ -3,8 +3,9 @@ and the configured rewards.
 
 ``RolloutWorker`` holds the current policy, the frozen reference and the discriminator.
 ``generate(RolloutRequest) -> RolloutBatch`` samples with ``model.sampling.sample`` (KV cache), then
-computes reference log-probs and discriminator logits on the result and, when asked, SeqGAN Monte
-Carlo token rewards (``rl.reward``). ``load`` takes new weights (plain or packed state dicts) with
+computes reference log-probs and discriminator logits on the result and, when asked, the sampling
+policy's own log-probs at temperature 1 (the denominator of a stale update's importance ratio) and
+SeqGAN Monte Carlo token rewards (``rl.reward``). ``load`` takes new weights (plain or packed state dicts) with
 their versions. The Ray actor around it and the pool of actors are in ``rl.rollout``.
 
 Rewards (``rl.rewards``): with no reward specs (the adversarial recipe) the reward is D's sequence
@@ -160,6 +161,10 @@ class RolloutWorker:
         for i, lp in enumerate(lps):
             logprobs[i, : lp.numel()] = lp
         ref_logprobs = self._ref_logprobs(tokens, attn)[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)  # (B, N)
+        behaviour = None
+        if req.with_behaviour_logprobs:  # (B, N) log mu(a_t) for the importance ratio of a stale update
+            behaviour = self._score(lambda x, m: self.policy.token_logprobs(x, attention_mask=m), tokens, attn)
+            behaviour = behaviour[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)
         uses_disc = self.specs is None or any(s.kind == "discriminator" for s in self.specs)
         d_logits = self._disc_logits(tokens, attn) if uses_disc else torch.zeros(len(tokens))  # (B,)
         rewards, components, names = self._rewards(req, gen, sequence_reward(d_logits, req.reward_kind))
@@ -190,6 +195,7 @@ class RolloutWorker:
             sampled_tokens=sampled,
             reward_components=components,
             reward_names=names,
+            behaviour_logprobs=behaviour,
         )
 
     def _rewards(

@@ -12,6 +12,13 @@ discriminator is a reward, its learner (`rl.disc_learner`):
    functions called as TRL calls them, D's sequence reward; their weighted sum; optionally SeqGAN
    Monte Carlo token rewards). The batch is broadcast and every rank keeps its own prompts' rows. The
    rollouts of step s are requested after step s-1's weights are published: strictly on-policy.
+   With `rollout.max_staleness = k >= 1` the requests of steps up to s+k go out before step s
+   trains (one-step-off at k = 1, as veRL's), so the actors sample while the workers update; a
+   row then lags the policy by up to k versions (`version_lag`), and the update corrects with
+   the clipped importance ratio to the sampling policy (`reinforce.reinforce_loss`; the actors
+   return its log-probs), logging `ratio_mean` and `clip_fraction`. A checkpoint records the
+   prompt position of the first step not yet trained: a resumed run re-draws the steps that
+   were in flight (real-text windows in flight are skipped: that stream is not rewound).
 2. Policy: sequence advantages over the whole step's rows (every rank computes the same ones) with
    the configured estimator (`reinforce.advantages`), rows no reward scored left out; then the
    token-level loss with the KL guard, accumulated over micro batches, one optimizer step
@@ -27,6 +34,7 @@ position (`RLPart`, `PromptSource`). The drivers that validate and start a run a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -65,6 +73,8 @@ STEP_KEYS = (
     "rollout_s",
     "publish_s",
     "version_lag",
+    "ratio_mean",
+    "clip_fraction",
     "tokens_seen",
     "reissued",
 )
@@ -105,7 +115,7 @@ class RLWorker:
                 rank=rank,
                 world=world,
             )
-        self.prompt_loader: PromptLoader | None = None
+        self.prompt_source: PromptSource | None = None
         source: ShardSource | PromptSource
         self.held_out: list[Prompt] = []
         if job.extra.get("prompts"):
@@ -113,10 +123,11 @@ class RLWorker:
                 load_prompts(job.extra["prompts"], sec.prompts.prompt_field), sec.prompts.held_out_fraction
             )
             self.held_out = held_out[: sec.prompts.eval_prompts]
-            self.prompt_loader = PromptLoader(train, batch_size=sec.prompts_per_step, seed=sec.train.seed)
+            loader = PromptLoader(train, batch_size=sec.prompts_per_step, seed=sec.train.seed)
             assert job.init is not None  # the driver sets it
             tok = real.tokenizer if real is not None else load_tokenizer(resolve(job.init))
-            source = PromptSource(self.prompt_loader, tok, real, job.extra["prompts_sha256"], self.prompts_per_rank)
+            source = PromptSource(loader, tok, real, job.extra["prompts_sha256"], self.prompts_per_rank)
+            self.prompt_source = source
         else:
             assert real is not None, "prompts come from a file or from the real text"
             source = real
@@ -137,6 +148,8 @@ class RLWorker:
         if resume is not None:
             engine.restore(resume)
         self.reissued_before = self.group.reissued if rank == 0 else 0
+        # Submitted steps not yet trained on: (rank 0's chunk refs, this rank's real windows), oldest first.
+        self.in_flight: collections.deque[tuple[list[Any] | None, torch.Tensor | None]] = collections.deque()
         r = sec.rollout
         self.real = None
         if real is not None:
@@ -174,13 +187,14 @@ class RLWorker:
             rows_per_call=per_actor,
             texts=[t for t in texts for _ in range(g)] if texts is not None else None,
             columns=[c for c in columns for _ in range(g)] if columns is not None else None,
+            with_behaviour_logprobs=r.max_staleness > 0,
         )
 
     def step_prompts(self, step: int) -> tuple[RolloutRequest | None, torch.Tensor | None]:
         """Rank 0's rollout request for this step (None elsewhere) and this rank's real windows (for D)."""
         windows = self.real.next() if self.real is not None else None
-        if self.prompt_loader is not None:
-            batch = self.prompt_loader.next_batch()  # the same global batch on every rank
+        if self.prompt_source is not None:
+            batch = self.prompt_source.draw()  # the same global batch on every rank
             if self.engine.rank != 0:
                 return None, windows
             prompts = [[self.tok.bos_id, *self.tok.encode(p.text)] for p in batch]
@@ -195,13 +209,18 @@ class RLWorker:
         return self.request(step, prompts, texts, None), windows
 
     def sample_on_rank0(self, request: RolloutRequest | None) -> RolloutBatch:
-        """Rank 0 has the pool sample `request`; the batch on every rank. A reward that fails (a UserError
-        from an actor) stops every rank (`StageStopped`) instead of leaving the others waiting."""
+        """Rank 0 has the pool sample `request`; the batch on every rank (blocking)."""
+        refs = self.group.generate_refs(request) if request is not None else None
+        return self.collect_on_rank0(refs)
+
+    def collect_on_rank0(self, refs: list[Any] | None) -> RolloutBatch:
+        """Rank 0 waits for the pool's chunks `refs`; the batch on every rank. A reward that fails (a
+        UserError from an actor) stops every rank (`StageStopped`) instead of leaving the others waiting."""
         batch, error = None, None
         if self.engine.rank == 0:
-            assert request is not None
+            assert refs is not None
             try:
-                batch = self.group.generate(request)
+                batch = self.group.collect(refs)
             except UserError as exc:
                 error = str(exc)
         batch, error = broadcast_object((batch, error))
@@ -209,12 +228,27 @@ class RLWorker:
             raise StageStopped(error)
         return batch
 
-    def rollouts(self, step: int) -> tuple[RolloutBatch, torch.Tensor | None]:
-        """The step's rollouts on every rank (rank 0 asks the pool) and this rank's real windows."""
+    def submit(self, step: int) -> None:
+        """Draw step `step`'s prompts (every rank) and have rank 0 send them to the pool without waiting; the
+        rows are sampled by the policy published last. `take` collects the oldest submission."""
         request, windows = self.step_prompts(step)
+        refs = self.group.generate_refs(request) if request is not None else None
         if self.engine.rank == 0 and step == faults.kill_actor_at_step():  # test hook: an actor dies
             self.group.kill_actor(0)  # its rows are re-issued to another
-        return self.sample_on_rank0(request), windows
+        self.in_flight.append((refs, windows))
+
+    def take(self) -> tuple[RolloutBatch, torch.Tensor | None]:
+        """The oldest submitted step's rollouts on every rank, and this rank's real windows of it."""
+        refs, windows = self.in_flight.popleft()
+        batch = self.collect_on_rank0(refs)
+        if self.prompt_source is not None:
+            self.prompt_source.consumed()
+        return batch, windows
+
+    def rollouts(self, step: int) -> tuple[RolloutBatch, torch.Tensor | None]:
+        """The step's rollouts, sampled now by the latest policy (strictly on-policy)."""
+        self.submit(step)
+        return self.take()
 
     def my_rows(self, batch: RolloutBatch) -> RolloutBatch:
         """This rank's rows: its own prompts' samples (groups never straddle ranks)."""
@@ -335,10 +369,15 @@ class RLWorker:
         if st.disc is not None:
             self.pretrain_discriminator()
         publish_s = self.publish()
+        ahead, next_step = sec.rollout.max_staleness, engine.step
         while engine.step < sec.train.steps:
             t0 = time.time()
-            batch, windows = self.rollouts(engine.step)
-            rollout_s = time.time() - t0
+            # Steps up to `ahead` past this one are sampled by the weights published now, while this one trains.
+            while next_step <= min(engine.step + ahead, sec.train.steps - 1):
+                self.submit(next_step)
+                next_step += 1
+            batch, windows = self.take()
+            rollout_s = time.time() - t0  # the wait for rollouts the overlap did not hide
             # Sequence advantages over every row of the step (identical on all ranks), then this rank's.
             seq_adv, st.baseline = advantages(
                 batch.rewards,
@@ -359,6 +398,8 @@ class RLWorker:
             local = {
                 "kl": stats["kl"],
                 "entropy": stats["entropy"],
+                "ratio_mean": stats.get("ratio_mean", 1.0),
+                "clip_fraction": stats.get("clip_fraction", 0.0),
                 "sample_len": mine.lengths.float().mean().item(),
                 "pg_loss": stats["loss"],
                 **d_stats,

@@ -9,6 +9,7 @@ with the same prompts in the same order.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from genpt_dist.errors import UserError
 from genpt_dist.meta import CheckpointMeta, RLState
 from genpt_dist.rl.disc_learner import DiscriminatorLearner
-from genpt_dist.rl.prompts import PromptLoader
+from genpt_dist.rl.prompts import Prompt, PromptLoader
 from genpt_dist.rl.reinforce import BaselineState
 from genpt_dist.tokenizer import Tokenizer
 from genpt_dist.train.sources import Batch, ShardSource
@@ -68,6 +69,16 @@ class PromptSource:
     ):
         self.prompts, self.real, self.tokenizer = prompts, real, tokenizer
         self.data_fingerprint, self.batch_size = fingerprint, batch_size
+        self._in_flight: collections.deque[dict[str, int]] = collections.deque()  # loader states before each
+
+    def draw(self) -> list[Prompt]:
+        """The next global batch of prompts, in flight until `consumed` (its step trained)."""
+        self._in_flight.append(self.prompts.state_dict())
+        return self.prompts.next_batch()
+
+    def consumed(self) -> None:
+        """The oldest batch in flight has been trained on."""
+        self._in_flight.popleft()
 
     def train_batches(self) -> Iterator[Batch]:
         return self.real.train_batches() if self.real is not None else iter(())
@@ -76,7 +87,10 @@ class PromptSource:
         return self.real.eval_batches() if self.real is not None else []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"prompts": self.prompts.state_dict(), "real": self.real.state_dict() if self.real else None}
+        """The position of the first batch not yet trained on: a resumed run re-draws the batches that were in
+        flight (sampled ahead for stale rollouts) and continues the same prompt order."""
+        prompts = self._in_flight[0] if self._in_flight else self.prompts.state_dict()
+        return {"prompts": dict(prompts), "real": self.real.state_dict() if self.real else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts.load_state_dict(state["prompts"])

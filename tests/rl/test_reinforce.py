@@ -255,6 +255,36 @@ def test_reinforce_loss_kl_and_entropy_terms():
 # -------------------------------------------------------------------------------------------- seeds
 
 
+def test_reinforce_loss_with_fresh_behaviour_logprobs_has_the_reinforce_gradient():
+    torch.manual_seed(0)
+    logp0 = torch.randn(3, 5) - 2
+    adv, mask = torch.randn(3, 5), torch.ones(3, 5)
+    mask[2, 3:] = 0
+    plain_logp, ratio_logp = logp0.clone().requires_grad_(True), logp0.clone().requires_grad_(True)
+    plain, _ = reinforce_loss(plain_logp, adv, mask)
+    ratio, stats = reinforce_loss(ratio_logp, adv, mask, behaviour_logp=logp0, clip_ratio=0.2)
+    plain.backward()
+    ratio.backward()
+    close(ratio_logp.grad, plain_logp.grad)
+    assert stats["ratio_mean"] == pytest.approx(1.0) and stats["clip_fraction"] == 0.0
+
+
+def test_reinforce_loss_clips_stale_tokens_outside_the_trust_region():
+    behaviour = torch.log(torch.full((1, 4), 0.5))
+    # ratios 1.5 (adv > 0: clipped, no gradient), 1.1 (inside), 0.5 (adv < 0: clipped), 0.5 (adv > 0: inside)
+    logp = torch.log(torch.tensor([[0.75, 0.55, 0.25, 0.25]])).requires_grad_(True)
+    adv, mask = torch.tensor([[1.0, 1.0, -1.0, 1.0]]), torch.ones(1, 4)
+    loss, stats = reinforce_loss(logp, adv, mask, behaviour_logp=behaviour, clip_ratio=0.2)
+    loss.backward()
+    assert logp.grad is not None
+    ratio = torch.tensor([1.5, 1.1, 0.5, 0.5])
+    close(logp.grad[0], torch.tensor([0.0, -1.1, 0.0, -0.5]) / 4)  # d(-A r)/d logp = -A r, mean over 4
+    assert stats["clip_fraction"] == pytest.approx(0.5)
+    assert stats["ratio_mean"] == pytest.approx(float(ratio.mean()))
+    expected = -(torch.tensor([1.2, 1.1, -0.8, 0.5])).mean()
+    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+
+
 def test_rollout_seed_deterministic_and_distinct():
     assert rollout_seed(7, 3, 5) == rollout_seed(7, 3, 5)
     seeds = {rollout_seed(base, step, i) for base in (0, 1) for step in range(20) for i in range(50)}

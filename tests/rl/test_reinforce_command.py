@@ -194,3 +194,51 @@ def test_a_reward_model_scores_beside_a_function(setup, tmp_path):
         assert {"reward/letter_share/mean", "reward/model/mean"} <= set(m), m
         combined = m["reward/letter_share/mean"] + 0.1 * m["reward/model/mean"]
         assert m["reward_mean"] == pytest.approx(combined, abs=1e-4)
+
+
+@pytest.mark.slow
+def test_max_staleness_one_lags_one_version_clips_and_checkpoints_the_untrained_position(setup, tmp_path):
+    """One-step-off: step s+1's rollouts are sampled while step s trains, by the weights before it."""
+    spec = [f"python:{setup['reward']}:letter_share"]
+    stale = ["reinforce.rollout.max_staleness=1", "reinforce.clip_ratio=0.02", "reinforce.optim.lr=3e-3"]
+    straight, short = str(tmp_path / "straight"), str(tmp_path / "short")
+    _reinforce(setup, straight, spec, "reinforce.train.steps=4", "reinforce.train.checkpoint_every=2", *stale)
+    _reinforce(setup, short, spec, "reinforce.train.steps=2", "reinforce.train.checkpoint_every=2", *stale)
+    steps = _metrics(straight)
+    assert [m["version_lag"] for m in steps] == [0, 1, 1, 1]
+    assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=0.05)  # fresh rows: the sampler's own weights
+    assert max(m["clip_fraction"] for m in steps[1:]) > 0, steps  # stale rows leave the trust region
+    # At step 2 the straight run had step 3's prompts in flight; its checkpoint records the position before
+    # them, as the run that stopped at step 2 does, so a resume re-draws them.
+    at2 = [c for c in list_checkpoints(straight) if c.step == 2]
+    assert at2 and at2[0].meta.loader["prompts"] == list_checkpoints(short)[-1].meta.loader["prompts"]
+
+
+DIES_ONCE = """
+import os
+
+MARKER = {marker!r}
+
+
+def letter_share_dies_once(prompts, completions, letter, **kwargs):
+    if not os.path.exists(MARKER):  # the first call: the rollout actor dies while scoring
+        open(MARKER, "w").close()
+        os._exit(1)
+    return [c.count(x) / max(len(c), 1) for c, x in zip(completions, letter)]
+"""
+
+
+@pytest.mark.slow
+def test_an_actor_killed_while_scoring_loses_and_doubles_no_row(setup, tmp_path):
+    """The killed actor's rows are re-issued: every step's rows, rewards and tokens are those of a run
+    without the kill (rows are seeded per call, so the actor that serves them does not matter)."""
+    (tmp_path / "dies.py").write_text(DIES_ONCE.format(marker=str(tmp_path / "died")))
+    calm, killed = str(tmp_path / "calm"), str(tmp_path / "killed")
+    _reinforce(setup, calm, [f"python:{setup['reward']}:letter_share"], "reinforce.train.steps=2")
+    _reinforce(setup, killed, [f"python:{tmp_path / 'dies.py'}:letter_share_dies_once"], "reinforce.train.steps=2")
+    assert (tmp_path / "died").exists()
+    a, b = _metrics(calm), _metrics(killed)
+    assert sum(m["reissued"] for m in b) >= 1 and sum(m["reissued"] for m in a) == 0
+    for x, y in zip(a, b, strict=True):
+        assert y["tokens_seen"] == x["tokens_seen"] and y["scored"] == 1.0
+        assert y["reward_mean"] == pytest.approx(x["reward_mean"], abs=1e-6)
