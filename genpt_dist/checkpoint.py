@@ -221,9 +221,10 @@ def _stage0_fp32(states: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def consolidate_local(folder: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage and world size."""
-    ds_dir = Path(folder) / DS_DIR
+def consolidate_local(folder: str | Path, zero_stage: int, engine_dir: str = DS_DIR) -> dict[str, torch.Tensor]:
+    """fp32 weights from a local DeepSpeed checkpoint of any ZeRO stage and world size; `engine_dir` is the
+    engine's folder in it (the policy's by default; the RL stage's discriminator has its own)."""
+    ds_dir = Path(folder) / engine_dir
     if zero_stage == 0:
         states = torch.load(ds_dir / DS_TAG / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         return _stage0_fp32(states)

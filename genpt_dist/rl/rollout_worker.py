@@ -11,8 +11,9 @@ their versions. The Ray actor around it and the pool of actors are in ``rl.rollo
 Rewards (``rl.rewards``): with no reward specs (the adversarial recipe) the reward is D's sequence
 reward. Otherwise each component is scored: ``discriminator`` by D, a Python function on the decoded
 prompt texts and completions (completion = the generated tokens before <eos>) with the request's
-columns, ``model:`` by a frozen sequence classifier (``rl.reward_model``); the row's reward is the
-weighted sum of the components that scored it (NaN if none did).
+columns, ``model:`` by a frozen sequence classifier or one of our trained discriminators
+(``rl.reward_model``); the row's reward is the weighted sum of the components that scored it (NaN if
+none did).
 
 Reproducibility: rows are sampled in *calls* of ``rows_per_call`` consecutive rows (1 by default),
 one batched ``sample`` call each, with a generator seeded from the rows' seeds only (the row's own
@@ -40,7 +41,7 @@ from genpt_dist.model.sampling import sample
 from genpt_dist.rl.batch import RolloutBatch, RolloutRequest
 from genpt_dist.rl.reinforce import derive_seed
 from genpt_dist.rl.reward import mc_token_rewards, sequence_reward
-from genpt_dist.rl.reward_model import RewardModel
+from genpt_dist.rl.reward_model import load_reward_model
 from genpt_dist.rl.rewards import PythonRewards, RewardSpec, combine
 from genpt_dist.rl.weights import PackedState, unpack_state
 
@@ -84,7 +85,7 @@ class RolloutWorker:
         self.specs = [RewardSpec(**s) for s in reward_specs] if reward_specs else None
         kinds = {s.kind for s in self.specs or []}
         self.python = PythonRewards(self.specs) if self.specs and "python" in kinds else None
-        self.models = {s.name: RewardModel(s.target) for s in self.specs or [] if s.kind == "model"}
+        self.models = {s.name: load_reward_model(s.target) for s in self.specs or [] if s.kind == "model"}
         self.tokenizer = None
         if kinds & {"python", "model"}:  # text rewards: completions are decoded
             from genpt_dist.tokenizer import Tokenizer

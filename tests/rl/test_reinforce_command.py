@@ -14,6 +14,8 @@ from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
+from genpt_dist.errors import UserError
+from genpt_dist.rl.reward_model import DiscriminatorRewardModel, check_reward_model, load_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -111,6 +113,26 @@ def test_weighted_rewards_combine_and_resume_keeps_the_prompt_order(setup, tmp_p
     assert list_checkpoints(split)[-1].meta.loader["prompts"] == list_checkpoints(straight)[-1].meta.loader["prompts"]
     for x, y in zip(a[2:], b[2:]):  # after the resume: the same prompts, weights and seeds, so the same rewards
         assert y["reward/letter_share/mean"] == pytest.approx(x["reward/letter_share/mean"], abs=1e-4), (a, b)
+    # The D this run trained, as a frozen `model:` reward for another run: real text against the near-random
+    # bytes its barely trained policy wrote, so it ranks Shakespeare above noise.
+    check_reward_model(straight)
+    scorer = load_reward_model(straight)
+    assert isinstance(scorer, DiscriminatorRewardModel)
+    real = (
+        ["ROMEO:", "First Citizen:", "KING RICHARD III:", "JULIET:"],
+        [
+            " Is the day so young?",
+            " Before we proceed any further, hear me speak.",
+            " Now is the winter of our discontent",
+            " O Romeo, Romeo! wherefore art thou Romeo?",
+        ],
+    )
+    noise = [w[::-1].swapcase() for w in real[0]], ["".join(chr(33 + (7 * i * i) % 90) for i in range(40))] * 4
+    real_scores, noise_scores = scorer.score(*real), scorer.score(*noise)
+    assert sum(real_scores) / 4 > sum(noise_scores) / 4, (real_scores, noise_scores)
+    assert scorer.score(*real) == real_scores  # frozen, deterministic
+    with pytest.raises(UserError, match="without a discriminator"):
+        check_reward_model(setup["base"])
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from genpt_dist.errors import UserError
-from genpt_dist.rl.reward_model import RewardModel, check_reward_model
+from genpt_dist.rl.reward_model import HFRewardModel, check_reward_model
 from genpt_dist.tokenizer import byte_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -37,7 +37,7 @@ def save_classifier(folder, lm_head: bool = False) -> str:
 def test_scores_are_the_first_logit_of_prompt_plus_completion(tmp_path):
     folder = save_classifier(tmp_path)
     check_reward_model(folder)
-    scores = RewardModel(folder, batch_size=2).score(["ab", "c", "hello "], ["cd", "", "world"])
+    scores = HFRewardModel(folder, batch_size=2).score(["ab", "c", "hello "], ["cd", "", "world"])
     model = transformers.GPT2ForSequenceClassification.from_pretrained(folder).eval()
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     with torch.no_grad():
