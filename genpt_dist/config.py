@@ -109,7 +109,11 @@ class DeepSpeedConfig(_Strict):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="ZeRO stage")
     offload_optimizer: bool = Field(False, description="keep optimizer state on the CPU (ZeRO 1-3)")
     offload_params: bool = Field(False, description="keep parameters on the CPU (ZeRO 3)")
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto = bf16 where supported")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="auto = GPU: bf16 where supported, else fp16; CPU: bf16 where a short matmul measures it "
+        "faster than fp32, else fp32",
+    )
     grad_accum: int = Field(1, ge=1, description="micro batches per optimizer step (pretrain, finetune)")
 
     @model_validator(mode="after")

@@ -31,8 +31,8 @@ import torch
 
 from genpt_dist.config import DeepSpeedConfig, OptimConfig
 from genpt_dist.device import describe, pick_device, synchronize
+from genpt_dist.hardware import measure_matmul
 from genpt_dist.model.gpt import GPT, GPTConfig
-from genpt_dist.train.metrics import measure_matmul_flops
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ def _zero_step(cfg: GPTConfig, x: torch.Tensor, stage: int, batch: int) -> Calla
     return step
 
 
+def _matmul_peak(dtype: torch.dtype, dev: torch.device) -> float:
+    return measure_matmul(dtype, device=dev, samples=20, sample_s=0.05).flops
+
+
 def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     """Step time, tokens/s, MFU and a profile of each contender; ratios ours/HF and ZeRO-k/plain."""
     dev = pick_device(device)
@@ -109,9 +113,10 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
     T = cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (batch, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     # The MFU denominator: the best of a bf16 matmul measured before and after timing the contenders, so a
-    # neighbour that slows one measurement does not flatter every MFU of the run.
-    peaks_bf16 = [measure_matmul_flops(torch.bfloat16, seconds=1.0, device=str(dev))]
-    peak_fp32 = measure_matmul_flops(torch.float32, seconds=1.0, device=str(dev))
+    # neighbour that slows one measurement does not flatter every MFU of the run; each measurement is itself
+    # the best of 20 samples of ~50 ms (`hardware.measure_matmul`).
+    peaks_bf16 = [_matmul_peak(torch.bfloat16, dev)]
+    peak_fp32 = _matmul_peak(torch.float32, dev)
     flops_per_token = GPT(cfg).flops_per_token(T)
 
     contenders: dict[str, Callable[[], Callable[[], None]]] = {
@@ -132,7 +137,7 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         for name, step in steppers.items():
             best[name] = min(best[name], _time_window(step, steps, dev))
         log.info("window %d/%d: %s", window + 1, windows, "  ".join(f"{n} {s:.3f}s" for n, s in best.items()))
-    peaks_bf16.append(measure_matmul_flops(torch.bfloat16, seconds=1.0, device=str(dev)))
+    peaks_bf16.append(_matmul_peak(torch.bfloat16, dev))
     peak_bf16 = max(peaks_bf16)
     rows: dict[str, dict[str, Any]] = {}
     profiles: dict[str, dict[str, Any]] = {}

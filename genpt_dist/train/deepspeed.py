@@ -14,13 +14,15 @@ from genpt_dist.config import DeepSpeedConfig, OptimConfig
 
 
 def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
-    """`auto` -> bf16 where the device supports it (every recent CPU here: ~3-4x fp32), else fp16 on
-    GPUs without bf16, else fp32."""
+    """An explicit precision as given; `auto` -> on a GPU bf16 where supported, else fp16; on a CPU bf16
+    only where a short matmul measurement (`hardware.auto_precision`, ~0.1 s, cached per process and on
+    disk) shows bf16 faster than fp32, else fp32: CPUs with AVX512-BF16 or AMX run bf16 ~2-3x fp32, but
+    AVX2-only CPUs emulate it ~50x slower than fp32."""
     if ds.precision != "auto":
         return ds.precision
-    if use_gpu and torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"
+    from genpt_dist.hardware import auto_precision
+
+    return auto_precision(use_gpu)
 
 
 def build_ds_config(

@@ -204,7 +204,10 @@ class Engine:
             before_wrap(model)
         self.grad_accum = grad_accum
         self.flops_per_token = model.flops_per_token(self.job.seq_len)  # before ZeRO-3 partitions it
-        self.precision = resolve_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu)
+        # Rank 0 decides (`auto` measures, and a loaded machine could answer differently on each rank): every
+        # rank must build the same DeepSpeed config.
+        mine = resolve_precision(self.cfg.deepspeed, self.cfg.scaling.use_gpu) if self.rank == 0 else None
+        self.precision = broadcast_object(mine)
         ds_config = build_ds_config(
             self.cfg.deepspeed,
             micro_batch_size=self.schedule.micro_batch_size,

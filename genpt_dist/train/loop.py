@@ -16,8 +16,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from genpt_dist import faults
 from genpt_dist.meta import CheckpointMeta
 from genpt_dist.model.gpt import GPT
@@ -49,13 +47,12 @@ class EarlyStop:
 
 def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
     """Train `engine` (built and restored) from its step to the schedule's last."""
-    from genpt_dist.train.metrics import measure_matmul_flops, progress_line
+    from genpt_dist.hardware import MFUMeter
+    from genpt_dist.train.metrics import progress_line
 
     schedule, accum, world = engine.schedule, engine.grad_accum, engine.world
-    peak = measure_matmul_flops(
-        torch.bfloat16 if engine.precision != "fp32" else torch.float32,
-        device="cuda" if engine.cfg.scaling.use_gpu else "cpu",
-    )
+    # The peak at the precision in use, with this worker's threads (a GPU's nominal one where known); MFU <= 1.
+    mfu_of = MFUMeter(engine.precision, engine.device if engine.cfg.scaling.use_gpu else "cpu")
     engine.open_metrics_log()
     batches = engine.source.train_batches()
     start_step, t_start = engine.step, time.time()
@@ -74,7 +71,7 @@ def run_mle(engine: Engine, early_stop: EarlyStop | None = None) -> None:
             mean_loss, dt = loss_sum / world, time.time() - t_window
             engine.tokens_seen += int(tokens)
             tok_s = tokens / dt
-            mfu = engine.flops_per_token * tok_s / world / peak
+            mfu = mfu_of(engine.flops_per_token * tok_s / world)
             engine.metrics.update(
                 step=step,
                 train_loss=mean_loss,

@@ -1,4 +1,4 @@
-"""Progress, metrics.jsonl, TensorBoard and the machine's matmul limit (for MFU), on rank 0."""
+"""Progress, metrics.jsonl, TensorBoard and a sustained matmul throughput, on rank 0."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ log = logging.getLogger(__name__)
 def measure_matmul_flops(
     dtype: torch.dtype = torch.bfloat16, n: int | None = None, seconds: float = 0.5, device: str = "cpu"
 ) -> float:
-    """Sustained FLOP/s of an n x n matmul in `dtype` on `device` (this process's threads on a CPU):
-    the MFU denominator. n defaults to 1024 on a CPU and 8192 on a GPU, where smaller matmuls do not
-    fill the device."""
+    """Sustained FLOP/s of an n x n matmul in `dtype` on `device` (this process's threads on a CPU), over
+    `seconds` (`bench scaling`). n defaults to 1024 on a CPU and 8192 on a GPU, where smaller matmuls do
+    not fill the device. Not the MFU denominator: one sustained run reads low on a loaded machine; that is
+    `hardware.peak_flops`, the best of several short samples, cached with its conditions."""
     n = n or (1024 if device == "cpu" else 8192)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
