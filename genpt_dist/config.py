@@ -44,8 +44,9 @@ class DataConfig(_Strict):
     shard_samples: int = Field(2048, ge=1, description="samples per WebDataset shard")
     text_field: str = Field("text", description="JSONL field holding a document's text")
     extensions: list[str] = Field(
-        default_factory=lambda: [".txt", ".md", ".py", ".jsonl"],
-        description="file types taken from folders and globs (a .gz suffix is also accepted)",
+        default_factory=lambda: [".txt", ".md", ".py", ".jsonl", ".parquet"],
+        description="file types taken from folders and globs (a .gz or .zst suffix is also accepted; "
+        "datasets save_to_disk folders are always taken)",
     )
     tokenizer_train_bytes: int = Field(64 << 20, ge=1, description="corpus bytes sampled to train the BPE")
     parallel_min_bytes: int = Field(32 << 20, ge=0, description="corpora above this are tokenised by Ray tasks")

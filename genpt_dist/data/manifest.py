@@ -40,7 +40,7 @@ class ShardInfo:
 class SplitInfo:
     shards: list[ShardInfo]  # in sample order
     samples: int  # rows of seq_len + 1 tokens over all shards
-    documents: int | None  # documents in the split (None for split=tail, which cuts the stream)
+    documents: int | None  # documents in the split (None for a tail or position split, which cuts the stream)
     tokens: int  # tokens in the split's stream, <bos>/<eos> included, padding not
     targets: int  # prediction targets: tokens - 1
     bytes: int  # UTF-8 bytes the stream's tokens stand for (the bits-per-byte denominator)
@@ -79,6 +79,8 @@ class Manifest:
     config: dict[str, Any]  # the DataConfig prepare ran with, as dumped (kept untyped: old manifests must
     #                         load after DataConfig changes)
     created: str  # UTC time written, ISO 8601
+    split: str = "hash"  # the rule that made the val split: "hash", "tail", or "position (N documents < M)",
+    #                      a small corpus's hash split done by position (manifests before it: config's split)
     format: str = FORMAT  # the format it was read as (written: always FORMAT)
 
     # -------------------------------------------------------------- reading
@@ -145,6 +147,7 @@ class Manifest:
             stats=ReadStats(**raw["stats"]),
             config=dict(raw["config"]),
             created=raw["created"],
+            split=str(raw.get("split") or raw["config"].get("split", "hash")),
         )
 
 

@@ -2,15 +2,20 @@
 
 Algorithm:
 1. Resolve the inputs (files, folders, globs, s3:// prefixes) to a sorted list of source files and
-   hash their contents; the hash of (sources, data config) is the dataset's fingerprint.
+   hash their contents (in HASH_CHUNK pieces); the hash of (sources, data config) is the dataset's
+   fingerprint. A folder written by Hugging Face `datasets`' `save_to_disk` contributes its arrow files.
 2. If the output already holds a manifest with the same fingerprint and every shard verifies
    (size and sha256), re-use it. A different dataset there is refused unless `--overwrite`.
-3. Read and normalise each file into documents (`data.text`: gunzip, skip binary files, UTF-8 with
-   counted replacements, BOM and CR/CRLF; one document per file, or per `.jsonl` line).
+3. Read and normalise each file into documents (`data.text`: gunzip / zstd, skip binary files, UTF-8
+   with counted replacements, BOM and CR/CRLF; one document per file, per `.jsonl` line, or per row of a
+   parquet / arrow file's `text_field` column, read a row group at a time).
 4. Train the byte-level BPE on a sample of the documents (or take the byte tokenizer).
 5. Tokenise, wrap each document in <bos> ... <eos>, assign it to a split (by the hash of its text,
    `text.doc_in_val`, so duplicates never straddle the split; or `split: tail`, the last tokens of the
-   stream), concatenate per split. A corpus larger than `data.parallel_min_bytes` is tokenised in Ray
+   stream, at least one whole sample of seq_len + 1 tokens where the stream holds two), concatenate per
+   split. A `split: hash` corpus of fewer than SMALL_CORPUS_DOCUMENTS documents is split as `tail` (by
+   position) instead, since a hash split of a few documents is often empty; the manifest and the summary
+   say which rule ran (`split`). A corpus larger than `data.parallel_min_bytes` is tokenised in Ray
    tasks, on the Ray that `raycluster.init_ray` joins or starts (a local one binds 127.0.0.1 only).
 6. Cut each split's stream into samples of seq_len + 1 tokens with stride seq_len (`packing.pack`:
    every token is a prediction target exactly once, the last sample right-padded with <pad>). Train
@@ -50,7 +55,15 @@ from genpt_dist.data.manifest import (
 )
 from genpt_dist.data.packing import pack, token_byte_lengths, token_dtype
 from genpt_dist.data.shards import encode_shard
-from genpt_dist.data.text import ReadStats, doc_in_val, read_documents
+from genpt_dist.data.text import (
+    DATASETS_INFO,
+    DATASETS_STATE,
+    ReadStats,
+    datasets_files,
+    doc_in_val,
+    iter_document_batches,
+    uncompressed_name,
+)
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer, byte_tokenizer, iter_chunks, train_bpe
 
@@ -58,14 +71,33 @@ log = logging.getLogger(__name__)
 TOKENIZER_FILE = "tokenizer.json"
 SPLITS = ("train", "val")
 OUTPUT_FILE = re.compile(r"tokenizer\.json|(train|val)-\d{6,}\.tar")  # what prepare writes besides the manifest
+# Fewer documents than this and `split: hash` splits by position instead (the last val_fraction of the
+# tokens, as `split: tail`): a few documents' hashes often send none, or all, of them to val.
+SMALL_CORPUS_DOCUMENTS = 50
+HASH_CHUNK = 64 << 20  # bytes of a source read at once while hashing it
 
 
 # ---------------------------------------------------------------- sources
 
 
 def _accepted(path: str, extensions: list[str]) -> bool:
-    name = path.removesuffix(".gz")
+    name = uncompressed_name(path)
     return any(name.endswith(ext) for ext in extensions)
+
+
+def _folder_files(url: str, extensions: list[str]) -> list[str]:
+    """The files a folder or prefix contributes: those with one of `extensions`, and in every subfolder
+    written by `datasets`' `save_to_disk` (all splits of a DatasetDict), its arrow files and nothing else."""
+    files = storage.list_files(url)
+    present = set(files)
+    dataset_dirs = {
+        f.rsplit("/", 1)[0]
+        for f in files
+        if storage.name(f) == DATASETS_STATE and f.rsplit("/", 1)[0] + "/" + DATASETS_INFO in present
+    }
+    out = [f for d in sorted(dataset_dirs) for f in datasets_files(d) or []]
+    out += [f for f in files if f.rsplit("/", 1)[0] not in dataset_dirs and _accepted(f, extensions)]
+    return out
 
 
 def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
@@ -78,18 +110,18 @@ def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
             if storage.exists(src):
                 found.add(src)
             else:
-                found.update(u for u in storage.list_files(src) if _accepted(u, extensions))
+                found.update(_folder_files(src, extensions))
             continue
         if any(ch in src for ch in "*?["):
             matches = glob.glob(src, recursive=True)
             found.update(str(Path(m).resolve()) for m in matches if Path(m).is_file() and _accepted(m, extensions))
             for m in matches:
                 if Path(m).is_dir():
-                    found.update(u for u in storage.list_files(m) if _accepted(u, extensions))
+                    found.update(_folder_files(str(Path(m).resolve()), extensions))
         elif Path(src).is_file():
             found.add(str(Path(src).resolve()))
         elif Path(src).is_dir():
-            found.update(u for u in storage.list_files(str(Path(src).resolve())) if _accepted(u, extensions))
+            found.update(_folder_files(str(Path(src).resolve()), extensions))
     if not found:
         raise UserError(f"no input files match {' '.join(inputs)} (looked for {', '.join(extensions)})")
     return sorted(found)
@@ -100,10 +132,11 @@ def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
 
 @dataclass
 class TokenisedPart:
-    """What one tokenising task returns: per split, the documents' tokens wrapped in <bos>/<eos>."""
+    """What one tokenising task returns: each document's tokens wrapped in <bos>/<eos>, in source order,
+    and whether its hash puts it in val (`split: hash`; always False for `split: tail`)."""
 
-    streams: dict[str, list[np.ndarray]] = field(default_factory=lambda: {s: [] for s in SPLITS})
-    documents: dict[str, int] = field(default_factory=lambda: {s: 0 for s in SPLITS})
+    docs: list[np.ndarray] = field(default_factory=list)
+    in_val: list[bool] = field(default_factory=list)
     stats: ReadStats = field(default_factory=ReadStats)
 
 
@@ -113,13 +146,13 @@ def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) ->
     tok = Tokenizer.from_json(tokenizer_json)
     dtype = token_dtype(tok.vocab_size)
     part = TokenisedPart()
+    bos, eos = np.array([tok.bos_id], dtype=dtype), np.array([tok.eos_id], dtype=dtype)
+    by_hash = data_cfg.split == "hash"
     for url in urls:
-        docs = read_documents(url, data_cfg.text_field, part.stats)
-        bos, eos = np.array([tok.bos_id], dtype=dtype), np.array([tok.eos_id], dtype=dtype)
-        for text, ids in zip(docs, tok.encode_arrays(docs, dtype)):
-            split = "val" if data_cfg.split == "hash" and doc_in_val(text, data_cfg.val_fraction) else "train"
-            part.streams[split].append(np.concatenate([bos, ids, eos]))
-            part.documents[split] += 1
+        for docs in iter_document_batches(url, data_cfg.text_field, part.stats):
+            for text, ids in zip(docs, tok.encode_arrays(docs, dtype)):
+                part.docs.append(np.concatenate([bos, ids, eos]))
+                part.in_val.append(by_hash and doc_in_val(text, data_cfg.val_fraction))
     return part
 
 
@@ -158,16 +191,39 @@ def _tokenise_all(
     bar.close()
     merged = TokenisedPart()
     for part in parts:
-        for split in SPLITS:
-            merged.streams[split].extend(part.streams[split])
-            merged.documents[split] += part.documents[split]
+        merged.docs.extend(part.docs)
+        merged.in_val.extend(part.in_val)
         merged.stats.add(part.stats)
     return merged
 
 
-def _tail_split(merged: TokenisedPart, val_fraction: float, dtype: np.dtype) -> dict[str, np.ndarray]:
-    stream = np.concatenate(merged.streams["train"]) if merged.streams["train"] else np.zeros(0, dtype)
-    cut = len(stream) - int(len(stream) * val_fraction)
+def split_rule(split: str, documents: int) -> str:
+    """The rule that splits the corpus: `split` as configured, except that a hash split of fewer than
+    SMALL_CORPUS_DOCUMENTS documents is a position split (`_tail_split`), named with its reason."""
+    if split == "hash" and documents < SMALL_CORPUS_DOCUMENTS:
+        return f"position ({documents} documents < {SMALL_CORPUS_DOCUMENTS})"
+    return split
+
+
+def _concat(docs: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    return np.concatenate(docs) if docs else np.zeros(0, dtype)
+
+
+def _hash_split(merged: TokenisedPart, dtype: np.dtype) -> dict[str, np.ndarray]:
+    return {
+        "train": _concat([d for d, v in zip(merged.docs, merged.in_val) if not v], dtype),
+        "val": _concat([d for d, v in zip(merged.docs, merged.in_val) if v], dtype),
+    }
+
+
+def _tail_split(merged: TokenisedPart, val_fraction: float, seq_len: int, dtype: np.dtype) -> dict[str, np.ndarray]:
+    """The last `val_fraction` of the stream's tokens are val; at least one whole sample (seq_len + 1
+    tokens) when the stream holds two, so a small corpus still gets a val sample."""
+    stream = _concat(merged.docs, dtype)
+    val = int(len(stream) * val_fraction)
+    if val_fraction > 0 and val < seq_len + 1 <= len(stream) // 2:
+        val = seq_len + 1
+    cut = len(stream) - val
     return {"train": stream[:cut], "val": stream[cut:]}
 
 
@@ -198,6 +254,14 @@ def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: i
 # ---------------------------------------------------------------- the command
 
 
+def _source_info(url: str) -> SourceInfo:
+    """A source's size and sha256, read HASH_CHUNK bytes at a time (memory does not grow with the file)."""
+    size, digest = storage.size(url), hashlib.sha256()
+    for start in range(0, size, HASH_CHUNK):
+        digest.update(storage.read_bytes(url, start, min(start + HASH_CHUNK, size)))
+    return SourceInfo(url=url, bytes=size, sha256=digest.hexdigest())
+
+
 def _fingerprint(sources: list[SourceInfo], cfg: DataConfig) -> str:
     payload = json.dumps({"sources": [(s.url, s.sha256) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -223,8 +287,9 @@ def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
     sample_stats = ReadStats()
 
     def sample_texts():
-        for url in urls:
-            yield from read_documents(url, cfg.text_field, sample_stats)
+        for url in urls:  # a batch at a time: the sampler stops reading once it has enough
+            for docs in iter_document_batches(url, cfg.text_field, sample_stats):
+                yield from docs
 
     sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
     first = next(sample, None)
@@ -243,10 +308,7 @@ def prepare(
     output = storage.normalize(output)
     storage.check_bucket(output)
     urls = resolve_sources(inputs, cfg.extensions)
-    sources = []
-    for url in tqdm(urls, desc="hash sources", unit="file", leave=False, disable=None):
-        data = storage.read_bytes(url)
-        sources.append(SourceInfo(url=url, bytes=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    sources = [_source_info(url) for url in tqdm(urls, desc="hash sources", unit="file", leave=False, disable=None)]
     total_bytes = sum(s.bytes for s in sources)
     fingerprint = _fingerprint(sources, cfg)
     manifest_url = storage.join(output, MANIFEST)
@@ -270,24 +332,33 @@ def prepare(
         _refuse_empty(stats)
 
     dtype = token_dtype(tok.vocab_size)
-    if cfg.split == "tail":
-        streams = _tail_split(merged, cfg.val_fraction, dtype)
+    rule = split_rule(cfg.split, stats.documents)
+    if rule == "hash":
+        streams = _hash_split(merged, dtype)
     else:
-        streams = {s: np.concatenate(merged.streams[s]) if merged.streams[s] else np.zeros(0, dtype) for s in SPLITS}
+        if rule != cfg.split:
+            log.info("%d documents: splitting by position, not hash (split: %s)", stats.documents, rule)
+        streams = _tail_split(merged, cfg.val_fraction, cfg.seq_len, dtype)
+    documents = {"train": merged.in_val.count(False), "val": merged.in_val.count(True)}
+    merged.docs.clear()  # the streams hold the tokens now
     byte_len = token_byte_lengths(tok)
     splits: dict[str, SplitInfo] = {}
     with tempfile.TemporaryDirectory(prefix="genpt-prepare-") as tmpdir:
         for split in SPLITS:
             samples = pack(streams[split], cfg.seq_len, tok.pad_id)
             if len(samples) == 0 and (split == "train" or cfg.val_fraction > 0):
-                hint = " (few documents: try --set data.split=tail)" if cfg.split == "hash" else ""
+                total = sum(len(streams[s]) for s in SPLITS)
+                if rule == "hash":
+                    hint = " (few documents: try --set data.split=tail)"
+                else:
+                    hint = f" ({total} tokens in all, under two {cfg.seq_len + 1}-token samples: lower data.seq_len)"
                 raise UserError(f"the {split} split is empty{hint}")
             if split == "train":
                 samples = samples[np.random.default_rng(cfg.seed).permutation(len(samples))]
             splits[split] = SplitInfo(
                 shards=write_shards(samples, split, output, cfg.shard_samples, tmpdir),
                 samples=int(len(samples)),
-                documents=merged.documents[split] if cfg.split == "hash" else None,
+                documents=documents[split] if rule == "hash" else None,
                 tokens=int(len(streams[split])),
                 targets=int(max(len(streams[split]) - 1, 0)),
                 bytes=int(byte_len[streams[split]].sum()),
@@ -313,6 +384,7 @@ def prepare(
         sources=sources,
         stats=stats,
         config=cfg.model_dump(),
+        split=rule,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     publish_manifest(manifest)
@@ -338,6 +410,7 @@ def _summary(manifest: Manifest, reused: bool, seconds: float, mb: float) -> dic
         "val_tokens": splits["val"].tokens,
         "shards": sum(len(splits[s].shards) for s in SPLITS),
         "documents": manifest.documents,
+        "split": manifest.split,
         "vocab_size": manifest.tokenizer.vocab_size,
         "binary_skipped": manifest.stats.binary_skipped,
         "replacement_chars": manifest.stats.replacement_chars,

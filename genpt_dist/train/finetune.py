@@ -173,10 +173,22 @@ def best_checkpoint(run: str) -> CheckpointRef | None:
     return min(refs, key=lambda r: (r.meta.metrics["val_loss"], -r.step)) if refs else None
 
 
+def _task_sha256(task: str) -> str:
+    """The task's fingerprint: its bytes, or for a folder (a `datasets` save_to_disk) every file's name and bytes."""
+    import hashlib
+
+    files = [task] if not storage.exists(storage.join(task, "state.json")) else sorted(storage.list_files(task))
+    digest = hashlib.sha256()
+    for url in files:
+        if len(files) > 1:
+            digest.update(url[len(task) :].encode())
+        digest.update(storage.read_bytes(url))
+    return digest.hexdigest()
+
+
 def finetune_job(task: str, init: str, run: str, cfg: Config) -> tuple[Job, dict[str, Any]]:
     """Validate the task and the init checkpoint at the edge (before any worker); the job, and what the
     summary reports of the task."""
-    import hashlib
 
     ref = resolve(init)
     model_cfg = ref.model_config
@@ -203,8 +215,8 @@ def finetune_job(task: str, init: str, run: str, cfg: Config) -> tuple[Job, dict
             data.kind,
             data.truncated,
         )
-        info = {"examples": len(data.train) + len(data.val), "truncated": data.truncated}
-        task_sha, seq_len = hashlib.sha256(storage.read_bytes(task)).hexdigest(), model_cfg.block_size
+        info = {"examples": len(data.train) + len(data.val), "truncated": data.truncated, "split": data.split}
+        task_sha, seq_len = _task_sha256(task), model_cfg.block_size
     job = Job(
         stage="finetune",
         config=cfg.model_dump(mode="json"),
