@@ -24,10 +24,13 @@ allows it).
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import logging
 import os
 import pickle
 import re
+import struct
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -148,20 +151,85 @@ def latest_checkpoint(run_url: str) -> CheckpointRef | None:
 
 
 def resolve(url: str) -> CheckpointRef:
-    """A run URL, a checkpoint folder or an export folder -> the checkpoint to load."""
+    """A run URL, a checkpoint folder, an export folder or a Hugging Face GPT-2 folder -> the checkpoint to load."""
     url = storage.normalize(url)
     meta = read_meta(url)
     if meta is not None:
         if not is_complete(url, meta):
             raise UserError(f"checkpoint {url} is incomplete: files listed in {META} are missing or truncated")
         return CheckpointRef(url, meta)
+    if storage.exists(storage.join(url, HF_CONFIG)):
+        return hf_folder_ref(url)
     ref = latest_checkpoint(url)
     if ref is None:
         raise UserError(f"no checkpoint at {url}: not a run with a complete checkpoint, a checkpoint or an export")
     return ref
 
 
+HF_CONFIG = "config.json"
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in the order transformers prefers them
+HF_IMPORT = "transformers"  # ExportMeta.export_format of a folder transformers wrote (it has no meta.json)
+
+
+def _hf_tokenizer(url: str) -> Tokenizer:
+    """A Hugging Face folder's tokenizer: `tokenizer.json`, or `vocab.json` + `merges.txt` (GPT-2's files)."""
+    try:
+        if storage.exists(storage.join(url, TOKENIZER)):
+            return Tokenizer.load(storage.join(url, TOKENIZER))
+        if storage.exists(storage.join(url, "vocab.json")) and storage.exists(storage.join(url, "merges.txt")):
+            vocab, merges = (storage.read_text(storage.join(url, f)) for f in ("vocab.json", "merges.txt"))
+            return Tokenizer.from_gpt2_files(vocab, merges)
+    except (ValueError, Exception) as exc:  # tokenizers raises its own Exception subclass for a bad file
+        raise UserError(f"{url}: cannot read its tokenizer: {exc}".splitlines()[0]) from None
+    raise UserError(f"{url}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
+
+
+def _safetensors_metadata(url: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, from its header alone (8-byte length, then JSON)."""
+    try:
+        (length,) = struct.unpack("<Q", storage.read_bytes(url, 0, 8))
+        header = json.loads(storage.read_bytes(url, 8, 8 + length))
+    except (struct.error, ValueError) as exc:
+        raise UserError(f"{url}: not a safetensors file ({exc})") from None
+    return header.get("__metadata__") or {}
+
+
+def hf_folder_ref(url: str) -> CheckpointRef:
+    """A folder written by transformers' `save_pretrained` (a GPT-2 and its tokenizer) as a read-only export:
+    the model config mapped (`hf_compat.gpt_config_from_hf`), the weights file found, the tokenizer checked
+    against the embedding."""
+    from genpt_dist.hf_compat import gpt_config_from_hf
+
+    try:
+        config = storage.read_json(storage.join(url, HF_CONFIG))
+    except ValueError:
+        raise UserError(f"{url}: {HF_CONFIG} is not valid JSON") from None
+    weights = next((w for w in HF_WEIGHTS if storage.exists(storage.join(url, w))), None)
+    ours = weights == HF_WEIGHTS[0] and "genpt_layout" in _safetensors_metadata(storage.join(url, HF_WEIGHTS[0]))
+    if ours:  # weights our export wrote, in a folder its last write (meta.json) never reached
+        raise UserError(f"no checkpoint at {url}: an export of ours without its {META} (cut short)")
+    model = gpt_config_from_hf(config, url)
+    if weights is None:
+        raise UserError(f"{url}: no weights file ({' or '.join(HF_WEIGHTS)})")
+    tok = _hf_tokenizer(url)
+    if tok.vocab_size > model.vocab_size:
+        raise UserError(
+            f"{url}: the tokenizer has {tok.vocab_size} tokens, the model's embedding only {model.vocab_size}"
+        )
+    meta = ExportMeta(
+        model=model,
+        tokenizer_sha256=tok.sha256,
+        export_format=HF_IMPORT,
+        weights_layout="hf",
+        weights=weights,
+        exported_from=url,
+    )
+    return CheckpointRef(url, meta)
+
+
 def load_tokenizer(ref: CheckpointRef) -> Tokenizer:
+    if isinstance(ref.meta, ExportMeta) and ref.meta.export_format == HF_IMPORT:
+        return _hf_tokenizer(ref.url)
     tok = Tokenizer.load(storage.join(ref.url, TOKENIZER))
     if tok.sha256 != ref.meta.tokenizer_sha256:
         raise UserError(f"{ref.url}: tokenizer.json does not match the hash in {META}")
@@ -247,10 +315,16 @@ def load_state_dict(ref: CheckpointRef) -> dict[str, torch.Tensor]:
         from safetensors.torch import load as load_safetensors
 
         weights = storage.join(ref.url, meta.weights)
-        try:
-            state = load_safetensors(storage.read_bytes(weights))
-        except SafetensorError as exc:
-            raise UserError(f"cannot read {weights}: {exc}".splitlines()[0]) from None
+        if weights.endswith(".bin"):  # a torch pickle: tensors only, no code runs
+            try:
+                state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location="cpu", weights_only=True)
+            except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+                raise UserError(f"{weights}: refused by torch.load(weights_only=True): {exc}".splitlines()[0]) from None
+        else:
+            try:
+                state = load_safetensors(storage.read_bytes(weights))
+            except SafetensorError as exc:
+                raise UserError(f"cannot read {weights}: {exc}".splitlines()[0]) from None
         if meta.weights_layout == "hf":  # an `export --format hf` folder: HF names and Conv1D layout
             from genpt_dist.hf_compat import from_hf_state_dict
 

@@ -65,7 +65,7 @@ def _text_batches(url: str, tok: Tokenizer, block: int, batch_size: int) -> Iter
 def score(
     model: GPT,
     batches: Iterator[torch.Tensor],
-    pad_id: int,
+    pad_id: int | None,
     byte_lengths: np.ndarray,
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
@@ -108,7 +108,7 @@ def evaluate(
         batches = _dataset_batches(data, split, tok, block, batch_size)
     else:
         batches = _text_batches(data, tok, block, batch_size)
-    metrics = score(net, batches, tok.pad_id, token_byte_lengths(tok), dev)
+    metrics = score(net, batches, tok.loss_pad_id, token_byte_lengths(tok), dev)
     return {
         "command": "evaluate",
         **metrics,

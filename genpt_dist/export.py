@@ -41,7 +41,7 @@ from genpt_dist.errors import UserError
 from genpt_dist.hf_compat import hf_config_dict, to_hf_state_dict
 from genpt_dist.meta import META, CheckpointMeta, ExportMeta, ExportSource
 from genpt_dist.model.gpt import GPTConfig
-from genpt_dist.tokenizer import BOS, EOS, PAD, Tokenizer
+from genpt_dist.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,12 @@ def export_meta(ref: CheckpointRef) -> ExportProvenance:
 
 
 def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, Any]]:
-    specials = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+    # Ours are <bos>/<eos>/<pad>; an imported GPT-2 tokenizer's <|endoftext|> is all three.
+    specials = {
+        "bos_token": tok.token(tok.bos_id),
+        "eos_token": tok.token(tok.eos_id),
+        "pad_token": tok.token(tok.pad_id),
+    }
     # The byte-level BPE covers every byte, so no unknown token exists; GPT-2 names <eos> as unk, we
     # leave it unset rather than alias a real token.
     config = {
@@ -119,7 +124,7 @@ def _hf_tokenizer_files(tok: Tokenizer, block_size: int) -> dict[str, dict[str, 
                 "single_word": False,
                 "special": True,
             }
-            for t in (PAD, BOS, EOS)
+            for t in dict.fromkeys(specials.values())
         },
     }
     return {"tokenizer_config.json": config, "special_tokens_map.json": specials}

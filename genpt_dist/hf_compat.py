@@ -11,9 +11,12 @@ present. ``_orig_mod.`` (torch.compile) and ``module.`` (DDP/DeepSpeed) prefixes
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
-from genpt_dist.model.gpt import GPTConfig
+from genpt_dist.errors import UserError
+from genpt_dist.model.gpt import ACTIVATIONS, GPTConfig
 
 _TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older transformers versions
@@ -67,8 +70,8 @@ def hf_config_dict(cfg: GPTConfig, *, bos_id: int, eos_id: int, pad_id: int) -> 
         "n_layer": cfg.n_layer,
         "n_head": cfg.n_head,
         "n_inner": None,  # 4 * n_embd
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": 1e-5,
+        "activation_function": cfg.activation,
+        "layer_norm_epsilon": cfg.layer_norm_eps,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
         "attn_pdrop": cfg.dropout,
@@ -82,3 +85,43 @@ def hf_config_dict(cfg: GPTConfig, *, bos_id: int, eos_id: int, pad_id: int) -> 
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
     }
+
+
+# GPT-2 config options our GPT implements only at these values: (key, the value it must have, default).
+_FIXED = (
+    ("scale_attn_by_inverse_layer_idx", False, False),
+    ("reorder_and_upcast_attn", False, False),
+    ("scale_attn_weights", True, True),
+    ("add_cross_attention", False, False),
+)
+
+
+def gpt_config_from_hf(config: dict[str, Any], where: str) -> GPTConfig:
+    """Our GPTConfig for a Hugging Face GPT-2 `config.json`; a one-line UserError for another model type or
+    an option our GPT does not implement (each named)."""
+    model_type = config.get("model_type")
+    if model_type != "gpt2":
+        raise UserError(f"{where}: model_type {model_type!r} is not supported (only gpt2 folders are read)")
+    unsupported = [f"{key}={config[key]!r}" for key, value, _ in _FIXED if config.get(key, value) != value]
+    activation = config.get("activation_function", "gelu_new")
+    if activation not in ACTIVATIONS:
+        unsupported.append(f"activation_function={activation!r} (supported: {', '.join(ACTIVATIONS)})")
+    d_model = int(config.get("n_embd", 768))
+    if config.get("n_inner") not in (None, 4 * d_model):
+        unsupported.append(f"n_inner={config['n_inner']!r} (only 4 * n_embd)")
+    if config.get("tie_word_embeddings", True) is not True:
+        unsupported.append("tie_word_embeddings=false")
+    if unsupported:
+        raise UserError(f"{where}: GPT-2 options this model does not implement: {', '.join(unsupported)}")
+    try:
+        return GPTConfig(
+            vocab_size=int(config["vocab_size"]),
+            block_size=int(config.get("n_positions", config.get("n_ctx", 1024))),
+            n_layer=int(config["n_layer"]),
+            n_head=int(config["n_head"]),
+            d_model=d_model,
+            activation=activation,
+            layer_norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise UserError(f"{where}: not a valid GPT-2 config ({exc})") from None

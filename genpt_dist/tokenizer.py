@@ -21,6 +21,7 @@ from genpt_dist import storage
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]
+GPT2_EOT = "<|endoftext|>"  # GPT-2's one special token: its bos, eos and pad
 BYTE_VOCAB = len(SPECIAL_TOKENS) + 256
 
 
@@ -55,14 +56,21 @@ def byte_tokenizer() -> Tokenizer:
 
 
 class Tokenizer:
-    """A thin wrapper that knows the special ids and its own content hash."""
+    """A thin wrapper that knows the special ids and its own content hash.
+
+    Ours have `<pad>`=0, `<bos>`=1, `<eos>`=2; a GPT-2 tokenizer (Hugging Face's, imported) has none of
+    them and its `<|endoftext|>` serves as bos, eos and pad (`shared_specials`: padding is then masked
+    by position, never by id, since the id is also the real <eos>)."""
 
     def __init__(self, hf: HFTokenizer):
         self.hf = hf
         self.hf.encode_special_tokens = True  # a literal "<eos>" in text is text, not the special token
         pad_id, bos_id, eos_id = (hf.token_to_id(t) for t in SPECIAL_TOKENS)
-        if pad_id is None or bos_id is None or eos_id is None or (pad_id, bos_id, eos_id) != (0, 1, 2):
-            raise ValueError("tokenizer special tokens must be <pad>=0, <bos>=1, <eos>=2")
+        eot = hf.token_to_id(GPT2_EOT)
+        if pad_id is None and bos_id is None and eos_id is None and eot is not None:
+            pad_id = bos_id = eos_id = eot
+        elif pad_id is None or bos_id is None or eos_id is None or (pad_id, bos_id, eos_id) != (0, 1, 2):
+            raise ValueError(f"tokenizer special tokens must be <pad>=0, <bos>=1, <eos>=2 (or GPT-2's {GPT2_EOT})")
         self.pad_id: int = pad_id
         self.bos_id: int = bos_id
         self.eos_id: int = eos_id
@@ -71,6 +79,23 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.hf.get_vocab_size()
+
+    @property
+    def shared_specials(self) -> bool:
+        """One token is bos, eos and pad (GPT-2's)."""
+        return self.pad_id == self.eos_id
+
+    @property
+    def loss_pad_id(self) -> int | None:
+        """The id whose targets carry no loss in packed data: the pad, unless it is also the eos."""
+        return None if self.shared_specials else self.pad_id
+
+    def token(self, token_id: int) -> str:
+        """The token's string (e.g. the name of a special token)."""
+        text = self.hf.id_to_token(token_id)
+        if text is None:
+            raise ValueError(f"no token with id {token_id}")
+        return text
 
     def to_json(self) -> str:
         return self.hf.to_str()
@@ -116,6 +141,20 @@ class Tokenizer:
     @classmethod
     def load(cls, url: str) -> Tokenizer:
         return cls.from_json(storage.read_text(url))
+
+    @classmethod
+    def from_gpt2_files(cls, vocab_json: str, merges_txt: str) -> Tokenizer:
+        """A GPT-2 tokenizer from its `vocab.json` and `merges.txt` texts (what transformers' GPT2Tokenizer
+        reads): byte-level BPE without a prefix space, `<|endoftext|>` special."""
+        vocab = json.loads(vocab_json)
+        lines = [line for line in merges_txt.splitlines() if line and not line.startswith("#version")]
+        merges = [tuple(line.split(" ")) for line in lines]
+        if any(len(m) != 2 for m in merges):
+            raise ValueError("merges.txt: every line must hold two tokens separated by one space")
+        tok = _byte_level(HFTokenizer(models.BPE(vocab=vocab, merges=merges)))  # type: ignore[arg-type]
+        if GPT2_EOT in vocab:
+            tok.add_special_tokens([GPT2_EOT])
+        return cls(tok)
 
 
 ENCODE_PIECE_CHARS = 1 << 16

@@ -38,8 +38,8 @@ def _export_random_model(folder: str, quick: bool):
     from genpt_dist.model.gpt import GPT, GPTConfig
     from genpt_dist.tokenizer import byte_tokenizer
 
-    shape = dict(n_layer=2, n_head=4, d_model=128) if quick else dict(n_layer=6, n_head=6, d_model=384)
-    cfg = GPTConfig(vocab_size=8192, block_size=256, **shape)
+    n_layer, n_head, d_model = (2, 4, 128) if quick else (6, 6, 384)
+    cfg = GPTConfig(vocab_size=8192, block_size=256, n_layer=n_layer, n_head=n_head, d_model=d_model)
     torch.manual_seed(0)
     model = GPT(cfg)
     tok = byte_tokenizer()  # the model's vocabulary is larger than the tokenizer's: allowed

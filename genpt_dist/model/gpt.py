@@ -1,7 +1,9 @@
 """Decoder-only GPT, laid out so that it is exactly a Hugging Face GPT-2.
 
-The architecture is GPT-2: learned token and position embeddings, pre-LayerNorm blocks (eps 1e-5),
-fused qkv projection ``c_attn``, GELU with the tanh approximation (HF ``gelu_new``), a final LayerNorm
+The architecture is GPT-2: learned token and position embeddings, pre-LayerNorm blocks (eps
+``layer_norm_eps``, 1e-5), fused qkv projection ``c_attn``, an MLP activation of GPT-2's
+``activation_function`` values (``gelu_new``, GELU with the tanh approximation, by default; exact
+``gelu``; ``relu``), a final LayerNorm
 and an ``lm_head`` without bias whose weight is tied to ``transformer.wte``. Module names follow
 nanoGPT, so ``genpt_dist.hf_compat`` only has to transpose four Conv1D weights to produce a
 ``GPT2LMHeadModel`` state dict.
@@ -23,7 +25,9 @@ What is unusual compared with nanoGPT:
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from genpt_dist.model.cross_entropy import cross_entropy
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "gelu_new": functools.partial(F.gelu, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
 
 
 @dataclass(kw_only=True)
@@ -44,8 +54,12 @@ class GPTConfig:
     n_head: int  # attention heads per block; must divide d_model
     d_model: int  # residual stream width (HF n_embd)
     dropout: float = 0.0  # embedding, attention and residual dropout probability
+    activation: str = "gelu_new"  # the MLP's, by HF GPT-2's name: gelu_new (tanh approximation), gelu, relu
+    layer_norm_eps: float = 1e-5  # HF layer_norm_epsilon
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"GPTConfig.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -124,18 +138,23 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 
 
-class MLP(nn.Module):
-    """Position-wise feed-forward: d -> 4d -> GELU(tanh) -> d."""
+def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
+    """GPT-2's `activation_function` by name, as a function."""
+    return ACTIVATIONS[name]
 
-    def __init__(self, d_model: int, dropout: float) -> None:
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: d -> 4d -> activation (GELU(tanh) by default) -> d."""
+
+    def __init__(self, d_model: int, dropout: float, activation: str = "gelu_new") -> None:
         super().__init__()
         self.c_fc = nn.Linear(d_model, 4 * d_model)
-        self.gelu = nn.GELU(approximate="tanh")
+        self.act = activation_fn(activation)
         self.c_proj = nn.Linear(4 * d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))  # (B, T, C)
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -143,10 +162,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.attn = CausalSelfAttention(cfg, layer)
-        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
-        self.mlp = MLP(cfg.d_model, cfg.dropout)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg.d_model, cfg.dropout, cfg.activation)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None, is_causal: bool, cache: KVCache | None) -> Tensor:
         x = x + self.attn(self.ln_1(x), attn_mask, is_causal, cache)  # (B, T, C)
@@ -175,7 +194,7 @@ class GPT(nn.Module):
                 wpe=nn.Embedding(cfg.block_size, cfg.d_model),
                 drop=nn.Dropout(cfg.dropout),
                 h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
-                ln_f=nn.LayerNorm(cfg.d_model, eps=1e-5),
+                ln_f=nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps),
             )
         )
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

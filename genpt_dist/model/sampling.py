@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genpt_dist.model.gpt import GPT, Block, KVCache
+from genpt_dist.model.gpt import GPT, Block, KVCache, activation_fn
 
 _STOP_CHECK_EVERY = 8  # steps between reads of "has every row stopped?"
 
@@ -185,7 +185,7 @@ def _decode_step(
     """
     tf, cfg = model.transformer, model.config
     B, C, H = tok.size(0), cfg.d_model, cfg.n_head
-    L, eps = cache.length, tf.ln_f.eps
+    L, eps, act = cache.length, tf.ln_f.eps, activation_fn(cfg.activation)
     wpe = tf.wpe.weight[pos] if isinstance(pos, int) else F.embedding(pos, tf.wpe.weight)  # (C,) | (B, C)
     x = F.embedding(tok, tf.wte.weight) + wpe  # (B, C)
     for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(layers):
@@ -199,7 +199,7 @@ def _decode_step(
         )  # (B, H, 1, hd)
         x = x + F.linear(y.reshape(B, C), wo, bo)  # (B, C)
         h = F.layer_norm(x, (C,), w2, b2, eps)  # (B, C)
-        x = x + F.linear(F.gelu(F.linear(h, wfc, bfc), approximate="tanh"), wp, bp)  # (B, C)
+        x = x + F.linear(act(F.linear(h, wfc, bfc)), wp, bp)  # (B, C)
     cache.advance(1)
     x = F.layer_norm(x, (C,), tf.ln_f.weight, tf.ln_f.bias, eps)  # (B, C)
     return F.linear(x, model.lm_head.weight)  # (B, V)

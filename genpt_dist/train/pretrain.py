@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from genpt_dist import storage
-from genpt_dist.checkpoint import check_init_matches
+from genpt_dist.checkpoint import check_init_matches, resolve
 from genpt_dist.config import Config
 from genpt_dist.data.manifest import load_manifest
 from genpt_dist.errors import UserError
@@ -37,10 +37,8 @@ def pretrain_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None
 def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> Job:
     """Validate the data (and `--init`) against the recipe at the edge; the job the workers run."""
     manifest = load_manifest(data)
-    if manifest.seq_len > cfg.block_size:
+    if not init and manifest.seq_len > cfg.block_size:
         raise UserError(f"the data has {manifest.seq_len}-token samples, model.block_size is {cfg.block_size}")
-    if init:
-        check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
     m = cfg.model
     model = GPTConfig(
         vocab_size=manifest.load_tokenizer().vocab_size,
@@ -50,6 +48,11 @@ def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> J
         d_model=m.d_model,
         dropout=m.dropout,
     )
+    if init:  # continued pretraining: the shape (and activation, eps) is the init's, the dropout the recipe's
+        check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
+        model = dataclasses.replace(resolve(init).model_config, dropout=m.dropout)
+        if manifest.seq_len > model.block_size:
+            raise UserError(f"the data has {manifest.seq_len}-token samples, --init's context is {model.block_size}")
     run = storage.normalize(run)
     storage.check_bucket(run)
     return Job(

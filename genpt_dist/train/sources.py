@@ -41,10 +41,12 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def to_batch(tokens: torch.Tensor, pad_id: int) -> Batch:
-    """(B, T+1) samples -> inputs and next-token targets; pad targets carry no loss."""
+def to_batch(tokens: torch.Tensor, pad_id: int | None) -> Batch:
+    """(B, T+1) samples -> inputs and next-token targets; pad targets carry no loss (`pad_id` None: the pad is
+    also the real <eos>, GPT-2's `<|endoftext|>`, so every target keeps its loss; `Tokenizer.loss_pad_id`)."""
     targets = tokens[:, 1:].clone()
-    targets[targets == pad_id] = -100
+    if pad_id is not None:
+        targets[targets == pad_id] = -100
     return Batch(idx=tokens[:, :-1], targets=targets)
 
 
@@ -85,7 +87,7 @@ class ShardSource:
         )
 
     def train_batches(self) -> Iterator[Batch]:
-        pad = self.tokenizer.pad_id
+        pad = self.tokenizer.loss_pad_id
         return (to_batch(t, pad) for t in self.train)
 
     def eval_batches(self) -> Iterable[Batch]:
@@ -93,7 +95,7 @@ class ShardSource:
             return []
         self.val.load_state_dict({"epoch": 0, "batch": 0})
         n = min(self.n_eval, self.val.batches_per_epoch)
-        return [to_batch(t, self.tokenizer.pad_id) for t in islice(self.val.iter_epoch(), n)]
+        return [to_batch(t, self.tokenizer.loss_pad_id) for t in islice(self.val.iter_epoch(), n)]
 
     def state_dict(self) -> dict[str, Any]:
         return self.train.state_dict()
