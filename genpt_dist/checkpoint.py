@@ -171,7 +171,7 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # in the order transfor
 HF_IMPORT = "transformers"  # ExportMeta.export_format of a folder transformers wrote (it has no meta.json)
 
 
-def _hf_tokenizer(url: str) -> Tokenizer:
+def hf_tokenizer(url: str) -> Tokenizer:
     """A Hugging Face folder's tokenizer: `tokenizer.json`, or `vocab.json` + `merges.txt` (GPT-2's files)."""
     try:
         if storage.exists(storage.join(url, TOKENIZER)):
@@ -211,7 +211,7 @@ def hf_folder_ref(url: str) -> CheckpointRef:
     model = gpt_config_from_hf(config, url)
     if weights is None:
         raise UserError(f"{url}: no weights file ({' or '.join(HF_WEIGHTS)})")
-    tok = _hf_tokenizer(url)
+    tok = hf_tokenizer(url)
     if tok.vocab_size > model.vocab_size:
         raise UserError(
             f"{url}: the tokenizer has {tok.vocab_size} tokens, the model's embedding only {model.vocab_size}"
@@ -229,7 +229,7 @@ def hf_folder_ref(url: str) -> CheckpointRef:
 
 def load_tokenizer(ref: CheckpointRef) -> Tokenizer:
     if isinstance(ref.meta, ExportMeta) and ref.meta.export_format == HF_IMPORT:
-        return _hf_tokenizer(ref.url)
+        return hf_tokenizer(ref.url)
     tok = Tokenizer.load(storage.join(ref.url, TOKENIZER))
     if tok.sha256 != ref.meta.tokenizer_sha256:
         raise UserError(f"{ref.url}: tokenizer.json does not match the hash in {META}")

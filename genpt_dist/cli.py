@@ -54,7 +54,7 @@ def _cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
-    return prepare(args.input, args.output, cfg.data, overwrite=args.overwrite)
+    return prepare(args.input, args.output, cfg.data, overwrite=args.overwrite, tokenizer=args.tokenizer)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="SRC", help="files, folders, globs or s3:// prefixes")
     p.add_argument("--output", required=True, metavar="URL", help="dataset folder or s3://bucket/prefix")
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset already at --output")
+    p.add_argument(
+        "--tokenizer",
+        metavar="SRC",
+        help="reuse this tokenizer instead of training one: a tokenizer.json, a Hugging Face folder or a checkpoint",
+    )
     _config_args(p)
     p.set_defaults(fn=_cmd_prepare)
 

@@ -196,3 +196,44 @@ def test_finetune_then_reinforce_from_a_gpt2_folder(ray_session, gpt2, tmp_path)
         rewards=[f"python:{reward}:length"],
     )
     assert rl["step"] == 2 and rl["rewards"] == ["length"]
+
+
+def test_prepare_reuses_a_given_tokenizer_and_refuses_what_is_none(gpt2, tmp_path, text):
+    from genpt_dist.checkpoint import load_tokenizer
+    from genpt_dist.config import load_config
+    from genpt_dist.data.manifest import load_manifest
+    from genpt_dist.data.prepare import prepare
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text[:50_000])
+    data = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml").data
+    out = prepare([str(corpus)], str(tmp_path / "data"), data, tokenizer=str(gpt2))
+    manifest = load_manifest(out["output"])
+    tok = load_tokenizer(resolve(str(gpt2)))
+    assert manifest.tokenizer.sha256 == tok.sha256 and manifest.tokenizer.kind == "given"
+    assert manifest.tokenizer.source == str(gpt2) and out["vocab_size"] == tok.vocab_size
+    assert manifest.load_tokenizer().encode("ROMEO: hi") == tok.encode("ROMEO: hi")
+    with pytest.raises(UserError, match="different dataset"):  # the same corpus under another tokenizer
+        prepare([str(corpus)], str(tmp_path / "data"), data)
+    (tmp_path / "empty").mkdir()
+    for bad in (tmp_path / "empty", tmp_path / "missing.json"):
+        with pytest.raises(UserError, match="--tokenizer") as err:
+            prepare([str(corpus)], str(tmp_path / "other"), data, tokenizer=str(bad))
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_a_gpt2_on_data_prepared_with_its_tokenizer(ray_session, gpt2, tmp_path, text):
+    from genpt_dist.config import load_config
+    from genpt_dist.data.prepare import prepare
+    from genpt_dist.train.pretrain import pretrain
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text[:50_000])
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+    cfg = load_config(tiny, ["train.steps=2", "train.eval_every=2", "train.checkpoint_every=2"])
+    data = prepare([str(corpus)], str(tmp_path / "data"), cfg.data, tokenizer=str(gpt2))["output"]
+    out = pretrain(data, str(tmp_path / "run"), cfg, init=str(gpt2))
+    assert out["step"] == 2 and out["val_loss"] is not None
+    meta = resolve(str(tmp_path / "run")).meta
+    assert meta.model == resolve(str(gpt2)).model_config  # the shape is the init's, not the recipe's

@@ -50,11 +50,12 @@ class SplitInfo:
 class TokenizerInfo:
     file: str  # tokenizer.json, relative to the dataset URL
     sha256: str  # Tokenizer.sha256 of that file: what checkpoints are matched against
-    kind: str  # data.tokenizer: "bpe" | "byte"
+    kind: str  # data.tokenizer: "bpe" | "byte", or "given" (`prepare --tokenizer`)
     vocab_size: int
     pad_id: int
     bos_id: int
     eos_id: int
+    source: str | None = None  # `prepare --tokenizer SRC`: where it came from (None: made by prepare)
 
 
 @dataclass(frozen=True)

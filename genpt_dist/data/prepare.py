@@ -262,9 +262,33 @@ def _source_info(url: str) -> SourceInfo:
     return SourceInfo(url=url, bytes=size, sha256=digest.hexdigest())
 
 
-def _fingerprint(sources: list[SourceInfo], cfg: DataConfig) -> str:
-    payload = json.dumps({"sources": [(s.url, s.sha256) for s in sources], "data": cfg.model_dump()}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()
+def _fingerprint(sources: list[SourceInfo], cfg: DataConfig, given: Tokenizer | None = None) -> str:
+    payload = {"sources": [(s.url, s.sha256) for s in sources], "data": cfg.model_dump()}
+    if given is not None:  # the same corpus under another tokenizer is another dataset
+        payload["tokenizer"] = given.sha256
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def given_tokenizer(src: str) -> Tokenizer:
+    """`prepare --tokenizer SRC`: a tokenizer.json file, a Hugging Face folder (tokenizer.json, or GPT-2's
+    vocab.json + merges.txt) or a checkpoint / run / export of ours; anything else is a one-line error."""
+    from genpt_dist.checkpoint import hf_tokenizer, load_tokenizer, resolve
+
+    url = storage.normalize(src)
+    if url.endswith(".json"):
+        try:
+            return Tokenizer.load(url)
+        except FileNotFoundError:
+            raise UserError(f"--tokenizer {src}: no such file") from None
+        except Exception as exc:  # tokenizers' own error for a file that is not a tokenizer
+            raise UserError(f"--tokenizer {src}: not a tokenizer.json ({exc})".splitlines()[0]) from None
+    try:
+        return load_tokenizer(resolve(url))  # a checkpoint, run or export of ours, or a transformers model folder
+    except UserError:
+        if storage.exists(storage.join(url, TOKENIZER_FILE)) or storage.exists(storage.join(url, "vocab.json")):
+            return hf_tokenizer(url)  # a tokenizer saved on its own (save_pretrained of a tokenizer)
+        kinds = "a tokenizer.json, a Hugging Face model or tokenizer folder, or one of our checkpoints"
+        raise UserError(f"--tokenizer {src} is none of {kinds}") from None
 
 
 def _verify_existing(out_url: str, fingerprint: str) -> Manifest | None:
@@ -300,17 +324,24 @@ def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
 
 
 def prepare(
-    inputs: list[str], output: str, cfg: DataConfig, overwrite: bool = False, address: str | None = None
+    inputs: list[str],
+    output: str,
+    cfg: DataConfig,
+    overwrite: bool = False,
+    address: str | None = None,
+    tokenizer: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole `prepare` command; returns the JSON summary. `address`: the Ray cluster to tokenise
-    a large corpus on (as `--address`; default RAY_ADDRESS, else a local Ray)."""
+    a large corpus on (as `--address`; default RAY_ADDRESS, else a local Ray). `tokenizer`: reuse that
+    tokenizer (`given_tokenizer`) instead of training one, e.g. to continue pretraining a GPT-2."""
     t0 = time.time()
     output = storage.normalize(output)
     storage.check_bucket(output)
+    given = given_tokenizer(tokenizer) if tokenizer else None
     urls = resolve_sources(inputs, cfg.extensions)
     sources = [_source_info(url) for url in tqdm(urls, desc="hash sources", unit="file", leave=False, disable=None)]
     total_bytes = sum(s.bytes for s in sources)
-    fingerprint = _fingerprint(sources, cfg)
+    fingerprint = _fingerprint(sources, cfg, given)
     manifest_url = storage.join(output, MANIFEST)
 
     if storage.exists(manifest_url):
@@ -325,7 +356,7 @@ def prepare(
         if OUTPUT_FILE.fullmatch(url[len(output) + 1 :]):
             storage.delete(url)
 
-    tok = _train_tokenizer(urls, cfg)
+    tok = given if given is not None else _train_tokenizer(urls, cfg)
     merged = _tokenise_all(urls, tok, cfg, total_bytes, address)
     stats = merged.stats
     if stats.documents == 0:
@@ -373,11 +404,12 @@ def prepare(
         tokenizer=TokenizerInfo(
             file=TOKENIZER_FILE,
             sha256=tok.sha256,
-            kind=cfg.tokenizer,
+            kind="given" if given is not None else cfg.tokenizer,
             vocab_size=tok.vocab_size,
             pad_id=tok.pad_id,
             bos_id=tok.bos_id,
             eos_id=tok.eos_id,
+            source=storage.normalize(tokenizer) if tokenizer else None,
         ),
         splits=splits,
         documents=stats.documents,
