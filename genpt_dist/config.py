@@ -279,6 +279,16 @@ class ReinforceConfig(_Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # type: ignore[arg-type]
     discriminator: DiscriminatorTrainConfig = Field(default_factory=DiscriminatorTrainConfig)  # type: ignore[arg-type]
 
+    @model_validator(mode="after")
+    def _mc_needs_a_baseline_in_reward_units(self) -> ReinforceConfig:
+        # A Monte Carlo token reward Q_t takes the row's baseline b = r - A; grpo and reinforce++ divide A by a
+        # std, so r - A is no baseline in reward units and Q_t - b would mix scales.
+        if self.mc_rollouts > 0 and self.baseline in ("grpo", "reinforce++"):
+            raise ValueError(
+                f"mc_rollouts needs a baseline in reward units (rloo, dr_grpo, group, ema, none), not {self.baseline}"
+            )
+        return self
+
 
 _FT_TRAIN = {
     "steps": 200,

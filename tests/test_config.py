@@ -70,6 +70,10 @@ def test_later_override_wins():
         (["train.steps=5", "train.steps.deeper=1"], r"train\.steps\.deeper: steps is not a section"),
         (["train.steps.deeper=1"], r"config error at train\.steps: .*integer"),
         (["no_equals_sign"], r"bad --set 'no_equals_sign': expected key=value"),
+        (
+            ["reinforce.mc_rollouts=2", "reinforce.baseline=reinforce++"],
+            r"config error at reinforce: mc_rollouts needs a baseline in reward units .* not reinforce\+\+",
+        ),
     ],
 )
 def test_bad_values_name_the_dotted_path(overrides, message):
