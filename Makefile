@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(PY) launch.py demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

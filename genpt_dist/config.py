@@ -82,6 +82,9 @@ class ModelConfig(TransformerShape):
     """The decoder-only GPT (GPT-2 layout)."""
 
     block_size: int | None = Field(None, ge=2, description="context length; defaults to data.seq_len")
+    activation: Literal["gelu_new", "gelu", "relu"] = Field(
+        "gelu_new", description="MLP activation, by GPT-2's activation_function names (exports keep it)"
+    )
 
 
 class LoaderConfig(_Strict):

@@ -56,11 +56,15 @@ def get_trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path)
     return TrainedRun(data=data, run=run, checkpoint=ref.url)
 
 
-def random_export(folder: Path, fmt: str = "safetensors", block_size: int = 64, seed: int = 0) -> str:
+def random_export(
+    folder: Path, fmt: str = "safetensors", block_size: int = 64, seed: int = 0, activation: str = "gelu_new"
+) -> str:
     """A freshly initialised tiny GPT (byte tokenizer) written as an export: no Ray needed."""
     torch.manual_seed(seed)
     tok = byte_tokenizer()
-    cfg = GPTConfig(vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=32)
+    cfg = GPTConfig(
+        vocab_size=tok.vocab_size, block_size=block_size, n_layer=2, n_head=2, d_model=32, activation=activation
+    )
     model = GPT(cfg)
     with torch.no_grad():  # larger than the GPT-2 init, so outputs depend on the context
         for p in model.parameters():

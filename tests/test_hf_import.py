@@ -122,6 +122,20 @@ def test_the_export_of_an_imported_model_loads_back_with_the_same_config(gpt2, t
         torch.testing.assert_close(theirs(ids).logits, original, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_a_model_trained_with_another_activation_exports_it(tmp_path, activation):
+    from helpers import random_export
+
+    folder = random_export(tmp_path / "m", "hf", activation=activation)
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["activation_function"] == activation
+    ours, _, _ = load_model(folder)
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    ids = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids)[0], theirs(ids).logits, atol=1e-4, rtol=0)
+    assert ours.config.activation == activation
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("this ran at load time",))

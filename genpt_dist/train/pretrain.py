@@ -47,6 +47,7 @@ def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> J
         n_head=m.n_head,
         d_model=m.d_model,
         dropout=m.dropout,
+        activation=m.activation,
     )
     if init:  # continued pretraining: the shape (and activation, eps) is the init's, the dropout the recipe's
         check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
