@@ -150,6 +150,12 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return export(args.model, args.output, fmt=args.format, overwrite=args.overwrite)
 
 
+def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
+    from genpt_dist.submit import run_cli
+
+    return run_cli(args)
+
+
 def _address_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="join an existing Ray cluster: auto or ray://host:10001 (default: local Ray)")
 
@@ -295,6 +301,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="with oracle: override a value of its recipe (configs/oracle.yaml), e.g. adversarial.train.steps=300",
     )
     p.set_defaults(fn=_cmd_bench)
+
+    p = sub.add_parser(
+        "submit",
+        help="run a command as a Ray job on a cluster, through its dashboard: submit --address URL -- pretrain ...",
+    )
+    p.add_argument(
+        "--address",
+        metavar="URL",
+        help="the head's dashboard, http://HOST:8265 (default: RAY_ADDRESS, else http://127.0.0.1:8265)",
+    )
+    p.add_argument(
+        "--working-dir",
+        metavar="DIR",
+        help="the folder that travels with the job (default: this checkout, without .venv, runs/ and .git)",
+    )
+    p.add_argument("--runtime-env", metavar="FILE", help="more of the job's runtime env, e.g. cluster/runtime_env.yaml")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return; do not follow the job")
+    p.add_argument("job", nargs=argparse.REMAINDER, metavar="-- COMMAND ...", help="the genpt-dist command to run")
+    p.set_defaults(fn=_cmd_submit)
     return parser
 
 

@@ -351,6 +351,37 @@ class PipelineConfig(_Strict):
     report_samples: int = Field(3, ge=0, description="sample generations shown in report.md")
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking: rank 0 logs each stage's config (as params), its metrics records and its final
+    checkpoint URL to an MLflow run (genpt_dist/tracking.py; the `mlflow` extra). Off unless mlflow_uri is set."""
+
+    mlflow_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI: file:///ABS/PATH (a file store), http(s)://SERVER, databricks[://PROFILE], "
+        "or a database URI of a full mlflow install (sqlite:///...); None = no tracking",
+    )
+    experiment: str = Field("genpt-dist", min_length=1, description="MLflow experiment (created when missing)")
+    run_name: str | None = Field(
+        None, min_length=1, description="MLflow run name; default: the run URL's last part and the stage"
+    )
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _check_uri(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return None
+        scheme, sep, _ = uri.partition("://")
+        if uri != "databricks" and not (sep and scheme[:1].isalpha()):
+            raise ValueError(
+                f"{uri!r} is not a URI: use file:///absolute/path, http(s)://host:port or databricks "
+                "(a bare path would be resolved on each worker's own working directory)"
+            )
+        from genpt_dist.tracking import require_mlflow
+
+        require_mlflow()  # before any worker starts: the one-line error naming the extra
+        return uri
+
+
 class Config(_Strict):
     """A whole recipe."""
 
@@ -369,6 +400,7 @@ class Config(_Strict):
     reinforce: ReinforceConfig = Field(default_factory=ReinforceConfig)  # type: ignore[arg-type]
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)  # type: ignore[arg-type]
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check_context(self) -> Config:

@@ -249,8 +249,8 @@ class Engine:
 
     # ------------------------------------------------------------------ run-time pieces
     def open_metrics_log(self) -> MetricsLog:
-        """`<run>/metrics.jsonl` and TensorBoard (rank 0), kept up to the resumed step."""
-        self.mlog = MetricsLog(self.job.run, self.step, enabled=self.rank == 0)
+        """`<run>/metrics.jsonl`, TensorBoard and MLflow (rank 0), kept up to the resumed step."""
+        self.mlog = MetricsLog(self.job.run, self.step, enabled=self.rank == 0, stage=self.job.stage, config=self.cfg)
         return self.mlog
 
     def log_metrics(self, keys: Iterable[str]) -> None:
@@ -341,7 +341,7 @@ class Engine:
         if self.rank == 0:
             storage.write_text(storage.join(self.job.run, STOPPED), json.dumps({"step": self.step, "error": message}))
         if self.mlog is not None:
-            self.mlog.close()
+            self.mlog.close(failed=True)
 
     def finish(self, start_step: int) -> None:
         """End of a loop: a run that had nothing left to do reports its finished state once."""

@@ -1,4 +1,4 @@
-"""Progress, metrics.jsonl, TensorBoard and a sustained matmul throughput, on rank 0."""
+"""Progress, metrics.jsonl, TensorBoard, MLflow (`tracking:`) and a sustained matmul throughput, on rank 0."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import logging
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from genpt_dist import storage
 from genpt_dist.device import synchronize
+
+if TYPE_CHECKING:
+    from genpt_dist.config import Config
+    from genpt_dist.tracking import MlflowTracker
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +43,13 @@ def measure_matmul_flops(
 
 
 class MetricsLog:
-    """Appends records to `<run>/metrics.jsonl` (rewritten whole: S3 has no append) and TensorBoard."""
+    """Appends records to `<run>/metrics.jsonl` (rewritten whole: S3 has no append) and TensorBoard, and,
+    with `config.tracking.mlflow_uri` set, to the stage's MLflow run (`genpt_dist.tracking`)."""
 
-    def __init__(self, run_url: str, resume_step: int, enabled: bool):
+    def __init__(self, run_url: str, resume_step: int, enabled: bool, *, stage: str = "", config: Config | None = None):
         self.enabled = enabled
+        self.run_url = run_url
+        self._tracker: MlflowTracker | None = None
         self.url = storage.join(run_url, "metrics.jsonl")
         self.tb_url = storage.join(run_url, "tensorboard")
         self.records: list[dict[str, Any]] = []
@@ -60,6 +67,12 @@ class MetricsLog:
             self._tb = SummaryWriter(self._tb_dir)
         except ImportError:  # tensorboard is optional
             self._tb = None
+        if config is not None and config.tracking.mlflow_uri:
+            from genpt_dist.tracking import MlflowTracker
+
+            self._tracker = MlflowTracker.open(
+                config.tracking, run_url, stage or storage.name(run_url), config.model_dump(mode="json")
+            )
 
     def add(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -70,6 +83,8 @@ class MetricsLog:
             for key, value in record.items():
                 if key not in ("step", "time") and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, record["step"])
+        if self._tracker is not None:
+            self._tracker.log(record)
 
     def flush(self) -> None:
         if not self.enabled:
@@ -80,12 +95,17 @@ class MetricsLog:
             assert self._tb_dir is not None  # set with _tb
             storage.upload_dir(self._tb_dir, self.tb_url)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """The last flush; the MLflow run ends FINISHED, or FAILED when the stage stopped on an error."""
         self.flush()
         if self._tb is not None:
             self._tb.close()
             assert self._tb_dir is not None  # set with _tb
             shutil.rmtree(self._tb_dir, ignore_errors=True)
+            self._tb = None
+        if self._tracker is not None:
+            self._tracker.finish(self.run_url, status="FAILED" if failed else "FINISHED")
+            self._tracker = None
 
 
 def progress_line(
