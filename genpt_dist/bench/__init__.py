@@ -5,7 +5,7 @@ A benchmark is a function `(quick: bool) -> dict` that returns its measurements,
 writes the whole result to `<output>/<name>.json` and returns the headline figures, which the CLI
 prints as its last JSON line. Adding one is one line in `BENCHES`: name -> "module:function".
 
-`bench all` runs every benchmark but `oracle` (it measures learning, not speed), each in its own
+`bench all` runs every benchmark but `oracle` and `rl` (they measure learning, and run minutes), each in its own
 process (a fresh Ray, torch threads and process group each, and a failure stays that bench's), within
 `SUITE_BUDGET_S` in all; it writes each `<name>.json` plus `all.json` and prints one table of the
 headline figures against their targets (`HEADLINES`).
@@ -38,12 +38,14 @@ BENCHES: dict[str, str] = {
     "sync": "genpt_dist.bench.sync:bench_sync",
     "checkpoint": "genpt_dist.bench.checkpoint:bench_checkpoint",
     "scaling": "genpt_dist.bench.scaling:bench_scaling",
+    "rl": "genpt_dist.bench.rl:bench_rl",
     "all": "genpt_dist.bench:bench_all",
 }
 ALL = "all"
 ORACLE = "oracle"  # measures learning, not speed; its recipe takes --set overrides
 ON_DEVICE = ("train", "generate")  # the rest measure CPU-side paths (data, object store, S3, gloo workers)
-NOT_IN_ALL = (ORACLE, ALL)
+RL = "rl"  # a race of whole RL runs (~7.5 min here): run on its own, as oracle is
+NOT_IN_ALL = (ORACLE, RL, ALL)
 SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
 
 # bench -> (figure, how to read it from the bench's JSON, comparison, target or None)
@@ -85,6 +87,11 @@ HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]]
         ("ZeRO-2 vs HF if all but matmuls were free, x", lambda r: r["zero2_vs_hf_ceiling"], ">=", None),
     ],
     "scaling": [("2 workers x 1 thread vs 1 x 2, x", lambda r: r.get("ratio_2x1_vs_1x2"), ">=", 0.9)],
+    "rl": [
+        ("ours time to TRL's final accuracy vs TRL's time, x", lambda r: r.get("time_ratio_vs_trl"), "<=", 0.5),
+        ("ours final - TRL final held-out accuracy, points", lambda r: r.get("final_accuracy_diff_points"), ">=", 0.0),
+        ("RL lift of held-out accuracy, points", lambda r: r.get("rl_lift_points"), ">=", 30.0),
+    ],
 }
 # Figures read from two benches' JSON: (figure, benches, how to read it, comparison, target)
 CROSS_HEADLINES: list[tuple[str, tuple[str, ...], Callable[..., Any], str, float]] = [
@@ -151,6 +158,8 @@ def run_bench(
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
     kwargs: dict[str, Any] = {"output": output, "only": only} if name == ALL else {}
+    if name == RL:
+        kwargs["output"] = output  # it writes its plot, rl.png, beside rl.json
     if name in (*ON_DEVICE, ALL):
         kwargs["device"] = device
     if name == ORACLE:
