@@ -102,6 +102,11 @@ def gpt_config_from_hf(config: dict[str, Any], where: str) -> GPTConfig:
     model_type = config.get("model_type")
     if model_type != "gpt2":
         raise UserError(f"{where}: model_type {model_type!r} is not supported (only gpt2 folders are read)")
+    architectures = config.get("architectures") or ["GPT2LMHeadModel"]
+    if not any(str(a).endswith("LMHeadModel") for a in architectures):
+        raise UserError(
+            f"{where}: a {', '.join(map(str, architectures))}, not a GPT-2 language model (GPT2LMHeadModel)"
+        )
     unsupported = [f"{key}={config[key]!r}" for key, value, _ in _FIXED if config.get(key, value) != value]
     activation = config.get("activation_function", "gelu_new")
     if activation not in ACTIVATIONS:

@@ -93,17 +93,21 @@ def _bootstrap_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Refuse, in one line and within `timeout_s`, an address where nothing answers."""
-    host, port = _bootstrap_host_port(address)
+def unreachable(host: str, port: int, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+    """Why nothing accepts a TCP connection at host:port within `timeout_s` (None: something does)."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
-            pass
+            return None
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
-        raise UserError(
-            f"no Ray cluster answers at {address} ({host}:{port}: {reason} within {timeout_s:g} s)"
-        ) from None
+        return f"{host}:{port}: {reason} within {timeout_s:g} s"
+
+
+def probe(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse, in one line and within `timeout_s`, an address where nothing answers."""
+    why = unreachable(*_bootstrap_host_port(address), timeout_s)
+    if why is not None:
+        raise UserError(f"no Ray cluster answers at {address} ({why})")
 
 
 def init_ray(address: str | None = None) -> None:

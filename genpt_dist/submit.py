@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shlex
-import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from genpt_dist.errors import UserError
-from genpt_dist.raycluster import CONNECT_TIMEOUT_S, PACKAGE_DIR, _is_auth_error
+from genpt_dist.raycluster import CONNECT_TIMEOUT_S, PACKAGE_DIR, _is_auth_error, unreachable
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -94,15 +93,11 @@ def probe_dashboard(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     parts = urlsplit(url)
     host = parts.hostname or ""
     port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            pass
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+    why = unreachable(host, port, timeout_s)
+    if why is not None:
         raise UserError(
-            f"no Ray dashboard answers at {url} ({host}:{port}: {reason} within {timeout_s:g} s); "
-            "a head started with ray[default] serves it on port 8265"
-        ) from None
+            f"no Ray dashboard answers at {url} ({why}); a head started with ray[default] serves it on port 8265"
+        )
 
 
 def job_client_class() -> Any:

@@ -141,12 +141,13 @@ class _RunsCode:
         return (print, ("this ran at load time",))
 
 
-@pytest.mark.parametrize("case", ["model-type", "option", "activation", "no-weights", "pickle", "vocab"])
+@pytest.mark.parametrize("case", ["model-type", "classifier", "option", "activation", "no-weights", "pickle", "vocab"])
 def test_refusals_are_one_line_naming_the_problem(tmp_path, text, case):
     folder = save_gpt2(tmp_path / case, text)
     config = json.loads((folder / "config.json").read_text())
     expect = {
         "model-type": "model_type 'llama'",
+        "classifier": "a GPT2ForSequenceClassification, not a GPT-2 language model",
         "option": "scale_attn_by_inverse_layer_idx=True",
         "activation": "activation_function='silu'",
         "no-weights": "no weights file",
@@ -155,6 +156,8 @@ def test_refusals_are_one_line_naming_the_problem(tmp_path, text, case):
     }[case]
     if case == "model-type":
         config["model_type"] = "llama"
+    elif case == "classifier":
+        config["architectures"] = ["GPT2ForSequenceClassification"]
     elif case == "option":
         config["scale_attn_by_inverse_layer_idx"] = True
     elif case == "activation":

@@ -28,7 +28,9 @@ from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
 
 
 def _our_checkpoint(url: str) -> CheckpointRef | None:
-    """`url` as a checkpoint (or run) of ours, or None when it holds none."""
+    """`url` as a checkpoint (or run) of ours, or None when it holds none (a Hugging Face folder among them)."""
+    if storage.exists(storage.join(storage.normalize(url), "config.json")):
+        return None  # a transformers folder (or an export): scored as a Hugging Face model
     try:
         return resolve(url)
     except UserError:
