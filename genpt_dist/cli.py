@@ -19,11 +19,16 @@ from genpt_dist.errors import UserError
 log = logging.getLogger("genpt_dist")
 
 
-def _disconnect_ray() -> None:
-    """Leave Ray (if this command joined it) so that nothing it relays reaches stderr after our last line."""
+def _ray_up() -> bool:
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
+    return ray is not None and ray.is_initialized()
+
+
+def _disconnect_ray(was_up: bool) -> None:
+    """Leave Ray if this command joined it (not one its caller had started: `main` called in-process), so that
+    nothing it relays reaches stderr after our last line."""
+    if _ray_up() and not was_up:
+        sys.modules["ray"].shutdown()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -326,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    ray_was_up = _ray_up()
     try:
         args = build_parser().parse_args(argv)
         if args.verbose:
@@ -333,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         fn: Callable[[argparse.Namespace], dict[str, Any]] = args.fn
         result = fn(args)
     except UserError as exc:
-        _disconnect_ray()  # before the line: Ray's log and autoscaler-event threads print to stderr too
+        _disconnect_ray(ray_was_up)  # before the line: Ray's log and autoscaler-event threads print to stderr too
         print(f"genpt-dist: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
