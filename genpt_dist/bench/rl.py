@@ -37,7 +37,6 @@ CPUs: ours runs 1 Ray Train worker (1 torch thread) and 1 rollout actor (1 threa
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -54,13 +53,22 @@ import torch
 
 from genpt_dist import storage
 from genpt_dist.bench import rl_task
+from genpt_dist.bench.rl_eval import (
+    REWARD_FILE,
+    REWARD_FUNC,
+    Scorer,
+    checkpoint_overheads,
+    gpt_from_hf,
+    perplexity,
+    plot,
+    seconds_to_reach,
+    step_profile,
+)
 from genpt_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
 RECIPE = "rl-bench"
-REWARD_FILE = Path(rl_task.__file__).resolve()
-REWARD_FUNC = "correct"
 ROOT = Path(__file__).resolve().parents[2]
 REQUIRED = ("ours", "trl")  # the race itself; a failure of another run is recorded and the bench goes on
 
@@ -162,74 +170,6 @@ def _run(cmd: list[str], log_to: Path, timeout_s: float) -> tuple[dict[str, Any]
 # ------------------------------------------------------------------------------------- evaluation
 
 
-def load_reward(path: Path = REWARD_FILE, func: str = REWARD_FUNC):
-    """The reward function, imported by path as both racers import it."""
-    spec = importlib.util.spec_from_file_location("bench_rl_reward_eval", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return getattr(module, func)
-
-
-class Scorer:
-    """Greedy completions of a prompt file by our sampler, scored by the reward function."""
-
-    def __init__(self, rows: list[dict[str, Any]], tok, max_new_tokens: int):
-        self.rows, self.tok, self.max_new_tokens = rows, tok, max_new_tokens
-        self.prompts = [[tok.bos_id, *tok.encode(r["prompt"])] for r in rows]
-        self.reward = load_reward()
-
-    def completions(self, model) -> list[str]:
-        from genpt_dist.model.sampling import sample
-
-        out = sample(
-            model.eval(),
-            self.prompts,
-            max_new_tokens=self.max_new_tokens,
-            top_k=1,
-            eos_id=self.tok.eos_id,
-            pad_id=self.tok.pad_id,
-        )
-        gen = out.tokens[:, out.prompt_width :].tolist()
-        return [
-            self.tok.decode([t for t in row[:n] if t != self.tok.eos_id])
-            for row, n in zip(gen, out.new_lengths.tolist())
-        ]
-
-    def __call__(self, model) -> dict[str, float]:
-        comps = self.completions(model)
-        rewards = self.reward([r["prompt"] for r in self.rows], comps, answer=[r["answer"] for r in self.rows])
-        return {
-            "accuracy": sum(float(x) >= 1.0 for x in rewards) / len(rewards),
-            "mean_reward": sum(float(x) for x in rewards) / len(rewards),
-        }
-
-
-def perplexity(model, data: str, tok) -> float:
-    """Perplexity of the prepared corpus' val split (`launch.py evaluate`'s figure)."""
-    from genpt_dist.data.packing import token_byte_lengths
-    from genpt_dist.evaluate import _dataset_batches, score
-
-    batches = _dataset_batches(data, "val", tok, model.config.block_size, 64)
-    return score(model, batches, tok.loss_pad_id, token_byte_lengths(tok))["perplexity"]
-
-
-def _gpt_from_hf(path: str, model_config):
-    from safetensors.torch import load_file
-
-    from genpt_dist.hf_compat import from_hf_state_dict
-    from genpt_dist.model.gpt import GPT
-
-    model = GPT(model_config)
-    missing, unexpected = model.load_state_dict(from_hf_state_dict(load_file(path)), strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:
-        raise RuntimeError(f"{path}: not our GPT's weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval()
-
-
-# ------------------------------------------------------------------------------------- the bench
-
-
 def _config_has(key: str) -> bool:
     from genpt_dist.config import load_config
     from genpt_dist.recipes import recipe_path
@@ -260,68 +200,6 @@ def _ours_sets(spec: RLSpec) -> list[str]:
         "reinforce.baseline=dr_grpo",
         "reinforce.normalize_advantages=false",
     ]
-
-
-def _step_profile(rows: list[dict[str, Any]], t_launch: float) -> dict[str, float]:
-    """Mean seconds per update from metrics.jsonl: sampling (rollout_s), publishing weights (publish_s), and
-    the rest (the policy update, logging, checkpoint writes), plus the time to the end of the first update."""
-    steps = [r for r in rows if "rollout_s" in r]
-    if len(steps) < 2:
-        return {}
-    dts = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
-    step_s = sum(dts) / len(dts)
-    rollout = sum(r["rollout_s"] for r in steps[1:]) / len(dts)
-    publish = sum(r.get("publish_s", 0.0) for r in steps[1:]) / len(dts)
-    rest = step_s - rollout - publish
-    return {
-        "first_update_done_s": round(steps[0]["time"] - t_launch, 2),
-        "step_s": round(step_s, 4),
-        "rollout_s": round(rollout, 4),
-        "publish_s": round(publish, 4),
-        "update_and_rest_s": round(rest, 4),
-        "rollout_share": round(rollout / step_s, 3),
-        "publish_share": round(publish / step_s, 3),
-        "update_and_rest_share": round(rest / step_s, 3),
-    }
-
-
-def _checkpoint_overheads(rows: list[dict[str, Any]], ckpt_steps: list[int]) -> dict[int, float]:
-    """{checkpoint step: estimated seconds its writing took}: the update after a checkpoint step took this much
-    longer than the median update (an estimate; TRL's snapshot time is measured and excluded exactly)."""
-    steps = [r for r in rows if "rollout_s" in r]
-    dts = {b["step"]: b["time"] - a["time"] for a, b in zip(steps, steps[1:])}
-    if not dts:
-        return {}
-    median = sorted(dts.values())[len(dts) // 2]
-    return {k: max(dts.get(k + 1, median) - median, 0.0) for k in ckpt_steps}
-
-
-def _reach(curve: list[dict[str, Any]], accuracy: float, key: str = "seconds") -> float | None:
-    """Seconds (`key`) of the first snapshot after the start whose accuracy reaches `accuracy`."""
-    for p in curve:
-        if p["step"] > 0 and p["accuracy"] >= accuracy - 1e-9:
-            return p[key]
-    return None
-
-
-def _plot(curves: dict[str, list[dict[str, Any]]], start: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, curve in curves.items():
-        ax.plot([p["seconds"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", ms=3, label=name)
-    ax.axhline(100 * start, color="grey", ls=":", lw=1, label="start model")
-    ax.set_xlabel("wall-clock seconds since the process was launched")
-    ax.set_ylabel("held-out greedy accuracy, %")
-    ax.set_title("bench rl: 2-digit addition, ours vs TRL GRPOTrainer (Dr. GRPO)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None = None) -> dict[str, Any]:
@@ -412,7 +290,7 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
                     snaps = json.loads((out / "snapshots.json").read_text())
                     curve = []
                     for s in snaps:
-                        model = _gpt_from_hf(s["file"], model_config)
+                        model = gpt_from_hf(s["file"], model_config)
                         curve.append({"step": s["step"], "seconds": round(s["wall"] - t_launch, 2), **scorer(model)})
                     final = model
                     history = json.loads((out / "log_history.json").read_text())
@@ -443,7 +321,7 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
                     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                     step_time = {m["step"]: m["time"] for m in metrics if "rollout_s" in m}
                     ckpts = list_checkpoints(str(out))
-                    saves = _checkpoint_overheads(metrics, [r.step for r in ckpts])
+                    saves = checkpoint_overheads(metrics, [r.step for r in ckpts])
                     curve = [{"step": 0, "seconds": 0.0, "seconds_excl_checkpoints": 0.0, **start_eval}]  # the --init
                     for ref in ckpts:
                         final = load_model(ref.url)[0]
@@ -465,7 +343,7 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
                         "sets": list(run.sets),
                         "threads": "1 worker x 1 thread + 1 rollout actor x 1 thread",
                         "train_reward_last": summary.get("reward_mean"),
-                        "profile": _step_profile(metrics, t_launch),
+                        "profile": step_profile(metrics, t_launch),
                     }
                 results[run.name].update(
                     {
@@ -486,7 +364,7 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
                 failed[run.name] = " ".join(str(exc).split())[-1500:]
 
         png = root / "rl.png"
-        _plot({n: r["curve"] for n, r in results.items()}, start_eval["accuracy"], png)
+        plot({n: r["curve"] for n, r in results.items()}, start_eval["accuracy"], png)
         png_url = None
         if output is not None:
             png_url = storage.join(storage.normalize(output), "rl.png")
@@ -496,7 +374,7 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
     head: dict[str, Any] = {}
     if ours and trl:
         trl_final, trl_s = trl["final_accuracy"], trl["final_seconds"]
-        reach = _reach(ours["curve"], trl_final)
+        reach = seconds_to_reach(ours["curve"], trl_final)
         head = {
             "ours_s_to_trl_final_accuracy": reach,
             "trl_s_to_final": trl_s,
@@ -508,8 +386,8 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
         }
         for r in results.values():  # every run of ours against TRL's final accuracy
             if r["kind"] == "ours":
-                r_reach = _reach(r["curve"], trl_final)
-                r_excl = _reach(r["curve"], trl_final, "seconds_excl_checkpoints")
+                r_reach = seconds_to_reach(r["curve"], trl_final)
+                r_excl = seconds_to_reach(r["curve"], trl_final, "seconds_excl_checkpoints")
                 r["s_to_trl_final_accuracy"] = r_reach
                 r["time_ratio_vs_trl"] = None if r_reach is None else round(r_reach / trl_s, 3)
                 r["time_ratio_vs_trl_excl_checkpoints"] = None if r_excl is None else round(r_excl / trl_s, 3)
