@@ -202,7 +202,7 @@ def write_export(
         save_file(state, str(local), metadata={"format": "pt", "genpt_layout": "hf" if fmt == "hf" else "genpt"})
         storage.upload_file(local, storage.join(output, WEIGHTS))  # multipart on S3 when large
         files[WEIGHTS] = local.stat().st_size
-    tok_bytes = tok.to_json().encode("utf-8")
+    tok_bytes = (tok.with_bos_post_processor() if fmt == "hf" else tok.to_json()).encode("utf-8")
     storage.write_bytes(storage.join(output, TOKENIZER), tok_bytes)
     files[TOKENIZER] = len(tok_bytes)
     for name, obj in texts.items():

@@ -102,7 +102,26 @@ class Tokenizer:
 
     @property
     def sha256(self) -> str:
-        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+        """The hash of the vocabulary, merges and pre-tokenisation: the JSON without a post-processor, which
+        only the Hugging Face side applies (`with_bos_post_processor`; we never add special tokens)."""
+        text = self.to_json()
+        if self.hf.post_processor is not None:
+            bare = HFTokenizer.from_str(text)
+            bare.post_processor = None
+            text = bare.to_str()
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def with_bos_post_processor(self) -> str:
+        """This tokenizer's JSON with a post-processor that puts <bos> before every text, as our stages
+        prompt the model, so `transformers`' `tok(prompt)` gives our ids (the same `sha256`)."""
+        from tokenizers import processors
+
+        hf = HFTokenizer.from_str(self.to_json())
+        bos = self.token(self.bos_id)
+        hf.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, self.bos_id)]
+        )
+        return hf.to_str()
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -23,6 +23,7 @@ from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
 from genpt_dist.export import export
 from genpt_dist.meta import EXPORT_FORMAT
+from genpt_dist.tokenizer import byte_tokenizer
 
 # ------------------------------------------------------------------------------ without Ray
 
@@ -140,7 +141,7 @@ def test_hf_folder_loads_in_transformers_with_equal_logits(trained_run, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (got["bos"], got["eos"], got["pad"]) == (tok.bos_id, tok.eos_id, tok.pad_id)
-    assert got["ids"] == tok.encode("First Citizen:") and got["tied"]
+    assert got["ids"] == [tok.bos_id, *tok.encode("First Citizen:")] and got["tied"]  # <bos> as our stages prompt
     with torch.no_grad():
         ours = model(torch.tensor([ids]))[0][0]
     assert (ours - torch.tensor(got["logits"])).abs().max().item() <= 1e-4
@@ -206,3 +207,22 @@ def test_export_zero0_single_worker_keeps_fp32_masters(trained_run, tmp_path):
         assert torch.equal(exported[name].to(tensor.dtype), tensor), name  # the module is its masters, rounded
     if ref.meta.precision == "bf16":
         assert any(not torch.equal(exported[n], t.float()) for n, t in module.items())  # not the bf16 copy
+
+
+def test_transformers_tokenizes_and_greedy_generates_as_we_do(tmp_path):
+    """The exported tokenizer puts <bos> first (a post-processor), so `tok(prompt)` + greedy `generate` in
+    transformers gives the tokens our sampler gives from <bos> + prompt; the tokenizer's hash is unchanged."""
+    transformers = pytest.importorskip("transformers")
+    from genpt_dist.model.sampling import sample
+
+    folder = random_export(tmp_path / "hf", "hf")
+    ours, tok, ref = load_model(folder)
+    assert tok.sha256 == ref.meta.tokenizer_sha256 == byte_tokenizer().sha256
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
+    enc = hf_tok("First Citizen:", return_tensors="pt")
+    assert enc.input_ids[0].tolist() == [tok.bos_id, *tok.encode("First Citizen:")]
+    model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        theirs = model.generate(**enc, do_sample=False, max_new_tokens=12, pad_token_id=tok.pad_id)
+    out = sample(ours, [enc.input_ids[0].tolist()], max_new_tokens=12, top_k=1, pad_id=tok.pad_id)
+    assert theirs[0, enc.input_ids.size(1) :].tolist() == out.tokens[0, out.prompt_width :].tolist()

@@ -13,10 +13,8 @@ with its wall-clock time (`time.time()`, minus the time every earlier snapshot t
 cost TRL nothing on the clock); `DIR/snapshots.json` lists them, `DIR/log_history.json` is the Trainer's
 per-step log. The last line of stdout is a JSON summary.
 
-The exported tokenizer does not add <bos> in transformers 5 (it drops `add_bos_token` from a
-tokenizer_config.json when a tokenizer.json is present, and our tokenizer.json has no post-processor),
-so `add_bos_token = True` is set on the loaded tokenizer: `tok(prompt)` is then `<bos> + ours.encode(prompt)`,
-the prompt ids of our RL stage; checked before training starts.
+The exported tokenizer puts <bos> first (its post-processor, `Tokenizer.with_bos_post_processor`), so
+`tok(prompt)` is `<bos> + ours.encode(prompt)`, the prompt ids of our RL stage; checked before training.
 """
 
 from __future__ import annotations
@@ -78,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     snaps = out / "snapshots"
     snaps.mkdir(parents=True, exist_ok=True)
     tok = transformers.AutoTokenizer.from_pretrained(a.model)
-    tok.add_bos_token = True  # type: ignore[misc]  # see the module docstring (a setter in transformers 5)
     model = transformers.GPT2LMHeadModel.from_pretrained(a.model, dtype=torch.float32)
     rows = [json.loads(line) for line in Path(a.prompts).read_text().splitlines() if line.strip()]
     first = tok(rows[0]["prompt"]).input_ids
