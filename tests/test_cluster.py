@@ -40,6 +40,7 @@ if str(REPO) not in sys.path:  # the script mode has no conftest
     sys.path.insert(0, str(REPO))
 CLUSTER = REPO / "cluster"
 TINY = REPO / "configs" / "tiny.yaml"
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 FAKE_HEAD_ID = "fffffffffffffffffffffffffffffffffffffffffffffffffff00000"
 
 LAUNCHER_YAMLS = sorted(p for p in CLUSTER.glob("*.yaml") if "cluster_name" in yaml.safe_load(p.read_text()))
@@ -471,6 +472,9 @@ def test_multinode_spread_node_loss_and_rollout_rescheduling(tiny_data, tmp_path
     # the workers' path, the driver's cwd, which Ray puts first; on a real cluster it is not there.)
     assert len(report["code"]) == 2 and all(report["code"].values()), report["code"]
 
+    # prepare --address: the tokenising tasks spread over both CPU nodes (SPREAD), none on the head.
+    assert report["prepare"]["nodes"] == 2 and report["prepare"]["documents"] == 12, report["prepare"]
+
     # Two workers on two different nodes (not the head); each reads its own slice of the epoch's shards.
     training = report["training"]
     assert len(training["worker_nodes"]) == 2 and report["head"] not in training["worker_nodes"]
@@ -539,6 +543,7 @@ def _multinode_script(root: str, data: str) -> None:
             return [p for p in sys.path if "runtime_resources" in p and Path(p, "genpt_dist", "__init__.py").is_file()]
 
         report["code"] = {n: ray.get(shipped.options(resources={f"node_{n}": 0.01}).remote()) for n in "ab"}
+        report["prepare"] = _prepare_phase(root, cluster.address)
 
         # Elastic pretraining on a and b; node b goes once a checkpoint of step 10 or later exists.
         run = f"{root}/run"
@@ -581,6 +586,22 @@ def _multinode_script(root: str, data: str) -> None:
         Path(root, "report.json").write_text(json.dumps(report, indent=1))
         ray.shutdown()
         cluster.shutdown()
+
+
+def _prepare_phase(root: str, address: str) -> dict:
+    """`prepare --address` of a corpus of many small work units: its tokenising tasks on both nodes."""
+    from genpt_dist.config import load_config
+    from genpt_dist.data import tokenise
+    from genpt_dist.data.prepare import prepare
+
+    corpus = Path(root, "corpus")
+    corpus.mkdir()
+    text = SHAKESPEARE.read_text()[:240_000]
+    for i in range(12):
+        (corpus / f"part-{i:02d}.txt").write_text(text[i * 20_000 : (i + 1) * 20_000])
+    tokenise.UNIT_BYTES = 20_000  # one task per file, planned here in the driver
+    cfg = load_config(None, ["data.tokenizer=byte", "data.parallel_min_bytes=0", "data.seq_len=64"]).data
+    return prepare([str(corpus)], f"{root}/prepared", cfg, address=address)
 
 
 def _rollout_phase(cluster, nodes: dict, local: dict) -> dict:

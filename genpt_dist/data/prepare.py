@@ -34,7 +34,6 @@ import logging
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -53,17 +52,10 @@ from genpt_dist.data.manifest import (
     load_manifest,
     publish_manifest,
 )
-from genpt_dist.data.packing import pack, token_byte_lengths, token_dtype
+from genpt_dist.data.packing import token_byte_lengths, token_dtype
 from genpt_dist.data.shards import encode_shard
-from genpt_dist.data.text import (
-    DATASETS_INFO,
-    DATASETS_STATE,
-    ReadStats,
-    datasets_files,
-    doc_in_val,
-    iter_document_batches,
-    uncompressed_name,
-)
+from genpt_dist.data.text import DATASETS_INFO, DATASETS_STATE, ReadStats, datasets_files, uncompressed_name
+from genpt_dist.data.tokenise import Part, Split, TokenSpill, plan_units, sample_texts, tokenise_to_spill
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer, byte_tokenizer, iter_chunks, train_bpe
 
@@ -127,74 +119,7 @@ def resolve_sources(inputs: list[str], extensions: list[str]) -> list[str]:
     return sorted(found)
 
 
-# ---------------------------------------------------------------- tokenising
-
-
-@dataclass
-class TokenisedPart:
-    """What one tokenising task returns: each document's tokens wrapped in <bos>/<eos>, in source order,
-    and whether its hash puts it in val (`split: hash`; always False for `split: tail`)."""
-
-    docs: list[np.ndarray] = field(default_factory=list)
-    in_val: list[bool] = field(default_factory=list)
-    stats: ReadStats = field(default_factory=ReadStats)
-
-
-def tokenise_files(urls: list[str], tokenizer_json: str, cfg: dict[str, Any]) -> TokenisedPart:
-    """Read, normalise and tokenise `urls` (runs in the driver or in a Ray task)."""
-    data_cfg = DataConfig.model_validate(cfg)
-    tok = Tokenizer.from_json(tokenizer_json)
-    dtype = token_dtype(tok.vocab_size)
-    part = TokenisedPart()
-    bos, eos = np.array([tok.bos_id], dtype=dtype), np.array([tok.eos_id], dtype=dtype)
-    by_hash = data_cfg.split == "hash"
-    for url in urls:
-        for docs in iter_document_batches(url, data_cfg.text_field, part.stats):
-            for text, ids in zip(docs, tok.encode_arrays(docs, dtype)):
-                part.docs.append(np.concatenate([bos, ids, eos]))
-                part.in_val.append(by_hash and doc_in_val(text, data_cfg.val_fraction))
-    return part
-
-
-def _tokenise_all(
-    sources: list[str], tok: Tokenizer, cfg: DataConfig, total_bytes: int, address: str | None
-) -> TokenisedPart:
-    """Tokenise every source, in Ray tasks when the corpus is large; merge in source order."""
-    tok_json, cfg_dict = tok.to_json(), cfg.model_dump()
-    chunk = max(1, len(sources) // 64)
-    groups = [sources[i : i + chunk] for i in range(0, len(sources), chunk)]
-    bar = tqdm(total=len(groups), desc="tokenise", unit="chunk", leave=False, disable=None)
-    parts: list[TokenisedPart]
-    if total_bytes >= cfg.parallel_min_bytes and len(groups) > 1:
-        import ray
-
-        from genpt_dist.raycluster import init_ray
-
-        init_ray(address)  # never a bare ray.init: a local Ray must bind 127.0.0.1 only
-        remote = ray.remote(tokenise_files)
-        refs = [remote.remote(g, tok_json, cfg_dict) for g in groups]
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            bar.update(len(done))
-        try:
-            parts = ray.get(refs)
-        except ray.exceptions.RayTaskError as exc:  # a bad input found in a task: still one line
-            if isinstance(exc.cause, UserError):
-                raise UserError(str(exc.cause)) from None
-            raise
-    else:
-        parts = []
-        for g in groups:
-            parts.append(tokenise_files(g, tok_json, cfg_dict))
-            bar.update(1)
-    bar.close()
-    merged = TokenisedPart()
-    for part in parts:
-        merged.docs.extend(part.docs)
-        merged.in_val.extend(part.in_val)
-        merged.stats.add(part.stats)
-    return merged
+# ---------------------------------------------------------------- splitting
 
 
 def split_rule(split: str, documents: int) -> str:
@@ -205,48 +130,32 @@ def split_rule(split: str, documents: int) -> str:
     return split
 
 
-def _concat(docs: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-    return np.concatenate(docs) if docs else np.zeros(0, dtype)
-
-
-def _hash_split(merged: TokenisedPart, dtype: np.dtype) -> dict[str, np.ndarray]:
-    return {
-        "train": _concat([d for d, v in zip(merged.docs, merged.in_val) if not v], dtype),
-        "val": _concat([d for d, v in zip(merged.docs, merged.in_val) if v], dtype),
-    }
-
-
-def _tail_split(merged: TokenisedPart, val_fraction: float, seq_len: int, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """The last `val_fraction` of the stream's tokens are val; at least one whole sample (seq_len + 1
-    tokens) when the stream holds two, so a small corpus still gets a val sample."""
-    stream = _concat(merged.docs, dtype)
-    val = int(len(stream) * val_fraction)
-    if val_fraction > 0 and val < seq_len + 1 <= len(stream) // 2:
-        val = seq_len + 1
-    cut = len(stream) - val
-    return {"train": stream[:cut], "val": stream[cut:]}
-
-
 # ---------------------------------------------------------------- shards
 
 
-def write_shards(samples: np.ndarray, split: str, out_url: str, shard_samples: int, tmpdir: str) -> list[ShardInfo]:
-    """Write `samples` as `<split>-NNNNNN.tar` shards (keys `<split>-<row index>`), in order."""
+def write_shards(
+    split: Split, name: str, out_url: str, cfg: DataConfig, pad_id: int, tmpdir: str, permute: bool
+) -> list[ShardInfo]:
+    """Pack `split` into samples (`packing.pack`'s rule) and write them as `<name>-NNNNNN.tar` shards of
+    `shard_samples` (keys `<name>-<row index>`), in order or in a seeded permutation (`permute`); a shard's
+    samples are gathered from the split's file on disk as it is built."""
+    n = split.num_samples(cfg.seq_len)
+    order = np.random.default_rng(cfg.seed).permutation(n) if permute else np.arange(n)
     shards: list[ShardInfo] = []
-    for i, lo in enumerate(range(0, len(samples), shard_samples)):
-        rows = samples[lo : lo + shard_samples]
-        data = encode_shard([f"{split}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
-        name = f"{split}-{i:06d}.tar"
-        url = storage.join(out_url, name)
+    for i, lo in enumerate(range(0, n, cfg.shard_samples)):
+        rows = split.samples(order[lo : lo + cfg.shard_samples], cfg.seq_len, pad_id)
+        data = encode_shard([f"{name}-{j:09d}" for j in range(lo, lo + len(rows))], rows)
+        shard = f"{name}-{i:06d}.tar"
+        url = storage.join(out_url, shard)
         if len(data) <= storage.MULTIPART_THRESHOLD:
             storage.write_bytes(url, data)
         else:  # big shards go up in parallel parts
-            local = Path(tmpdir) / name
+            local = Path(tmpdir) / shard
             local.write_bytes(data)
             storage.upload_file(local, url)
             local.unlink()
         shards.append(
-            ShardInfo(name=name, samples=int(len(rows)), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            ShardInfo(name=shard, samples=int(len(rows)), bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
         )
     return shards
 
@@ -305,17 +214,11 @@ def _verify_existing(out_url: str, fingerprint: str) -> Manifest | None:
     return manifest
 
 
-def _train_tokenizer(urls: list[str], cfg: DataConfig) -> Tokenizer:
+def _train_tokenizer(units: list[list[Part]], cfg: DataConfig) -> Tokenizer:
     if cfg.tokenizer == "byte":
         return byte_tokenizer()
-    sample_stats = ReadStats()
-
-    def sample_texts():
-        for url in urls:  # a batch at a time: the sampler stops reading once it has enough
-            for docs in iter_document_batches(url, cfg.text_field, sample_stats):
-                yield from docs
-
-    sample = iter_chunks(sample_texts(), cfg.tokenizer_train_bytes)
+    sample_stats = ReadStats()  # a range at a time: the sampler stops reading once it has enough
+    sample = iter_chunks(sample_texts(units, cfg.text_field, sample_stats), cfg.tokenizer_train_bytes)
     first = next(sample, None)
     if first is None:  # the sampler read every file and found no text
         _refuse_empty(sample_stats)
@@ -356,43 +259,42 @@ def prepare(
         if OUTPUT_FILE.fullmatch(url[len(output) + 1 :]):
             storage.delete(url)
 
-    tok = given if given is not None else _train_tokenizer(urls, cfg)
-    merged = _tokenise_all(urls, tok, cfg, total_bytes, address)
-    stats = merged.stats
-    if stats.documents == 0:
-        _refuse_empty(stats)
-
+    units = plan_units(sources)
+    t_tok = time.time()
+    tok = given if given is not None else _train_tokenizer(units, cfg)
+    tokenizer_seconds = time.time() - t_tok if given is None else 0.0
     dtype = token_dtype(tok.vocab_size)
-    rule = split_rule(cfg.split, stats.documents)
-    if rule == "hash":
-        streams = _hash_split(merged, dtype)
-    else:
-        if rule != cfg.split:
-            log.info("%d documents: splitting by position, not hash (split: %s)", stats.documents, rule)
-        streams = _tail_split(merged, cfg.val_fraction, cfg.seq_len, dtype)
-    documents = {"train": merged.in_val.count(False), "val": merged.in_val.count(True)}
-    merged.docs.clear()  # the streams hold the tokens now
-    byte_len = token_byte_lengths(tok)
     splits: dict[str, SplitInfo] = {}
     with tempfile.TemporaryDirectory(prefix="genpt-prepare-") as tmpdir:
+        spill = TokenSpill(tmpdir, dtype)
+        parallel = total_bytes >= cfg.parallel_min_bytes and len(units) > 1
+        tokenise_to_spill(units, tok, cfg, parallel, address, spill)
+        spill.close()
+        stats = spill.stats
+        if stats.documents == 0:
+            _refuse_empty(stats)
+        rule = split_rule(cfg.split, stats.documents)
+        if rule not in ("hash", cfg.split):
+            log.info("%d documents: splitting by position, not hash (split: %s)", stats.documents, rule)
+        streams = spill.write_splits(rule != "hash", cfg.val_fraction, cfg.seq_len, token_byte_lengths(tok))
+        spill.path.unlink()  # the splits hold the tokens now
+        documents = spill.documents_per_split()
         for split in SPLITS:
-            samples = pack(streams[split], cfg.seq_len, tok.pad_id)
-            if len(samples) == 0 and (split == "train" or cfg.val_fraction > 0):
-                total = sum(len(streams[s]) for s in SPLITS)
+            stream = streams[split]
+            if stream.num_samples(cfg.seq_len) == 0 and (split == "train" or cfg.val_fraction > 0):
+                total = sum(streams[s].tokens for s in SPLITS)
                 if rule == "hash":
                     hint = " (few documents: try --set data.split=tail)"
                 else:
                     hint = f" ({total} tokens in all, under two {cfg.seq_len + 1}-token samples: lower data.seq_len)"
                 raise UserError(f"the {split} split is empty{hint}")
-            if split == "train":
-                samples = samples[np.random.default_rng(cfg.seed).permutation(len(samples))]
             splits[split] = SplitInfo(
-                shards=write_shards(samples, split, output, cfg.shard_samples, tmpdir),
-                samples=int(len(samples)),
+                shards=write_shards(stream, split, output, cfg, tok.pad_id, tmpdir, permute=split == "train"),
+                samples=stream.num_samples(cfg.seq_len),
                 documents=documents[split] if rule == "hash" else None,
-                tokens=int(len(streams[split])),
-                targets=int(max(len(streams[split]) - 1, 0)),
-                bytes=int(byte_len[streams[split]].sum()),
+                tokens=stream.tokens,
+                targets=max(stream.tokens - 1, 0),
+                bytes=stream.bytes,
             )
     tok.save(storage.join(output, TOKENIZER_FILE))
     manifest = Manifest(
@@ -420,7 +322,8 @@ def prepare(
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     publish_manifest(manifest)
-    return _summary(manifest, reused=False, seconds=time.time() - t0, mb=total_bytes / 1e6)
+    seconds = time.time() - t0
+    return _summary(manifest, False, seconds, total_bytes / 1e6, tokenizer_seconds, max(len(spill.nodes), 1))
 
 
 def _refuse_empty(stats: ReadStats) -> NoReturn:
@@ -429,7 +332,11 @@ def _refuse_empty(stats: ReadStats) -> NoReturn:
     raise UserError(f"empty corpus: {stats.files} file(s) hold no text")
 
 
-def _summary(manifest: Manifest, reused: bool, seconds: float, mb: float) -> dict[str, Any]:
+def _summary(
+    manifest: Manifest, reused: bool, seconds: float, mb: float, tokenizer_seconds: float = 0.0, nodes: int = 0
+) -> dict[str, Any]:
+    """The command's JSON line; `tokenizer_seconds`: BPE training, part of `seconds`; `nodes`: the Ray
+    nodes the tokenising tasks ran on (1 in the driver alone, 0 for a re-used dataset)."""
     splits = manifest.splits
     return {
         "command": "prepare",
@@ -448,4 +355,6 @@ def _summary(manifest: Manifest, reused: bool, seconds: float, mb: float) -> dic
         "replacement_chars": manifest.stats.replacement_chars,
         "seconds": round(seconds, 2),
         "mb_per_s": round(mb / max(seconds, 1e-9), 2),
+        "tokenizer_seconds": round(tokenizer_seconds, 2),
+        "nodes": nodes,
     }

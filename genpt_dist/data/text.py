@@ -75,14 +75,15 @@ _count_replacements.n = 0  # type: ignore[attr-defined]
 codecs.register_error("genpt_count_replace", _count_replacements)
 
 
-def normalise(data: bytes) -> tuple[str | None, int]:
-    """bytes -> (text, replaced) or (None, 0) for a binary file (a NUL early on, or no valid UTF-8 at all)."""
-    if b"\x00" in data[:8192]:
+def normalise(data: bytes, head: bytes | None = None) -> tuple[str | None, int]:
+    """bytes -> (text, replaced) or (None, 0) for a binary file (a NUL early on, or no valid UTF-8 at all).
+    `head`: the file's first bytes when `data` is a range of it; binary is then decided by them alone."""
+    if b"\x00" in (data if head is None else head)[:8192]:
         return None, 0
     before = _count_replacements.n  # type: ignore[attr-defined]
     text = data.decode("utf-8", errors="genpt_count_replace")
     replaced = _count_replacements.n - before  # type: ignore[attr-defined]
-    if replaced and not text.replace("\ufffd", "").strip():  # not one valid character: not text at all
+    if head is None and replaced and not text.replace("\ufffd", "").strip():  # not one valid character
         return None, 0
     text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
     return text, replaced
@@ -297,24 +298,36 @@ def iter_document_batches(url: str, text_field: str, stats: ReadStats) -> Iterat
         return
     stats.replacement_chars += replaced
     if uncompressed_name(url).endswith(".jsonl"):
-        docs = []
-        for lineno, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise UserError(f"{url}:{lineno}: not valid JSON") from None
-            value = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(value, str):
-                raise UserError(f"{url}:{lineno}: no string field {text_field!r} (set data.text_field)")
-            docs.append(value)
+        docs = jsonl_documents(text, url, text_field)
     else:
         docs = [text]
     kept = [d for d in docs if d.strip()]
     stats.empty_skipped += len(docs) - len(kept)
     stats.documents += len(kept)
     yield kept
+
+
+def jsonl_documents(text: str, url: str, text_field: str, start: int = 0) -> list[str]:
+    """The `text_field` of each non-blank line of a JSONL text that begins at byte `start` of `url`."""
+    docs = []
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{url}:{_line_number(url, start, lineno)}: not valid JSON") from None
+        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(value, str):
+            where = _line_number(url, start, lineno)
+            raise UserError(f"{url}:{where}: no string field {text_field!r} (set data.text_field)")
+        docs.append(value)
+    return docs
+
+
+def _line_number(url: str, start: int, lineno: int) -> int:
+    """The file's line number of line `lineno` of a range that begins at byte `start` (read on error only)."""
+    return lineno + (storage.read_bytes(url, 0, start).count(b"\n") if start else 0)
 
 
 def read_documents(url: str, text_field: str, stats: ReadStats) -> list[str]:
@@ -324,5 +337,9 @@ def read_documents(url: str, text_field: str, stats: ReadStats) -> list[str]:
 
 def doc_in_val(text: str, val_fraction: float) -> bool:
     """Deterministic document-level split by the hash of the text."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < val_fraction
+    return key_in_val(hashlib.sha256(text.encode("utf-8")).digest(), val_fraction)
+
+
+def key_in_val(digest: bytes, val_fraction: float) -> bool:
+    """A document whose sha256 is `digest` goes to val when its first 8 bytes, as a fraction of 2**64, fall below."""
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction

@@ -1,0 +1,99 @@
+"""Large files read in byte ranges (`data.tokenise`): the same dataset as reading them whole.
+
+The unit and range sizes are lowered (module constants the driver plans with), so tinyshakespeare-sized
+files take the path a multi-GB file takes; every comparison is of shard hashes and summary counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from genpt_dist.config import load_config
+from genpt_dist.data import tokenise
+from genpt_dist.data.manifest import SourceInfo, load_manifest
+from genpt_dist.data.prepare import prepare
+from genpt_dist.data.text import ReadStats
+
+COUNTS = ("train_samples", "val_samples", "train_tokens", "val_tokens", "documents", "split", "replacement_chars")
+
+
+def _cfg(*overrides: str):
+    return load_config(None, ["data.tokenizer=bpe", "data.vocab_size=400", "data.seq_len=64", *overrides]).data
+
+
+def _shard_hashes(url: str) -> list[str]:
+    manifest = load_manifest(url)
+    return [s.sha256 for s in manifest.shards("train") + manifest.shards("val")]
+
+
+@pytest.fixture
+def small_ranges(monkeypatch):
+    monkeypatch.setattr(tokenise, "UNIT_BYTES", 40_000)
+    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 100_000)
+
+
+@pytest.fixture
+def awkward_text(shakespeare, tmp_path) -> Path:
+    """tinyshakespeare with a BOM, CRLF and lone-CR line ends, multi-byte characters and invalid bytes."""
+    data = shakespeare.read_bytes()[:400_000]
+    third = len(data) // 3
+    data = (
+        b"\xef\xbb\xbf"
+        + data[:third].replace(b"\n", b"\r\n")
+        + data[third : 2 * third].replace(b"e", "\u00e9".encode()).replace(b"\n", b"\r", 50)
+        + data[2 * third :].replace(b"the", b"th\xff")
+    )
+    path = tmp_path / "one.txt"
+    path.write_bytes(data)
+    return path
+
+
+def test_ranges_cover_the_file_once_and_cut_only_where_the_pre_tokenizer_splits(awkward_text, small_ranges):
+    size = awkward_text.stat().st_size
+    units = tokenise.plan_units([SourceInfo(url=str(awkward_text), bytes=size, sha256="00" * 32)])
+    assert len(units) == -(-size // 40_000) and all(len(u) == 1 and u[0].ranged for u in units)
+    data = awkward_text.read_bytes()
+    cuts = [tokenise.snap(str(awkward_text), u[0].start, size, tokenise._TEXT_CUT) for u in units] + [size]
+    assert cuts[0] == 0 and cuts == sorted(cuts) and len(set(cuts)) > len(units) // 2
+    for cut in cuts[1:-1]:  # after "<visible ASCII>\n", before a letter or digit: never inside CRLF or UTF-8
+        assert data[cut - 1 : cut] == b"\n" and 0x21 <= data[cut - 2] <= 0x7E and chr(data[cut]).isalnum()
+    stats = ReadStats()
+    text = "".join(t for t in tokenise.sample_texts(units, "text", stats))
+    whole = ReadStats()
+    assert [[text]] == list(tokenise.iter_part_documents(tokenise.Part(str(awkward_text), size=size), "text", whole))
+    assert (stats.files, stats.documents, stats.replacement_chars) == (1, 1, whole.replacement_chars)
+
+
+def test_a_large_text_file_in_ranges_prepares_as_it_does_whole(awkward_text, tmp_path, monkeypatch):
+    whole = prepare([str(awkward_text)], str(tmp_path / "whole"), _cfg())
+    monkeypatch.setattr(tokenise, "UNIT_BYTES", 40_000)
+    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 100_000)
+    ranged = prepare([str(awkward_text)], str(tmp_path / "ranged"), _cfg())
+    assert whole["split"].startswith("position") and whole["replacement_chars"] > 0
+    assert {k: ranged[k] for k in COUNTS} == {k: whole[k] for k in COUNTS}
+    assert _shard_hashes(str(tmp_path / "ranged")) == _shard_hashes(str(tmp_path / "whole"))
+    assert (tmp_path / "ranged" / "tokenizer.json").read_text() == (tmp_path / "whole" / "tokenizer.json").read_text()
+
+
+@pytest.mark.slow
+def test_a_large_jsonl_file_in_ranges_in_ray_tasks_prepares_as_it_does_whole(
+    ray_session, shakespeare, tmp_path, small_ranges
+):
+    """Hash split (hundreds of documents), ranges cut at line ends, tokenised in Ray tasks."""
+    lines = shakespeare.read_text()[:300_000].split("\n\n")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    cfg = "data.split=hash", "data.val_fraction=0.2"
+    ranged = prepare([str(path)], str(tmp_path / "ranged"), _cfg(*cfg, "data.parallel_min_bytes=0"))
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 1 << 40)
+    try:
+        whole = prepare([str(path)], str(tmp_path / "whole"), _cfg(*cfg))
+    finally:
+        monkeypatch.undo()
+    assert whole["split"] == "hash" and whole["documents"] == len([t for t in lines if t.strip()])
+    assert {k: ranged[k] for k in COUNTS} == {k: whole[k] for k in COUNTS}
+    assert _shard_hashes(str(tmp_path / "ranged")) == _shard_hashes(str(tmp_path / "whole"))
