@@ -59,7 +59,9 @@ def _cmd_prepare(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.data.prepare import prepare
 
     cfg = load_config(args.config, args.overrides)
-    return prepare(args.input, args.output, cfg.data, overwrite=args.overwrite, tokenizer=args.tokenizer)
+    return prepare(
+        args.input, args.output, cfg.data, overwrite=args.overwrite, address=args.address, tokenizer=args.tokenizer
+    )
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SRC",
         help="reuse this tokenizer instead of training one: a tokenizer.json, a Hugging Face folder or a checkpoint",
     )
+    _address_arg(p)  # where a corpus above data.parallel_min_bytes is tokenised
     _config_args(p)
     p.set_defaults(fn=_cmd_prepare)
 

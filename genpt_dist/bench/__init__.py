@@ -5,9 +5,10 @@ A benchmark is a function `(quick: bool) -> dict` that returns its measurements,
 writes the whole result to `<output>/<name>.json` and returns the headline figures, which the CLI
 prints as its last JSON line. Adding one is one line in `BENCHES`: name -> "module:function".
 
-`bench all` runs every benchmark but `oracle` and `rl` (they measure learning, and run minutes), each in its own
-process (a fresh Ray, torch threads and process group each, and a failure stays that bench's), within
-`SUITE_BUDGET_S` in all; it writes each `<name>.json` plus `all.json` and prints one table of the
+`bench all` runs every benchmark but `oracle`, `rl`, `ttq` (they measure learning, and run minutes) and
+`prepare` (a 1 GB corpus, ~20 minutes), each in its own process (a fresh Ray, torch threads and process
+group each, and a failure stays that bench's), within `SUITE_BUDGET_S` in all; it writes each
+`<name>.json` plus `all.json` and prints one table of the
 headline figures against their targets (`HEADLINES`).
 """
 
@@ -31,7 +32,7 @@ from genpt_dist.errors import UserError
 
 BENCHES: dict[str, str] = {
     "loader": "genpt_dist.bench.data:bench_loader",
-    "prepare": "genpt_dist.bench.data:bench_prepare",
+    "prepare": "genpt_dist.bench.prepare:bench_prepare",
     "generate": "genpt_dist.bench.generate:bench_generate",
     "oracle": "genpt_dist.bench.oracle:bench_oracle",
     "train": "genpt_dist.bench.train:bench_train",
@@ -39,13 +40,16 @@ BENCHES: dict[str, str] = {
     "checkpoint": "genpt_dist.bench.checkpoint:bench_checkpoint",
     "scaling": "genpt_dist.bench.scaling:bench_scaling",
     "rl": "genpt_dist.bench.rl:bench_rl",
+    "ttq": "genpt_dist.bench.ttq:bench_ttq",
     "all": "genpt_dist.bench:bench_all",
 }
 ALL = "all"
 ORACLE = "oracle"  # measures learning, not speed; its recipe takes --set overrides
 ON_DEVICE = ("train", "generate")  # the rest measure CPU-side paths (data, object store, S3, gloo workers)
 RL = "rl"  # a race of whole RL runs (~7.5 min here): run on its own, as oracle is
-NOT_IN_ALL = (ORACLE, RL, ALL)
+PREPARE = "prepare"  # a 1 GB corpus three ways (~20 min here): on its own too
+TTQ = "ttq"  # a 15-minute pretraining run
+NOT_IN_ALL = (ORACLE, RL, PREPARE, TTQ, ALL)
 SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine
 
 # bench -> (figure, how to read it from the bench's JSON, comparison, target or None)
@@ -69,12 +73,10 @@ HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]]
         ),
     ],
     "prepare": [
-        (
-            "vs HF encode + ShardWriter, byte local, x",
-            lambda r: r["ours_mb_s_byte_local"] / r["peer_mb_s_byte_local"],
-            ">=",
-            None,
-        )
+        ("1 GB in files vs HF encode_batch alone, x", lambda r: r.get("vs_floor_files"), ">=", 0.7),
+        ("1 GB one file vs HF encode_batch alone, x", lambda r: r.get("vs_floor_one_file"), ">=", 0.7),
+        ("peak RSS 1 GB vs 100 MB, x", lambda r: r.get("rss_full_vs_tenth"), "<=", 1.5),
+        ("prepare MB/s without BPE training", lambda r: r.get("ours_mb_s_files"), ">=", None),
     ],
     "generate": [
         ("vs HF generate fp32, x", lambda r: r.get("speedup_fp32"), ">=", 1.5),
@@ -87,6 +89,10 @@ HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]]
         ("ZeRO-2 vs HF if all but matmuls were free, x", lambda r: r["zero2_vs_hf_ceiling"], ">=", None),
     ],
     "scaling": [("2 workers x 1 thread vs 1 x 2, x", lambda r: r.get("ratio_2x1_vs_1x2"), ">=", 0.9)],
+    "ttq": [
+        ("tinyshakespeare val bpb within 15 min", lambda r: r.get("best_bpb_in_budget"), "<=", 2.15),
+        ("seconds to 2.15 val bpb", lambda r: r.get("seconds_to_target"), "<=", 900.0),
+    ],
     "rl": [
         ("ours time to TRL's final accuracy vs TRL's time, x", lambda r: r.get("time_ratio_vs_trl"), "<=", 0.5),
         ("ours final - TRL final held-out accuracy, points", lambda r: r.get("final_accuracy_diff_points"), ">=", 0.0),
@@ -158,8 +164,8 @@ def run_bench(
     module, _, fn = BENCHES[name].partition(":")
     t0 = time.time()
     kwargs: dict[str, Any] = {"output": output, "only": only} if name == ALL else {}
-    if name == RL:
-        kwargs["output"] = output  # it writes its plot, rl.png, beside rl.json
+    if name in (RL, TTQ):
+        kwargs["output"] = output  # it writes its plot, <name>.png, beside <name>.json
     if name in (*ON_DEVICE, ALL):
         kwargs["device"] = device
     if name == ORACLE:

@@ -6,9 +6,7 @@
   the same DataLoader set-up). Both deliver (B, seq_len + 1) int64 batches endlessly through one
   DataLoader; timed from the first request over at least two epochs (quick: one), so worker
   start-up counts.
-- `prepare`: MB/s of raw text through the whole `prepare` command (hash, tokenizer, tokenise, pack,
-  shards, upload, manifest), against the peer: the same steps with Hugging Face `encode_batch` and
-  `webdataset.ShardWriter` writing one `np.save` per sample (how prepare worked before).
+(`bench prepare`, the command at scale, is in `bench/prepare.py`.)
 """
 
 from __future__ import annotations
@@ -146,71 +144,4 @@ def bench_loader(quick: bool = False) -> dict[str, Any]:
         "rows": rows,
         **{f"ours_tok_s_seq{r['seq_len']}_w{r['workers']}": r["ours_tok_s"] for r in rows},
         **{f"webdataset_tok_s_seq{r['seq_len']}_w{r['workers']}": r["webdataset_tok_s"] for r in rows},
-    }
-
-
-def _peer_prepare(sources: list[str], out_dir: str, seq_len: int, shard_samples: int, vocab: int | None) -> None:
-    """The straightforward pipeline: train the BPE (if any), HF encode_batch per file, pack, and one
-    np.save per sample through webdataset's ShardWriter."""
-    import webdataset as wds
-
-    from genpt_dist.data.packing import pack
-    from genpt_dist.data.text import ReadStats, read_documents
-    from genpt_dist.tokenizer import byte_tokenizer, train_bpe
-
-    docs_per_file = [read_documents(src, "text", ReadStats()) for src in sources]
-    tok = train_bpe((d for docs in docs_per_file for d in docs), vocab) if vocab else byte_tokenizer()
-    stream = []
-    for docs in docs_per_file:
-        for ids in tok.encode_batch(docs):
-            stream.append(np.array([tok.bos_id, *ids, tok.eos_id], dtype=np.uint16))
-    samples = pack(np.concatenate(stream), seq_len, tok.pad_id)
-    samples = samples[np.random.default_rng(0).permutation(len(samples))]
-    with wds.ShardWriter(f"{out_dir}/train-%06d.tar", maxcount=shard_samples, verbose=0) as sink:
-        for i, row in enumerate(samples):
-            sink.write({"__key__": f"train-{i:09d}", "tokens.npy": row})
-
-
-def bench_prepare(quick: bool = False) -> dict[str, Any]:
-    from genpt_dist.data.prepare import prepare
-
-    text = corpus_path().read_bytes()
-    copies = 1 if quick else 8
-    rows = []
-    with local_s3() as bucket, tempfile.TemporaryDirectory(prefix="genpt-bench-") as tmp:
-        sources = []
-        for i in range(copies):  # separate files; a marker line keeps their hashes apart
-            path = Path(tmp) / f"part-{i}.txt"
-            path.write_bytes(f"part {i}\n".encode() + text)
-            sources.append(str(path))
-        mb = sum(Path(s).stat().st_size for s in sources) / 1e6
-        settings = [("byte", None, "local"), ("byte", None, "s3"), ("bpe", 4096, "s3")]
-        for tok_name, vocab, where in settings:
-            out = str(Path(tmp) / f"out-{tok_name}") if where == "local" else storage.join(bucket, f"out-{tok_name}")
-            extra = ("data.tokenizer=bpe", f"data.vocab_size={vocab}") if vocab else ()
-            t0 = time.perf_counter()
-            summary = prepare(sources, out, _data_cfg("data.seq_len=256", *extra))
-            seconds = time.perf_counter() - t0
-            peer_dir = Path(tmp) / f"peer-{tok_name}-{where}"
-            peer_dir.mkdir()
-            t0 = time.perf_counter()
-            _peer_prepare(sources, str(peer_dir), 256, 2048, vocab)
-            peer_seconds = time.perf_counter() - t0
-            rows.append(
-                {
-                    "tokenizer": f"{tok_name}-{vocab}" if vocab else tok_name,
-                    "output": where,
-                    "corpus_mb": round(mb, 2),
-                    "ours_mb_s": round(mb / seconds, 2),
-                    "peer_mb_s": round(mb / peer_seconds, 2),
-                    "speedup": f"{peer_seconds / seconds:.1f}x",
-                    "ours_s": round(seconds, 2),
-                    "tokens": summary["train_tokens"] + summary["val_tokens"],
-                }
-            )
-    return {
-        "what": "MB/s of raw text through prepare (seq_len 256, BPE training included); the peer writes locally",
-        "rows": rows,
-        **{f"ours_mb_s_{r['tokenizer']}_{r['output']}": r["ours_mb_s"] for r in rows},
-        **{f"peer_mb_s_{r['tokenizer']}_{r['output']}": r["peer_mb_s"] for r in rows},
     }

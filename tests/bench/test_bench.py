@@ -1,5 +1,5 @@
-"""`bench sync`, `bench checkpoint` (quick) and `bench all`'s summary: the figures a user checks are there
-and agree with each other; an unknown bench is one line and exit 2."""
+"""`bench sync`, `bench checkpoint`, `bench prepare` (quick) and `bench all`'s summary: the figures a user
+checks are there and agree with each other; an unknown bench is one line and exit 2."""
 
 from __future__ import annotations
 
@@ -51,6 +51,39 @@ def test_checkpoint_quick_restores_what_was_saved(tmp_path):
     assert result["target"]["met"] == (min(summary["ratio_upload"], summary["ratio_restore"]) >= 0.5)
 
 
+def test_prepare_quick_measures_the_command_against_encode_batch_alone(tmp_path):
+    from genpt_dist.bench import HEADLINES
+
+    summary = run_bench("prepare", str(tmp_path), quick=True)
+    result = json.loads((tmp_path / "prepare.json").read_text())
+    tenth, files, one = result["rows"]
+    assert tenth["mb"] == pytest.approx(files["mb"] / 10, rel=0.3) and files["mb"] == one["mb"]  # whole files
+    for row in (files, one):  # the same text: the same floor, and (but for file boundaries) the same tokens
+        assert row["floor_mb_s"] == files["floor_mb_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["vs_floor"] == pytest.approx(row["ours_mb_s"] / row["floor_mb_s"], rel=0.02)
+        assert row["bpe_training_s"] < row["ours_s"]
+    assert one["tokens"] == pytest.approx(files["tokens"], rel=0.01)
+    assert summary["rss_full_vs_tenth"] == pytest.approx(
+        max(files["peak_rss_mb"], one["peak_rss_mb"]) / tenth["peak_rss_mb"], abs=0.01
+    )
+    assert all(read(result) is not None for _, read, _, _ in HEADLINES["prepare"])
+
+
+@pytest.mark.slow
+def test_ttq_quick_curves_val_bpb_against_the_pretrain_clock(ray_session, tmp_path):
+    from genpt_dist.bench.ttq import QUICK
+
+    summary = run_bench("ttq", str(tmp_path), quick=True)
+    result = json.loads((tmp_path / "ttq.json").read_text())
+    curve = result["rows"]
+    steps = int(next(o for o in QUICK if o.startswith("train.steps=")).split("=")[1])
+    assert [p["step"] for p in curve] == [4, 8, 12] and result["final_step"] == steps
+    assert all(0 < a["seconds"] < b["seconds"] <= result["pretrain_s"] for a, b in zip(curve, curve[1:]))
+    assert curve[-1]["val_bpb"] < curve[0]["val_bpb"] and summary["final_bpb"] == curve[-1]["val_bpb"]
+    assert summary["best_bpb_in_budget"] == min(p["val_bpb"] for p in curve)
+    assert (tmp_path / "ttq.png").stat().st_size > 10_000
+
+
 def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
     """`bench all --only checkpoint`: a real child process, its JSON read back, its figures judged."""
     proc = subprocess.run(
@@ -89,6 +122,7 @@ def test_all_runs_each_bench_in_a_process_and_checks_its_targets(tmp_path):
     [
         (["nosuch"], "unknown benchmark 'nosuch'"),
         (["all", "--only", "oracle"], "--only: oracle not among the benches"),
+        (["all", "--only", "prepare"], "--only: prepare not among the benches"),
         (["train", "--only", "sync"], "--only goes with `bench all`"),
         (["loader", "--set", "train.steps=3"], "--set goes with `bench oracle`"),
         (["oracle", "--set", "adversarial.nosuch=1"], "config error at adversarial.nosuch: unknown key"),
