@@ -179,7 +179,7 @@ def hf_tokenizer(url: str) -> Tokenizer:
         if storage.exists(storage.join(url, "vocab.json")) and storage.exists(storage.join(url, "merges.txt")):
             vocab, merges = (storage.read_text(storage.join(url, f)) for f in ("vocab.json", "merges.txt"))
             return Tokenizer.from_gpt2_files(vocab, merges)
-    except (ValueError, Exception) as exc:  # tokenizers raises its own Exception subclass for a bad file
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file; json a ValueError
         raise UserError(f"{url}: cannot read its tokenizer: {exc}".splitlines()[0]) from None
     raise UserError(f"{url}: no tokenizer (tokenizer.json, or vocab.json and merges.txt)")
 

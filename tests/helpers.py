@@ -92,3 +92,15 @@ def assert_user_error(proc: subprocess.CompletedProcess, expect: str) -> None:
     assert last.startswith("genpt-dist: error:") and expect in last, last
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+
+
+# One fp32 worker, one layer, every step logged, eval and checkpoint every 2 steps: a run that exercises
+# the engine's cadences in seconds.
+ONE_WORKER = [
+    "scaling.num_workers=1",
+    "deepspeed.precision=fp32",
+    "model.n_layer=1",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+]

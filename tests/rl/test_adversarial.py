@@ -13,24 +13,10 @@ import pytest
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
-from genpt_dist.data.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
 STAGE: list[str] = []  # configs/tiny.yaml's adversarial section: 8 prompts x 4 samples, 8 + 16 tokens
-
-
-@pytest.fixture(scope="module")
-def data_and_base(ray_session, shakespeare, tmp_path_factory) -> tuple[str, str]:
-    """Tiny data and a barely trained generator (its samples are easy to tell from real text)."""
-    from genpt_dist.train.pretrain import pretrain
-
-    root = tmp_path_factory.mktemp("adv")
-    data = str(root / "data")
-    prepare([str(shakespeare)], data, load_config(TINY).data)
-    base = str(root / "base")
-    pretrain(data, base, load_config(TINY, ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"]))
-    return data, base
 
 
 def _metrics(run: str) -> list[dict]:

@@ -9,11 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import cli
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
-from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
 from genpt_dist.rl.reward_model import DiscriminatorRewardModel, check_reward_model, load_reward_model
 
@@ -32,15 +32,10 @@ def raises(prompts, completions, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def setup(ray_session, shakespeare, tmp_path_factory) -> dict[str, str]:
+def setup(data_and_base, tmp_path_factory) -> dict[str, str]:
     """Tiny data, a barely trained generator, a reward file and a prompt file with a `letter` column."""
-    from genpt_dist.train.pretrain import pretrain
-
+    data, base = data_and_base
     root = tmp_path_factory.mktemp("rl")
-    data = str(root / "data")
-    prepare([str(shakespeare)], data, load_config(TINY).data)
-    base = str(root / "base")
-    pretrain(data, base, load_config(TINY, ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"]))
     (root / "reward.py").write_text(REWARD)
     prompts = root / "prompts.jsonl"
     words = ["ROMEO:", "JULIET:", "To be", "My lord,", "What", "Now", "Come", "Good"]
@@ -165,12 +160,6 @@ def test_a_reward_function_that_raises_is_one_line_and_keeps_the_last_checkpoint
     assert not list_checkpoints(run)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True, timeout=120, cwd=REPO
-    )
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory, setup) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad")
@@ -197,7 +186,7 @@ def test_reinforce_bad_input(case, setup, files, tmp_path):
         "too-long": (["--prompts", files["long"], "--reward", reward], "context"),
     }[case]
     run = str(tmp_path / "run")
-    proc = _cli("reinforce", "--init", setup["base"], "--run", run, "--config", str(TINY), *args)
+    proc = cli("reinforce", "--init", setup["base"], "--run", run, "--config", str(TINY), *args)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("genpt-dist: error:") and expect in last, last

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ONE_WORKER
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints, resolve
@@ -19,15 +20,7 @@ from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
-ONE = [
-    "scaling.num_workers=1",
-    "deepspeed.precision=fp32",
-    "model.n_layer=1",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-    "train.keep_checkpoints=3",
-]
+ONE = [*ONE_WORKER, "train.keep_checkpoints=3"]
 
 
 @pytest.fixture(scope="module")

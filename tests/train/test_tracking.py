@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ONE_WORKER
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import latest_checkpoint
@@ -26,14 +27,7 @@ MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
-ONE = [
-    "scaling.num_workers=1",
-    "deepspeed.precision=fp32",
-    "model.n_layer=1",
-    "train.log_every=1",
-    "train.eval_every=2",
-    "train.checkpoint_every=2",
-]
+ONE = ONE_WORKER
 
 
 @pytest.fixture(autouse=True)
