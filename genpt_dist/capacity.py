@@ -165,9 +165,11 @@ def check_fits(
     try:
         while not _fits_now(bundles):
             if time.monotonic() - t0 > timeout_s:
+                infeasible = ", ".join(f"{n} x {_shape(b)}" for n, b in scaler["infeasible"]) or "nothing"
                 raise UserError(
-                    f"the autoscaler did not provide {what} within {timeout_s:g} s "
-                    f"(has {_progress(need)}); raise GENPT_RESOURCES_TIMEOUT_S or check the cluster"
+                    f"the autoscaler did not provide {what} within {timeout_s:g} s (has {_progress(need)}; "
+                    f"it last reported {scaler['pending']} node(s) pending, {infeasible} infeasible); "
+                    "raise GENPT_RESOURCES_TIMEOUT_S or check the cluster"
                 )
             time.sleep(POLL_S)
             scaler = _autoscaler_state() or scaler

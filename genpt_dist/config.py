@@ -50,6 +50,10 @@ class DataConfig(_Strict):
     )
     tokenizer_train_bytes: int = Field(64 << 20, ge=1, description="corpus bytes sampled to train the BPE")
     parallel_min_bytes: int = Field(32 << 20, ge=0, description="corpora above this are tokenised by Ray tasks")
+    unit_bytes: int = Field(16 << 20, ge=1 << 12, description="source bytes per tokenising work unit (a Ray task)")
+    range_min_bytes: int = Field(
+        64 << 20, ge=1 << 12, description="an uncompressed text or JSONL file this large is read in unit_bytes ranges"
+    )
     seed: int = Field(0, description="seed of the segment shuffle across shards")
 
     @model_validator(mode="after")

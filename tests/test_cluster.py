@@ -177,10 +177,10 @@ def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) ->
     )
 
 
-def _one_line_error(proc: subprocess.CompletedProcess, expect: str) -> None:
+def _one_line_error(proc: subprocess.CompletedProcess, expect: str, context: str = "") -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("genpt-dist: error:") and expect in last, last
+    assert last.startswith("genpt-dist: error:") and expect in last, f"{last}\n{context}"
     assert "Traceback" not in proc.stderr
 
 
@@ -298,6 +298,11 @@ class LocalAutoscalingCluster:
                 pytest.fail(f"the head did not start: {(self.root / 'head.log').read_text()[-3000:]}")
             time.sleep(0.5)
         return self
+
+    def monitor_log(self, chars: int = 4000) -> str:
+        """The tail of the autoscaler's log (its monitor process), to say why a test waited on it."""
+        logs = sorted(self.root.glob("ray/session_*/logs/monitor.log"))
+        return f"monitor.log: ...{logs[-1].read_text()[-chars:]}" if logs else "no monitor.log"
 
     def raylets(self) -> int:
         """Live Ray nodes of this cluster: its raylet processes."""
@@ -429,7 +434,7 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_p
             env=cluster.client_env(GENPT_RESOURCES_TIMEOUT_S="240"),
             timeout=300,
         )
-        _one_line_error(proc, "can never provide 2 x {CPU: 1, GPU: 1}")
+        _one_line_error(proc, "can never provide 2 x {CPU: 1, GPU: 1}", cluster.monitor_log())
         assert time.monotonic() - t0 < 120
 
 
@@ -591,7 +596,6 @@ def _multinode_script(root: str, data: str) -> None:
 def _prepare_phase(root: str, address: str) -> dict:
     """`prepare --address` of a corpus of many small work units: its tokenising tasks on both nodes."""
     from genpt_dist.config import load_config
-    from genpt_dist.data import tokenise
     from genpt_dist.data.prepare import prepare
 
     corpus = Path(root, "corpus")
@@ -599,8 +603,8 @@ def _prepare_phase(root: str, address: str) -> dict:
     text = SHAKESPEARE.read_text()[:240_000]
     for i in range(12):
         (corpus / f"part-{i:02d}.txt").write_text(text[i * 20_000 : (i + 1) * 20_000])
-    tokenise.UNIT_BYTES = 20_000  # one task per file, planned here in the driver
-    cfg = load_config(None, ["data.tokenizer=byte", "data.parallel_min_bytes=0", "data.seq_len=64"]).data
+    overrides = ["data.tokenizer=byte", "data.parallel_min_bytes=0", "data.unit_bytes=20000", "data.seq_len=64"]
+    cfg = load_config(None, overrides).data  # one task per file
     return prepare([str(corpus)], f"{root}/prepared", cfg, address=address)
 
 

@@ -175,14 +175,15 @@ def test_local_ray_listens_on_loopback_only(ray_session):
 
 @pytest.mark.slow
 def test_prepare_on_ray_listens_on_loopback_only(tmp_path, short_tmp):
-    """A standalone `prepare` of a corpus above data.parallel_min_bytes tokenises in Ray tasks on a Ray it
-    starts itself (raycluster.init_ray): its GCS, raylet and workers listen on 127.0.0.1 only."""
+    """A standalone `prepare` of a corpus above data.parallel_min_bytes, in more than one work unit,
+    tokenises in Ray tasks on a Ray it starts itself (raycluster.init_ray): its GCS, raylet and workers
+    listen on 127.0.0.1 only."""
     import psutil
 
     if shutil.which("ss") is None:
         pytest.skip("no ss here to list listening sockets")
     text = (REPO / "README.md").read_text()
-    for i in range(3):  # more than one file: one chunk of files would tokenise in the driver
+    for i in range(3):  # three work units (data.unit_bytes): one would tokenise in the driver
         (tmp_path / f"part-{i}.txt").write_text(f"part {i}\n{text}")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_TMPDIR"] = str(short_tmp)
@@ -197,6 +198,7 @@ def test_prepare_on_ray_listens_on_loopback_only(tmp_path, short_tmp):
         "data.seq_len=64",
         "data.split=tail",
         "data.parallel_min_bytes=0",
+        "data.unit_bytes=4096",
     ]
     stdout, stderr = tmp_path / "stdout", tmp_path / "stderr"
     with stdout.open("wb") as out, stderr.open("wb") as err:

@@ -10,7 +10,7 @@ a tenth of it as files (the memory baseline).
   (the driver, Ray's own processes and its workers, summed; sampled every 0.1 s, so shared pages count
   once per process that maps them).
 - Floor: Hugging Face `tokenizers`' `encode_batch` (its own thread pool, all cores) over the same text
-  alone, with the tokenizer ours trained: the files read a unit (UNIT_BYTES) at a time, cut into the
+  alone, with the tokenizer ours trained: the files read a unit (`data.unit_bytes`) at a time, cut into the
   pieces ours encodes, only the `encode_batch` calls timed.
 Targets: ours >= 0.7x the floor on both corpus shapes; peak RSS of the full corpus within 1.5x of the
 tenth's (memory does not grow with the corpus).
@@ -102,7 +102,7 @@ def encode_floor(files: list[Path], tokenizer_json: Path) -> float:
     """Seconds Hugging Face `encode_batch` alone takes over the files' text (in our pieces, a unit at a time)."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from genpt_dist.data.tokenise import UNIT_BYTES
+    from genpt_dist.config import DataConfig
     from genpt_dist.tokenizer import _split_for_encoding
 
     tok = HFTokenizer.from_file(str(tokenizer_json))
@@ -111,7 +111,7 @@ def encode_floor(files: list[Path], tokenizer_json: Path) -> float:
         text = f.read_text()
         batch += _split_for_encoding(text)
         size += len(text)
-        if size >= UNIT_BYTES or i == len(files) - 1:
+        if size >= DataConfig().unit_bytes or i == len(files) - 1:
             t0 = time.perf_counter()
             tok.encode_batch(batch, add_special_tokens=False)
             seconds += time.perf_counter() - t0

@@ -42,7 +42,7 @@ QUICK = [
 def curve_from_metrics(rows: list[dict[str, Any]], start: float) -> list[dict[str, Any]]:
     """The eval records of a run's metrics.jsonl -> [{seconds, step, val_bpb}] in step order."""
     points = [
-        {"seconds": round(r["time"] - start, 1), "step": r["step"], "val_bpb": round(r["val_bpb"], 4)}
+        {"seconds": round(r["time"] - start, 2), "step": r["step"], "val_bpb": round(r["val_bpb"], 4)}
         for r in rows
         if "val_bpb" in r
     ]
@@ -102,7 +102,7 @@ def bench_ttq(quick: bool = False, output: str = ".") -> dict[str, Any]:
         "seconds_to_target": first_reaching(curve, TARGET_BPB),
         "final_bpb": curve[-1]["val_bpb"] if curve else None,
         "final_step": result.get("step"),
-        "pretrain_s": round(total_s, 1),
+        "pretrain_s": round(total_s, 2),
         "first_eval_s": curve[0]["seconds"] if curve else None,
         "prepare_s": round(prepare_s, 1),
         "tokens_per_s": round(sum(rate) / len(rate)) if rate else None,

@@ -6,20 +6,26 @@ Algorithm:
    fingerprint. A folder written by Hugging Face `datasets`' `save_to_disk` contributes its arrow files.
 2. If the output already holds a manifest with the same fingerprint and every shard verifies
    (size and sha256), re-use it. A different dataset there is refused unless `--overwrite`.
-3. Read and normalise each file into documents (`data.text`: gunzip / zstd, skip binary files, UTF-8
+3. Plan work units of about `data.unit_bytes` (`tokenise.plan_units`: consecutive files together, a
+   text or JSONL file of `data.range_min_bytes` or more in byte ranges cut where the ids cannot change).
+   A unit is read and normalised into documents (`data.text`: gunzip / zstd, skip binary files, UTF-8
    with counted replacements, BOM and CR/CRLF; one document per file, per `.jsonl` line, or per row of a
    parquet / arrow file's `text_field` column, read a row group at a time).
-4. Train the byte-level BPE on a sample of the documents (or take the byte tokenizer).
-5. Tokenise, wrap each document in <bos> ... <eos>, assign it to a split (by the hash of its text,
-   `text.doc_in_val`, so duplicates never straddle the split; or `split: tail`, the last tokens of the
-   stream, at least one whole sample of seq_len + 1 tokens where the stream holds two), concatenate per
-   split. A `split: hash` corpus of fewer than SMALL_CORPUS_DOCUMENTS documents is split as `tail` (by
-   position) instead, since a hash split of a few documents is often empty; the manifest and the summary
-   say which rule ran (`split`). A corpus larger than `data.parallel_min_bytes` is tokenised in Ray
-   tasks, on the Ray that `raycluster.init_ray` joins or starts (a local one binds 127.0.0.1 only).
-6. Cut each split's stream into samples of seq_len + 1 tokens with stride seq_len (`packing.pack`:
-   every token is a prediction target exactly once, the last sample right-padded with <pad>). Train
-   samples are permuted (data.seed) so each shard is a random sample of the corpus; val keeps order.
+4. Train the byte-level BPE on a sample of the documents (or take the byte tokenizer, or `--tokenizer`).
+5. Tokenise the units (`tokenise.tokenise_to_spill`: in Ray tasks on the Ray that `raycluster.init_ray`
+   joins or starts, a local one on 127.0.0.1 only, when the corpus exceeds `data.parallel_min_bytes` and
+   has more than one unit; else in the driver), each document wrapped in <bos> ... <eos> and assigned to
+   a split by the hash of its text (`text.doc_in_val`, so duplicates never straddle the split; one read
+   in ranges by its file's sha256). The tokens go to a spill file on local disk, in source order, with a
+   table of documents.
+6. Write train.bin and val.bin from the spill (`TokenSpill.write_splits`): by the documents' split, or
+   for `split: tail` the last tokens of the stream (at least one whole sample of seq_len + 1 tokens
+   where the stream holds two). A `split: hash` corpus of fewer than SMALL_CORPUS_DOCUMENTS documents is
+   split as `tail` instead, since a hash split of a few documents is often empty; the manifest and the
+   summary say which rule ran (`split`). Samples are the stream cut with stride seq_len (`packing.pack`:
+   every token a prediction target exactly once, the last sample right-padded with <pad>), gathered
+   from the memory-mapped split (`Split.samples`); train samples are permuted (data.seed) so each shard
+   is a random sample of the corpus; val keeps order.
 7. Write WebDataset shards (`<key>.tokens.npy` members, built in bulk by `data.shards`), each
    uploaded as it is built; write manifest.json last (`manifest.publish_manifest`).
 """
@@ -259,7 +265,7 @@ def prepare(
         if OUTPUT_FILE.fullmatch(url[len(output) + 1 :]):
             storage.delete(url)
 
-    units = plan_units(sources)
+    units = plan_units(sources, cfg.unit_bytes, cfg.range_min_bytes)
     t_tok = time.time()
     tok = given if given is not None else _train_tokenizer(units, cfg)
     tokenizer_seconds = time.time() - t_tok if given is None else 0.0

@@ -1,8 +1,8 @@
 """Tokenising a corpus in bounded memory: source files -> work units -> a token spill file on local disk.
 
 Algorithm:
-1. `plan_units`: the source files, in order, become work units of about UNIT_BYTES: consecutive files
-   together, and an uncompressed text or JSONL file of at least RANGE_MIN_BYTES alone in units of one
+1. `plan_units`: the source files, in order, become work units of about `data.unit_bytes`: consecutive
+   files together, and an uncompressed text or JSONL file of `data.range_min_bytes` or more alone in units of one
    byte range each (`Part`). A range ends at the first cut point at or after its nominal end (`snap`)
    and the next range starts there, so every byte is read exactly once. In a JSONL file a cut point
    follows any newline. A text file is one document; its cut points follow a newline between a visible
@@ -50,8 +50,6 @@ from genpt_dist.data.text import (
 from genpt_dist.errors import UserError
 from genpt_dist.tokenizer import Tokenizer
 
-UNIT_BYTES = 16 << 20  # source bytes per work unit (a Ray task's share)
-RANGE_MIN_BYTES = 64 << 20  # an uncompressed text / JSONL file this large is read in byte ranges
 SNAP_WINDOW = 1 << 16  # bytes read at a time while looking for a cut point
 COPY_TOKENS = 1 << 23  # tokens copied at once while writing the splits
 _TEXT_CUT = re.compile(rb"(?<=[!-~])\n(?=[A-Za-z0-9])")  # tokenizer._PIECE_START, on bytes
@@ -86,9 +84,8 @@ def _rangeable(url: str) -> bool:
     return not url.endswith(COMPRESSED) and not url.endswith(COLUMNAR)
 
 
-def plan_units(sources: list[SourceInfo]) -> list[list[Part]]:
-    """Sources (in order) -> work units of about UNIT_BYTES (files of RANGE_MIN_BYTES or more: ranges)."""
-    unit_bytes, range_min = UNIT_BYTES, RANGE_MIN_BYTES
+def plan_units(sources: list[SourceInfo], unit_bytes: int, range_min: int) -> list[list[Part]]:
+    """Sources (in order) -> work units of about `unit_bytes` (files of `range_min` or more: ranges)."""
     units: list[list[Part]] = []
     current: list[Part] = []
     current_bytes = 0

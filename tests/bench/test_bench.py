@@ -78,7 +78,9 @@ def test_ttq_quick_curves_val_bpb_against_the_pretrain_clock(ray_session, tmp_pa
     curve = result["rows"]
     steps = int(next(o for o in QUICK if o.startswith("train.steps=")).split("=")[1])
     assert [p["step"] for p in curve] == [4, 8, 12] and result["final_step"] == steps
-    assert all(0 < a["seconds"] < b["seconds"] <= result["pretrain_s"] for a, b in zip(curve, curve[1:]))
+    # seconds since pretrain's start, in order (a tiny model's evals may fall in the same hundredth)
+    assert curve[0]["seconds"] > 0 and all(a["seconds"] <= b["seconds"] for a, b in zip(curve, curve[1:]))
+    assert curve[-1]["seconds"] <= result["pretrain_s"]
     assert curve[-1]["val_bpb"] < curve[0]["val_bpb"] and summary["final_bpb"] == curve[-1]["val_bpb"]
     assert summary["best_bpb_in_budget"] == min(p["val_bpb"] for p in curve)
     assert (tmp_path / "ttq.png").stat().st_size > 10_000

@@ -1,6 +1,6 @@
 """Large files read in byte ranges (`data.tokenise`): the same dataset as reading them whole.
 
-The unit and range sizes are lowered (module constants the driver plans with), so tinyshakespeare-sized
+The unit and range sizes are lowered (`data.unit_bytes`, `data.range_min_bytes`), so tinyshakespeare-sized
 files take the path a multi-GB file takes; every comparison is of shard hashes and summary counts.
 """
 
@@ -17,6 +17,7 @@ from genpt_dist.data.manifest import SourceInfo, load_manifest
 from genpt_dist.data.prepare import prepare
 from genpt_dist.data.text import ReadStats
 
+SMALL_RANGES = ("data.unit_bytes=40000", "data.range_min_bytes=100000")
 COUNTS = ("train_samples", "val_samples", "train_tokens", "val_tokens", "documents", "split", "replacement_chars")
 
 
@@ -27,12 +28,6 @@ def _cfg(*overrides: str):
 def _shard_hashes(url: str) -> list[str]:
     manifest = load_manifest(url)
     return [s.sha256 for s in manifest.shards("train") + manifest.shards("val")]
-
-
-@pytest.fixture
-def small_ranges(monkeypatch):
-    monkeypatch.setattr(tokenise, "UNIT_BYTES", 40_000)
-    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 100_000)
 
 
 @pytest.fixture
@@ -51,9 +46,9 @@ def awkward_text(shakespeare, tmp_path) -> Path:
     return path
 
 
-def test_ranges_cover_the_file_once_and_cut_only_where_the_pre_tokenizer_splits(awkward_text, small_ranges):
+def test_ranges_cover_the_file_once_and_cut_only_where_the_pre_tokenizer_splits(awkward_text):
     size = awkward_text.stat().st_size
-    units = tokenise.plan_units([SourceInfo(url=str(awkward_text), bytes=size, sha256="00" * 32)])
+    units = tokenise.plan_units([SourceInfo(url=str(awkward_text), bytes=size, sha256="00" * 32)], 40_000, 100_000)
     assert len(units) == -(-size // 40_000) and all(len(u) == 1 and u[0].ranged for u in units)
     data = awkward_text.read_bytes()
     cuts = [tokenise.snap(str(awkward_text), u[0].start, size, tokenise._TEXT_CUT) for u in units] + [size]
@@ -67,11 +62,9 @@ def test_ranges_cover_the_file_once_and_cut_only_where_the_pre_tokenizer_splits(
     assert (stats.files, stats.documents, stats.replacement_chars) == (1, 1, whole.replacement_chars)
 
 
-def test_a_large_text_file_in_ranges_prepares_as_it_does_whole(awkward_text, tmp_path, monkeypatch):
+def test_a_large_text_file_in_ranges_prepares_as_it_does_whole(awkward_text, tmp_path):
     whole = prepare([str(awkward_text)], str(tmp_path / "whole"), _cfg())
-    monkeypatch.setattr(tokenise, "UNIT_BYTES", 40_000)
-    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 100_000)
-    ranged = prepare([str(awkward_text)], str(tmp_path / "ranged"), _cfg())
+    ranged = prepare([str(awkward_text)], str(tmp_path / "ranged"), _cfg(*SMALL_RANGES))
     assert whole["split"].startswith("position") and whole["replacement_chars"] > 0
     assert {k: ranged[k] for k in COUNTS} == {k: whole[k] for k in COUNTS}
     assert _shard_hashes(str(tmp_path / "ranged")) == _shard_hashes(str(tmp_path / "whole"))
@@ -79,21 +72,14 @@ def test_a_large_text_file_in_ranges_prepares_as_it_does_whole(awkward_text, tmp
 
 
 @pytest.mark.slow
-def test_a_large_jsonl_file_in_ranges_in_ray_tasks_prepares_as_it_does_whole(
-    ray_session, shakespeare, tmp_path, small_ranges
-):
+def test_a_large_jsonl_file_in_ranges_in_ray_tasks_prepares_as_it_does_whole(ray_session, shakespeare, tmp_path):
     """Hash split (hundreds of documents), ranges cut at line ends, tokenised in Ray tasks."""
     lines = shakespeare.read_text()[:300_000].split("\n\n")
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
     cfg = "data.split=hash", "data.val_fraction=0.2"
-    ranged = prepare([str(path)], str(tmp_path / "ranged"), _cfg(*cfg, "data.parallel_min_bytes=0"))
-    monkeypatch = pytest.MonkeyPatch()
-    monkeypatch.setattr(tokenise, "RANGE_MIN_BYTES", 1 << 40)
-    try:
-        whole = prepare([str(path)], str(tmp_path / "whole"), _cfg(*cfg))
-    finally:
-        monkeypatch.undo()
+    ranged = prepare([str(path)], str(tmp_path / "ranged"), _cfg(*cfg, *SMALL_RANGES, "data.parallel_min_bytes=0"))
+    whole = prepare([str(path)], str(tmp_path / "whole"), _cfg(*cfg))
     assert whole["split"] == "hash" and whole["documents"] == len([t for t in lines if t.strip()])
     assert {k: ranged[k] for k in COUNTS} == {k: whole[k] for k in COUNTS}
     assert _shard_hashes(str(tmp_path / "ranged")) == _shard_hashes(str(tmp_path / "whole"))

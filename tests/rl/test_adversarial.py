@@ -31,36 +31,40 @@ def _adversarial(data: str, base: str, run: str, *overrides: str) -> dict:
 
 @pytest.mark.slow
 def test_discriminator_learns_and_policy_gradient_raises_the_reward(data_and_base, tmp_path):
+    """48 steps at lr 3e-3 raised the reward by 0.46 to 0.94 for each of 7 prompt seeds in bf16 (16 steps at
+    1e-3: by 0 to 0.85, a flaky test); a step of this tiny stage is ~0.1 s, its start-up most of the time."""
+    STEPS = 48
     data, base = data_and_base
     run = str(tmp_path / "run")
     out = _adversarial(
         data,
         base,
         run,
-        "adversarial.train.steps=16",
+        f"adversarial.train.steps={STEPS}",
         "adversarial.discriminator.pretrain_steps=20",
         "adversarial.discriminator.lr=1e-3",
         "adversarial.discriminator.d_steps=0",
-        "adversarial.optim.lr=1e-3",
+        "adversarial.optim.lr=3e-3",
         "adversarial.kl_coef=0",
-        "adversarial.train.eval_every=16",
-        "adversarial.train.checkpoint_every=16",
+        f"adversarial.train.eval_every={STEPS}",
+        f"adversarial.train.checkpoint_every={STEPS}",
     )
     steps = [m for m in _metrics(run) if "reward_mean" in m]
-    assert [m["step"] for m in steps] == list(range(1, 17))
+    assert [m["step"] for m in steps] == list(range(1, STEPS + 1))
     # D, pre-trained on real text vs the weak generator's samples, tells them apart...
     first, last = steps[0], steps[-3:]
     assert first["d_acc_fake"] >= 0.7 and first["d_acc_real"] >= 0.7
-    # ...and REINFORCE against it (held fixed here) raises the reward, D(x), it gives the samples.
+    # ...and REINFORCE against it (held fixed here) raises the reward, D(x), it gives the samples. D is
+    # saturated at first (near-uniform samples all score ~0.05), so the rise can take a few dozen steps.
     rewards = [round(m["reward_mean"], 3) for m in steps]
     assert sum(m["reward_mean"] for m in last) / 3 > first["reward_mean"] + 0.3, rewards
     assert all(m["version_lag"] == 0 for m in steps), "the stage samples strictly on-policy"
     assert all(m["reissued"] == 0 for m in steps), "no actor is killed unless a test asks for it"
     evals = [m for m in _metrics(run) if "val_loss" in m]
-    assert [m["step"] for m in evals] == [16], "val_loss is logged once per evaluation, not every step"
-    assert out["step"] == 16 and out["publish_s"] >= 0 and out["checkpoint"]
+    assert [m["step"] for m in evals] == [STEPS], "val_loss is logged once per evaluation, not every step"
+    assert out["step"] == STEPS and out["publish_s"] >= 0 and out["checkpoint"]
     meta = list_checkpoints(run)[-1].meta
-    assert meta.rl.policy_version == 16 and meta.rl.d_pretrained == 20
+    assert meta.rl.policy_version == STEPS and meta.rl.d_pretrained == 20
     # the policy's entropy is measured every step (not only when an entropy bonus is configured)
     assert all(0.0 < m["entropy"] < math.log(meta.model.vocab_size) for m in steps), steps
 
