@@ -15,11 +15,12 @@ new-token count (without a cache every step reruns the whole sequence, so its co
 of the length). `--device cuda` (or `auto` on a GPU machine) runs both on the GPU, timed after a
 device synchronize.
 
-The `matmul floor` rows time only the model's matmuls for a one-token step at batch 8 (`matmul_floor_s`):
-the step no sampler of those weights can undercut, so `floor_vs_hf_fp32` is the most any sampler could
-gain on HF in fp32 (on a CPU whose last-level cache the fp32 weights exceed, the floor is the time to
-stream them from memory). Headline (batch 8): ours vs HF in fp32, in bf16, and ours in bf16 against HF's
-default fp32.
+The `matmuls` rows time only the model's linears for a one-token step at batch 8 (`matmul_step_s`),
+as plain `F.linear` (what HF runs) and packed for oneDNN (what ours runs on a CPU, see
+`model.decode`): `ours_of_matmuls_fp32` says how much of ours' step the rest (attention over the
+cache, norms, top-k, the draw) adds. `F.linear` at M = 8 reads the weights well below the memory
+bandwidth, so its row is no floor for a sampler that packs them. Headline (batch 8): ours vs HF in
+fp32, in bf16, and ours in bf16 against HF's default fp32.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from genpt_dist.device import describe, pick_device, synchronize
+from genpt_dist.model.decode import can_pack
 
 if TYPE_CHECKING:
     from genpt_dist.model.gpt import GPT
@@ -82,30 +84,28 @@ def _best_time(fn: Callable[[], int], repeats: int, device: torch.device) -> tup
     return best, produced, best_cpu
 
 
-def matmul_floor_s(model: GPT, batch: int, device: torch.device, steps: int = 50) -> float:
+def matmul_step_s(model: GPT, batch: int, device: torch.device, pack: bool, steps: int = 50) -> float:
     """Seconds per decode step of a GPT's matmuls alone: each block's four linears (qkv, attention
-    projection, MLP up and down) and the lm_head on (batch, d_model) inputs, best of 3 x `steps`.
+    projection, MLP up with its activation, MLP down) and the lm_head on (batch, d_model) inputs, as
+    `model.decode.DecodeWeights` runs them, packed for oneDNN or plain `F.linear`; best of 3 x `steps`.
 
-    A one-token step at a small batch multiplies every weight once, so no sampler of these weights in
-    their dtype runs a step in less; where the weights exceed the last-level cache it is the time to
-    stream them from memory."""
-    import torch.nn.functional as F
+    A one-token step at a small batch multiplies every weight once, so a sampler whose linears run
+    this way cannot run a step in less; the rest of its step is attention, norms, top-k and the draw."""
+    from genpt_dist.model.decode import PACK_MIN_STEPS, DecodeWeights
 
-    from genpt_dist.model.gpt import Block
-
-    blocks = [m for m in model.modules() if isinstance(m, Block)]
-    linears = [m for b in blocks for m in (b.attn.c_attn, b.attn.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
-    linears.append(model.lm_head)
-    weight = linears[0].weight
-    inputs = {n: torch.randn(batch, n, dtype=weight.dtype, device=device) for n in {m.in_features for m in linears}}
+    weights = DecodeWeights.of(model, batch, PACK_MIN_STEPS if pack else 0)
+    layers = [(f, d) for b in weights.blocks for f, d in ((b.qkv, 0), (b.proj, 0), (b.fc_act, 0), (b.fc_proj, 1))]
+    layers.append((weights.lm_head, 0))
+    C, dtype = model.config.d_model, model.lm_head.weight.dtype
+    inputs = [torch.randn(batch, C, dtype=dtype, device=device), torch.randn(batch, 4 * C, dtype=dtype, device=device)]
     best = float("inf")
     with torch.inference_mode():
         for repeat in range(4):  # the first is a warm-up
             synchronize(device)
             t0 = time.perf_counter()
             for _ in range(steps):
-                for m in linears:
-                    F.linear(inputs[m.in_features], m.weight, m.bias)
+                for f, d in layers:
+                    f(inputs[d])
             synchronize(device)
             if repeat:
                 best = min(best, (time.perf_counter() - t0) / steps)
@@ -211,24 +211,28 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
                     "cpu_time_speedup": round(cpu_speedup, 3),
                 }
 
-        floors: dict[str, float] = {}
+        floors: dict[str, dict[str, float]] = {}
         for dtype, (ours, _) in models.items():  # what a step of only the matmuls takes, batch 8
-            step_s = matmul_floor_s(ours, batches[-1], dev)
-            floors[dtype] = batches[-1] / step_s
             hf_tok_s = summary[f"b{batches[-1]}_{dtype}"]["hf_tok_per_s"]
-            rows.append(
-                {
-                    "impl": "matmul floor",
-                    "dtype": dtype,
-                    "batch": batches[-1],
-                    "new": new_tokens,
-                    "cache": "",
-                    "seconds": round(step_s * new_tokens, 3),
-                    "cpu_s": "",
-                    "tok_per_s": floors[dtype],
-                    "vs_hf": f"{floors[dtype] / hf_tok_s:.2f}x",
-                }
-            )
+            floors[dtype] = {}
+            for kind, pack in (("F.linear", False), ("packed", True)):
+                if pack and not can_pack(ours.lm_head.weight):
+                    continue
+                step_s = matmul_step_s(ours, batches[-1], dev, pack)
+                floors[dtype][kind] = batches[-1] / step_s
+                rows.append(
+                    {
+                        "impl": f"matmuls {kind}",
+                        "dtype": dtype,
+                        "batch": batches[-1],
+                        "new": new_tokens,
+                        "cache": "",
+                        "seconds": round(step_s * new_tokens, 3),
+                        "cpu_s": "",
+                        "tok_per_s": floors[dtype][kind],
+                        "vs_hf": f"{floors[dtype][kind] / hf_tok_s:.2f}x",
+                    }
+                )
 
         prompts = _prompts(batches[-1], cfg.vocab_size)
         times = {}
@@ -277,9 +281,8 @@ def bench_generate(quick: bool = False, device: str = "auto") -> dict[str, Any]:
         "cpu_time_speedup_bf16": bf16["cpu_time_speedup"],
         "speedup_ours_bf16_vs_hf_fp32": round(bf16["ours_tok_per_s"] / fp32["hf_tok_per_s"], 3),
         "kv_cache_speedup": round(cache_speedup, 2),
-        "floor_fp32_tok_per_s": round(floors["fp32"], 1),
-        "floor_vs_hf_fp32": round(floors["fp32"] / fp32["hf_tok_per_s"], 3),
-        "ours_of_floor_fp32": round(fp32["ours_tok_per_s"] / floors["fp32"], 3),
+        "matmuls_fp32_tok_per_s": {kind: round(v, 1) for kind, v in floors["fp32"].items()},
+        "ours_of_matmuls_fp32": {kind: round(fp32["ours_tok_per_s"] / v, 3) for kind, v in floors["fp32"].items()},
         "weights_mb": {
             k: round(sum(p.numel() * p.element_size() for p in m.parameters()) / 1e6, 1) for k, (m, _) in models.items()
         },

@@ -24,13 +24,12 @@ Algorithm:
    is read back only every ``_STOP_CHECK_EVERY`` steps (a device sync on GPU); the output is then
    trimmed to the longest row, so it is the same as stopping at the first step where all rows stopped.
 
-What is unusual: in eval mode the one-token steps bypass ``GPT.forward`` and run ``_decode_step``, the
-same arithmetic straight on the GPT's parameters (``F.layer_norm``/``F.linear``/SDPA, a key-padding
-mask sliced from one precomputed (B, 1, 1, P + N) tensor, positions from one precomputed offset per
-row). ``GPT.forward`` rebuilds masks and positions and goes through ~15 module calls per block each
-step, which on a CPU costs more than the arithmetic for a small model. ``tests/test_generate.py``
-checks that both paths give the same logits. Models other than the plain ``GPT`` (or in train mode,
-where dropout applies) use ``GPT.forward`` for every step.
+What is unusual: in eval mode the one-token steps bypass ``GPT.forward`` and run
+``model.decode.decode_step``, the same arithmetic straight on the GPT's parameters, with the linears
+prepacked for oneDNN on a CPU (see that module); a key-padding mask is sliced from one precomputed
+(B, 1, 1, P + N) tensor and positions come from one precomputed offset per row.
+``tests/test_generate.py`` checks that both paths give the same logits. Models other than the plain
+``GPT`` (or in train mode, where dropout applies) use ``GPT.forward`` for every step.
 
 Sampling runs under ``torch.inference_mode()``; the returned tensors are cloned outside it so that
 they can be fed to a later forward that needs autograd (RL log-probs). The model is used in its own
@@ -39,15 +38,14 @@ dtype and device: cast it (``model.to(torch.bfloat16)``) for bf16 sampling; log-
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from genpt_dist.model.gpt import GPT, Block, KVCache, activation_fn
+from genpt_dist.model.decode import DecodeWeights, decodable, decode_step
+from genpt_dist.model.gpt import GPT
 
 _STOP_CHECK_EVERY = 8  # steps between reads of "has every row stopped?"
 
@@ -145,66 +143,6 @@ def _pick(
     return tok, lp
 
 
-def _fusable(model: GPT) -> bool:
-    return type(model) is GPT and not model.training
-
-
-def _layer_params(model: GPT) -> list[tuple[Tensor, ...]]:
-    return [
-        (
-            b.ln_1.weight,
-            b.ln_1.bias,
-            b.attn.c_attn.weight,
-            b.attn.c_attn.bias,
-            b.attn.c_proj.weight,
-            b.attn.c_proj.bias,
-            b.ln_2.weight,
-            b.ln_2.bias,
-            b.mlp.c_fc.weight,
-            b.mlp.c_fc.bias,
-            b.mlp.c_proj.weight,
-            b.mlp.c_proj.bias,
-        )
-        for b in cast("Iterable[Block]", model.transformer.h)  # GPT builds h from Blocks only
-    ]
-
-
-def _decode_step(
-    model: GPT,
-    layers: list[tuple[Tensor, ...]],
-    tok: Tensor,
-    pos: Tensor | int,
-    cache: KVCache,
-    key_mask: Tensor | None,
-) -> Tensor:
-    """Logits (B, V) of one new token per row at cache index ``cache.length``; appends its keys/values.
-
-    tok: (B,) ids. pos: (B,) position ids, or an int shared by every row. key_mask: (B, 1, 1,
-    length + 1) bool, True for real keys, or None when no row is padded. Same arithmetic as
-    ``GPT.forward(tok[:, None], cache=cache, last_only=True)`` in eval mode.
-    """
-    tf, cfg = model.transformer, model.config
-    B, C, H = tok.size(0), cfg.d_model, cfg.n_head
-    L, eps, act = cache.length, tf.ln_f.eps, activation_fn(cfg.activation)
-    wpe = tf.wpe.weight[pos] if isinstance(pos, int) else F.embedding(pos, tf.wpe.weight)  # (C,) | (B, C)
-    x = F.embedding(tok, tf.wte.weight) + wpe  # (B, C)
-    for i, (w1, b1, wqkv, bqkv, wo, bo, w2, b2, wfc, bfc, wp, bp) in enumerate(layers):
-        h = F.layer_norm(x, (C,), w1, b1, eps)  # (B, C)
-        q, k, v = F.linear(h, wqkv, bqkv).view(B, 3, H, 1, C // H).unbind(1)  # 3 x (B, H, 1, hd)
-        keys, values = cache.k[i], cache.v[i]  # (B, H, max_len, hd)
-        keys[:, :, L : L + 1] = k
-        values[:, :, L : L + 1] = v
-        y = F.scaled_dot_product_attention(
-            q, keys[:, :, : L + 1], values[:, :, : L + 1], attn_mask=key_mask
-        )  # (B, H, 1, hd)
-        x = x + F.linear(y.reshape(B, C), wo, bo)  # (B, C)
-        h = F.layer_norm(x, (C,), w2, b2, eps)  # (B, C)
-        x = x + F.linear(act(F.linear(h, wfc, bfc)), wp, bp)  # (B, C)
-    cache.advance(1)
-    x = F.layer_norm(x, (C,), tf.ln_f.weight, tf.ln_f.bias, eps)  # (B, C)
-    return F.linear(x, model.lm_head.weight)  # (B, V)
-
-
 def sample(
     model: GPT,
     prompts: list[list[int]],
@@ -265,8 +203,8 @@ def _sample(
     done = torch.zeros(B, dtype=torch.bool, device=device)  # (B,)
     new_lengths = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
     cache = model.new_cache(B, P + N) if use_cache else None
-    fused = use_cache and _fusable(model)
-    layers = _layer_params(model) if fused else []
+    fused = use_cache and decodable(model)
+    weights = DecodeWeights.of(model, B, N - 1) if fused else None
     key_mask = mask.bool()[:, None, None, :] if padded else None  # (B, 1, 1, P + N)
     shift = P - lengths  # (B,) pad columns per row: position = cache index - shift
 
@@ -284,8 +222,8 @@ def _sample(
         elif fused:
             pos = (width - 1 - shift) if padded else width - 1  # (B,) | int
             km = key_mask[..., :width] if key_mask is not None else None  # (B, 1, 1, width); None unless padded
-            assert cache is not None  # fused implies use_cache
-            logits = _decode_step(model, layers, nxt, pos, cache, km)  # (B, V)
+            assert cache is not None and weights is not None  # fused implies use_cache
+            logits = decode_step(model, weights, nxt, pos, cache, km)  # (B, V)
         else:
             logits = model(
                 tokens[:, width - 1 : width],
