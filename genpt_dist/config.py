@@ -86,6 +86,13 @@ class ModelConfig(TransformerShape):
     """The decoder-only GPT (GPT-2 layout)."""
 
     block_size: int | None = Field(None, ge=2, description="context length; defaults to data.seq_len")
+    attention_dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="dropout on the attention weights alone; default: dropout. At 0 a CPU runs SDPA's flash kernel, "
+        "which has no dropout, instead of the math path and a (B, H, T, T) random mask",
+    )
     activation: Literal["gelu_new", "gelu", "relu"] = Field(
         "gelu_new", description="MLP activation, by GPT-2's activation_function names (exports keep it)"
     )

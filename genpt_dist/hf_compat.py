@@ -74,7 +74,7 @@ def hf_config_dict(cfg: GPTConfig, *, bos_id: int, eos_id: int, pad_id: int) -> 
         "layer_norm_epsilon": cfg.layer_norm_eps,
         "resid_pdrop": cfg.dropout,
         "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.attn_pdrop,
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,

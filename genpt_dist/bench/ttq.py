@@ -96,7 +96,8 @@ def bench_ttq(quick: bool = False, output: str = ".") -> dict[str, Any]:
     in_budget = [p["val_bpb"] for p in curve if p["seconds"] <= BUDGET_S]
     rate = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
     summary = {
-        "what": f"tinyshakespeare val bits-per-byte against wall-clock, configs/{RECIPE}.yaml, 2 workers x 1 CPU",
+        "what": f"tinyshakespeare val bits-per-byte against wall-clock, configs/{RECIPE}.yaml, "
+        f"{cfg.scaling.num_workers} worker(s) x {cfg.scaling.cpus_per_worker} CPU",
         "rows": curve,
         "best_bpb_in_budget": min(in_budget) if in_budget else None,
         "seconds_to_target": first_reaching(curve, TARGET_BPB),

@@ -54,6 +54,7 @@ class GPTConfig:
     n_head: int  # attention heads per block; must divide d_model
     d_model: int  # residual stream width (HF n_embd)
     dropout: float = 0.0  # embedding, attention and residual dropout probability
+    attention_dropout: float | None = None  # on the attention weights alone; None: ``dropout`` (HF attn_pdrop)
     activation: str = "gelu_new"  # the MLP's, by HF GPT-2's name: gelu_new (tanh approximation), gelu, relu
     layer_norm_eps: float = 1e-5  # HF layer_norm_epsilon
 
@@ -67,6 +68,13 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.attention_dropout is not None and not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"GPTConfig.attention_dropout must be in [0, 1) or None, got {self.attention_dropout}")
+
+    @property
+    def attn_pdrop(self) -> float:
+        """The dropout probability on attention weights."""
+        return self.dropout if self.attention_dropout is None else self.attention_dropout
 
 
 class KVCache:
@@ -118,7 +126,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
+        self.dropout = cfg.attn_pdrop
         self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.resid_dropout = nn.Dropout(cfg.dropout)

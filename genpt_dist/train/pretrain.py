@@ -47,11 +47,14 @@ def pretrain_job(data: str, run: str, cfg: Config, init: str | None = None) -> J
         n_head=m.n_head,
         d_model=m.d_model,
         dropout=m.dropout,
+        attention_dropout=m.attention_dropout,
         activation=m.activation,
     )
     if init:  # continued pretraining: the shape (and activation, eps) is the init's, the dropout the recipe's
         check_init_matches(init, manifest.tokenizer_sha256, manifest.url)
-        model = dataclasses.replace(resolve(init).model_config, dropout=m.dropout)
+        model = dataclasses.replace(
+            resolve(init).model_config, dropout=m.dropout, attention_dropout=m.attention_dropout
+        )
         if manifest.seq_len > model.block_size:
             raise UserError(f"the data has {manifest.seq_len}-token samples, --init's context is {model.block_size}")
     run = storage.normalize(run)

@@ -45,6 +45,24 @@ def test_config_rejects_indivisible_heads():
         GPTConfig(vocab_size=V, n_layer=1, n_head=4, d_model=30)
 
 
+def test_attention_dropout_apart_from_the_residual_dropout():
+    """attention_dropout=0 keeps dropout on embeddings and residual branches only; the export says so."""
+    cfg = GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, dropout=0.2, attention_dropout=0.0)
+    model = GPT(cfg).train()
+    attn = model.transformer.h[0].attn
+    assert attn.dropout == 0.0 and attn.resid_dropout.p == 0.2 and model.transformer.drop.p == 0.2
+    x = torch.randint(0, V, (2, 8))
+    with torch.no_grad():
+        h = model.transformer.h[0].ln_1(model.transformer.wte(x))
+        attn.resid_dropout.eval()  # what is left random is the attention weights' dropout: none
+        assert torch.equal(attn(h, None, True, None), attn(h, None, True, None))
+    hf = hf_config_dict(cfg, bos_id=1, eos_id=2, pad_id=0)
+    assert (hf["attn_pdrop"], hf["resid_pdrop"], hf["embd_pdrop"]) == (0.0, 0.2, 0.2)
+    assert GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, dropout=0.1).attn_pdrop == 0.1  # default
+    with pytest.raises(ValueError, match="attention_dropout"):
+        GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, attention_dropout=1.0)
+
+
 def test_tied_head_and_sizes():
     model = tiny_gpt()
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -113,3 +113,9 @@ def test_finetune_stops_early_and_keeps_its_best_checkpoint(data, tmp_path):
     meta = resolve(run).meta
     assert meta.finetune is not None and meta.finetune.stopped and meta.step < 40, meta
     assert reporter.last["stopped_early"] is True
+
+
+def test_the_recipe_dropouts_reach_the_model(data, tmp_path):
+    cfg = load_config(TINY, [*ONE, "model.dropout=0.1", "model.attention_dropout=0"])
+    job = pretrain_job(data, str(tmp_path / "run"), cfg)
+    assert (job.model["dropout"], job.model["attention_dropout"]) == (0.1, 0.0)
