@@ -40,6 +40,11 @@ log = logging.getLogger(__name__)
 # Settings (never secrets) that workers need; they travel in the job, not through Ray's runtime env,
 # so they also reach workers of a Ray instance started before this process set them.
 LOCAL_MIN_CPUS = 4
+# A custom resource a local Ray declares, one per core of the machine: its CPU count is at least
+# LOCAL_MIN_CPUS, so on a small machine CPU-bound one-thread tasks that each take 1 CPU would outnumber
+# the cores. A cluster may declare it too (`ray start --resources '{"core": N}'`); where none does, the
+# CPU count is taken as the cores.
+CORE = "core"
 WORKER_ENV_KEYS = (
     "AWS_ENDPOINT_URL_S3",
     "AWS_ENDPOINT_URL",
@@ -167,10 +172,27 @@ def start_local_ray(num_cpus: int, *, log_to_driver: bool = True) -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         num_cpus=num_cpus,
+        resources={CORE: os.cpu_count() or 1},
         include_dashboard=False,
         log_to_driver=log_to_driver,
         runtime_env={"worker_process_setup_hook": _quiet_ray_logs_hook()},
     )
+
+
+def one_core_options() -> dict[str, Any]:
+    """Ray options for a CPU-bound task that runs one thread: one CPU, and one core where the cluster
+    declares cores (a local Ray does), so such tasks never outnumber the machine's cores."""
+    import ray
+
+    return {"num_cpus": 1, "resources": {CORE: 1} if CORE in ray.cluster_resources() else {}}
+
+
+def core_count() -> int:
+    """The cores of the Ray this process is connected to: the declared `core` resource, else its CPUs."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return max(1, int(resources.get(CORE) or resources.get("CPU", 1)))
 
 
 def _quiet_ray_logs_hook() -> Callable[[], None]:

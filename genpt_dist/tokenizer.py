@@ -130,21 +130,37 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def encode_arrays(self, texts: list[str], dtype: np.dtype | type = np.int64) -> list[np.ndarray]:
-        """`encode_batch` for whole documents, as arrays: the same ids, faster.
+        """`encode_batch` for whole documents, as arrays: the same ids, faster and in bounded memory.
 
         The byte tokenizer is a table lookup on the UTF-8 bytes. A BPE encodes long documents in
         pieces cut where the byte-level pre-tokenizer always splits (`_PIECE_START`), so the ids
-        are identical and the pieces run in parallel."""
+        are identical and the pieces run in parallel on the tokenizers library's thread pool (one
+        thread where TOKENIZERS_PARALLELISM is off). `encode_batch_fast` (no character offsets) takes
+        about ENCODE_BATCH_CHARS characters a call, and each call's ids become arrays before the next:
+        an `Encoding` holds tens of bytes a token (ids, token strings, masks), so one call over a
+        whole work unit held several times the unit's text."""
         if self._byte_ids is not None:
             return [self._byte_ids[np.frombuffer(t.encode("utf-8"), dtype=np.uint8)].astype(dtype) for t in texts]
-        pieces, owner = [], []
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        batch: list[str] = []
+        owner: list[int] = []
+        chars = 0
+
+        def flush() -> None:
+            for i, enc in zip(owner, self.hf.encode_batch_fast(batch, add_special_tokens=False)):
+                out[i].append(np.asarray(enc.ids, dtype=dtype))
+            batch.clear()
+            owner.clear()
+
         for i, text in enumerate(texts):
             for piece in _split_for_encoding(text):
-                pieces.append(piece)
+                batch.append(piece)
                 owner.append(i)
-        out: list[list[np.ndarray]] = [[] for _ in texts]
-        for i, enc in zip(owner, self.hf.encode_batch(pieces, add_special_tokens=False)):
-            out[i].append(np.asarray(enc.ids, dtype=dtype))
+                chars += len(piece)
+                if chars >= ENCODE_BATCH_CHARS:
+                    flush()
+                    chars = 0
+        flush()
         return [np.concatenate(parts) if parts else np.zeros(0, dtype) for parts in out]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
@@ -177,6 +193,7 @@ class Tokenizer:
 
 
 ENCODE_PIECE_CHARS = 1 << 16
+ENCODE_BATCH_CHARS = 1 << 20  # characters `encode_arrays` hands to one encode_batch_fast call
 # A newline between a visible ASCII character and a letter or digit: the byte-level pre-tokenizer
 # (GPT-2's pattern) always makes it a pre-token of its own, so text cut right after it encodes the same.
 # (After a run of whitespace it would not: "\n\n" at the end of a piece is one pre-token, inside the

@@ -11,9 +11,10 @@ Algorithm:
    UTF-8 sequence and no CRLF pair is ever cut. The split key of a document read in ranges is the
    file's sha256 (not its normalised text's, which no range sees whole); whether the file is binary is
    decided by its first 8 KiB in every range.
-2. `tokenise_unit` (a Ray task, spread over the nodes, or in the driver for a small corpus): read,
-   normalise, tokenise. It returns one token array holding each document wrapped in <bos> ... <eos> (a
-   ranged document: <bos> in its first range, <eos> in its last), each fragment's length and split.
+2. `tokenise_unit` (a Ray task, spread over the nodes, one per core with the tokenizer on one thread:
+   `tokenise_unit_one_thread`; or in the driver for a small corpus): read, normalise, tokenise. It
+   returns one token array holding each document wrapped in <bos> ... <eos> (a ranged document: <bos>
+   in its first range, <eos> in its last), each fragment's length and split.
 3. `tokenise_to_spill` (the driver) takes the units' results in source order, at most `in_flight` of them
    outstanding, and appends the tokens to `TokenSpill`'s file with a table of documents (length, in
    val): memory follows the units in flight, not the corpus. `TokenSpill.write_splits` then writes
@@ -22,6 +23,7 @@ Algorithm:
 
 from __future__ import annotations
 
+import os
 import re
 from array import array
 from collections import deque
@@ -204,6 +206,13 @@ def tokenise_unit(parts: list[Part], tokenizer_json: str, cfg: dict[str, Any]) -
     return out
 
 
+def tokenise_unit_one_thread(parts: list[Part], tokenizer_json: str, cfg: dict[str, Any]) -> UnitTokens:
+    """`tokenise_unit` in a Ray task that holds one core: the tokenizers library's thread pool is off, so
+    the tasks running side by side, one per core, do not share the cores with each other's threads."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    return tokenise_unit(parts, tokenizer_json, cfg)
+
+
 def _node_id() -> str:
     try:
         import ray
@@ -322,12 +331,12 @@ def tokenise_to_spill(
         return
     import ray
 
-    from genpt_dist.raycluster import init_ray
+    from genpt_dist.raycluster import core_count, init_ray, one_core_options
 
     init_ray(address)  # never a bare ray.init: a local Ray must bind 127.0.0.1 only
-    remote = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(tokenise_unit)
+    remote = ray.remote(tokenise_unit_one_thread).options(**one_core_options(), scheduling_strategy="SPREAD")
     tok_ref = ray.put(tok_json)
-    in_flight = max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    in_flight = max(2, 2 * core_count())
     pending: deque = deque()
 
     def take() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 
@@ -247,6 +248,10 @@ def test_bpe_encoding_in_pieces_matches_whole_documents(shakespeare):
     text = shakespeare.read_text()[:400_000]
     bpe = train_bpe([text[:100_000]], 600)
     assert bpe.encode_arrays([text])[0].tolist() == bpe.encode(text)
+    with pytest.MonkeyPatch.context() as mp:  # several encode calls, a document's pieces across two of them
+        mp.setattr("genpt_dist.tokenizer.ENCODE_BATCH_CHARS", 150_000)
+        docs = [text, text[:1000], "", text[5000:300_000]]
+        assert [a.tolist() for a in bpe.encode_arrays(docs)] == [bpe.encode(d) for d in docs]
     # training on a long document (counted in pieces) = training on its lines, cut where a pre-token
     # always ends: after a newline between a visible character and a letter
     lines = re.split(r"(?<=[!-~]\n)(?=[A-Za-z])", text)
@@ -299,6 +304,8 @@ def test_jsonl_without_the_text_field_is_refused(tmp_path):
 def test_ray_tasks_tokenise_s3_inputs_like_the_driver(ray_session, bucket, shakespeare):
     """Above data.parallel_min_bytes the files are tokenised by Ray tasks (which must inherit the S3
     settings); the dataset is byte-for-byte the one the driver alone would write."""
+    from genpt_dist.raycluster import core_count, one_core_options
+
     text = shakespeare.read_text()[:200_000]
     for i in range(6):
         storage.write_text(storage.join(bucket, f"corpus/part-{i}.txt"), text[i * 30_000 : (i + 1) * 30_000 + 5000])
@@ -307,6 +314,8 @@ def test_ray_tasks_tokenise_s3_inputs_like_the_driver(ray_session, bucket, shake
     in_driver = prepare([src], storage.join(bucket, "driver"), data_cfg(*cfg))
     in_ray = prepare([src], storage.join(bucket, "ray"), data_cfg(*cfg, "data.parallel_min_bytes=0"))
     assert ray_session.is_initialized()
+    # one tokenising task per core: the local Ray has more CPUs than a small machine has cores
+    assert core_count() == os.cpu_count() and one_core_options() == {"num_cpus": 1, "resources": {"core": 1}}
     a, b = load_manifest(storage.join(bucket, "driver")), load_manifest(storage.join(bucket, "ray"))
     assert [s.sha256 for s in a.shards("train") + a.shards("val")] == [
         s.sha256 for s in b.shards("train") + b.shards("val")
