@@ -23,8 +23,8 @@ Algorithm:
    where the stream holds two). A `split: hash` corpus of fewer than SMALL_CORPUS_DOCUMENTS documents is
    split as `tail` instead, since a hash split of a few documents is often empty; the manifest and the
    summary say which rule ran (`split`). Samples are the stream cut with stride seq_len (`packing.pack`:
-   every token a prediction target exactly once, the last sample right-padded with <pad>), gathered
-   from the memory-mapped split (`Split.samples`); train samples are permuted (data.seed) so each shard
+   every token a prediction target exactly once, the last sample right-padded with <pad>), read row
+   by row from the split's file (`Split.samples`); train samples are permuted (data.seed) so each shard
    is a random sample of the corpus; val keeps order.
 7. Write WebDataset shards (`<key>.tokens.npy` members, built in bulk by `data.shards`), each
    uploaded as it is built; write manifest.json last (`manifest.publish_manifest`).

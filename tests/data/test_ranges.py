@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from genpt_dist.config import load_config
 from genpt_dist.data import tokenise
 from genpt_dist.data.manifest import SourceInfo, load_manifest
+from genpt_dist.data.packing import pack
 from genpt_dist.data.prepare import prepare
 from genpt_dist.data.text import ReadStats
 
@@ -83,3 +85,18 @@ def test_a_large_jsonl_file_in_ranges_in_ray_tasks_prepares_as_it_does_whole(ray
     assert whole["split"] == "hash" and whole["documents"] == len([t for t in lines if t.strip()])
     assert {k: ranged[k] for k in COUNTS} == {k: whole[k] for k in COUNTS}
     assert _shard_hashes(str(tmp_path / "ranged")) == _shard_hashes(str(tmp_path / "whole"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32])
+def test_split_samples_read_row_by_row_equal_the_packing_rule(tmp_path, dtype):
+    """`Split.samples` reads the rows it is asked for, in any order, as `packing.pack` cuts them; the last
+    row of the stream is right-padded."""
+    seq_len, pad = 8, 7
+    stream = np.random.default_rng(0).integers(0, 1000, 8 * 5 + 3, dtype=dtype)  # 6 samples, the last short
+    path = tmp_path / "train.bin"
+    stream.tofile(path)
+    split = tokenise.Split(str(path), len(stream), 0, np.dtype(dtype))
+    rows = np.array([5, 0, 3, 5, 1])
+    assert split.num_samples(seq_len) == 6
+    np.testing.assert_array_equal(split.samples(rows, seq_len, pad), pack(stream, seq_len, pad)[rows])
+    assert split.samples(rows[:0], seq_len, pad).shape == (0, seq_len + 1)
