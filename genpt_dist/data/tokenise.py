@@ -315,7 +315,7 @@ class Split:
                 start = int(rows[i]) * seq_len
                 count = max(min(seq_len + 1, self.tokens - start), 0)
                 f.seek(start * size)
-                if f.readinto(memoryview(out[i, :count])) != count * size:
+                if f.readinto(out[i, :count].data) != count * size:
                     raise OSError(f"{self.path} ended before token {start + count}")
         return out
 
