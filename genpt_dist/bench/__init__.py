@@ -91,6 +91,8 @@ HEADLINES: dict[str, list[tuple[str, Callable[[dict], Any], str, float | None]]]
     ],
     "train": [
         ("ZeRO-2 vs HF GPT-2, x", lambda r: r["ratios"]["zero2_vs_hf"], ">=", 1.25),
+        ("ZeRO-2 vs HF GPT-2 with our activation, x", lambda r: r["ratios"]["zero2_vs_hf_gelu"], ">=", None),
+        ("matmul peak drift, larger / smaller of before, after", lambda r: r["matmul_gflops"]["drift"], "<=", 1.3),
         ("ZeRO-2 vs plain loop, x", lambda r: r["ratios"]["zero2_vs_plain"], ">=", 0.9),
         ("ZeRO-2 MFU of the measured bf16 matmul", lambda r: r["mfu_zero2"], ">=", 0.5),
         ("ZeRO-2 vs HF if all but matmuls were free, x", lambda r: r["zero2_vs_hf_ceiling"], ">=", None),

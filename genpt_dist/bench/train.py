@@ -4,18 +4,21 @@ against the bf16 / fp32 matmul throughput measured in the same run.
 All contenders train the same shape on the same token batch, single process, on `--device` (the CPU
 with this process's threads, or one GPU; shape on a GPU: GPT-2 124M at context 1024):
 - plain:   our GPT, torch AdamW, bf16 autocast, a hand-written loop (nanoGPT style)
-- hf:      `transformers.GPT2LMHeadModel` of the same shape, same optimizer, same autocast loop
+- hf:      `transformers.GPT2LMHeadModel` of the same shape as GPT-2 ships it (`gelu_new`, the tanh GELU
+           written in PyTorch ops), same optimizer, same autocast loop
+- hf_gelu: the same with `activation_function="gelu"`, the exact GELU our recipes default to
+           (`model.activation`): the like-for-like peer of our model
 - zero-k:  our GPT inside a DeepSpeed ZeRO-k engine built by `train.deepspeed` (bf16), world size 1
-All are built first and warmed up; then `windows` rounds each time `steps` steps of every contender in
-turn, and a contender's step time is its best window (a busy neighbour slows a window of each alike,
-and the best window is the least disturbed); tokens/s = B * T / step time. Then two more steps of
-each run under torch.profiler, which says what share of the step the matmul and attention
-kernels take (`matmul_share`). On this CPU ours spends ~75% of a step there and HF ~69%, at MFU
-0.5-0.6, so one cannot be much faster than the other (ours leads by its chunked cross-entropy and
-fused AdamW): `zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all of its other ops took no
-time. torch.compile of the plain loop measured no gain here (2,618 vs 2,678
-tokens/s after a 31 s compile), so it is not used. On a GPU the same code runs with CUDA tensors,
-autocast on "cuda", DeepSpeed's cuda accelerator over nccl, and a device-side profile.
+Our GPT has the recipes' default activation. All are built first and warmed up; then `windows` rounds
+each time `steps` steps of every contender in turn, and a contender's step time is its best window (a
+busy neighbour slows a window of each alike, and the best window is the least disturbed); tokens/s =
+B * T / step time. A bf16 matmul peak is measured before and after the windows: when the two differ by
+more than `MAX_PEAK_DRIFT` the machine's speed moved under the contenders, and the run says its ratios
+are unreliable (`matmul_gflops.steady`). Then two more steps of each run under torch.profiler, which
+says what share of the step the matmul and attention kernels take (`matmul_share`);
+`zero2_vs_hf_ceiling` is what ZeRO-2 would gain over HF if all of its other ops took no time. On a GPU
+the same code runs with CUDA tensors, autocast on "cuda", DeepSpeed's cuda accelerator over nccl, and a
+device-side profile.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any
 
 import torch
 
-from genpt_dist.config import DeepSpeedConfig, OptimConfig
+from genpt_dist.config import DeepSpeedConfig, ModelConfig, OptimConfig
 from genpt_dist.device import describe, pick_device, synchronize
 from genpt_dist.hardware import measure_matmul
 from genpt_dist.model.gpt import GPT, GPTConfig
@@ -37,12 +40,35 @@ from genpt_dist.model.gpt import GPT, GPTConfig
 log = logging.getLogger(__name__)
 
 
+ACTIVATION = ModelConfig.model_fields["activation"].default  # what a recipe trains with unless it says otherwise
+# A matmul peak measured after the contenders' windows more than this many times apart from the one before
+# them: the machine's speed moved during the run, and its ratios are not to be trusted.
+MAX_PEAK_DRIFT = 1.3
+
 # (shape, batch, warmup steps, timed steps per window, windows) per setting
 SHAPES: dict[str, tuple[GPTConfig, int, int, int, int]] = {
-    "quick": (GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64), 4, 1, 2, 1),
-    "cpu": (GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384), 8, 3, 4, 4),
+    "quick": (
+        GPTConfig(vocab_size=2048, block_size=64, n_layer=2, n_head=2, d_model=64, activation=ACTIVATION),
+        4,
+        1,
+        2,
+        1,
+    ),
+    "cpu": (
+        GPTConfig(vocab_size=8192, block_size=256, n_layer=6, n_head=6, d_model=384, activation=ACTIVATION),
+        8,
+        3,
+        4,
+        4,
+    ),
     # GPT-2 124M (vocab padded to a multiple of 64, as nanoGPT does)
-    "cuda": (GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768), 16, 5, 10, 3),
+    "cuda": (
+        GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, d_model=768, activation=ACTIVATION),
+        16,
+        5,
+        10,
+        3,
+    ),
 }
 
 
@@ -121,7 +147,8 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
 
     contenders: dict[str, Callable[[], Callable[[], None]]] = {
         "plain": lambda: _plain_step(GPT(cfg), x, hf=False),
-        "hf": lambda: _plain_step(_hf_model(cfg), x, hf=True),
+        "hf": lambda: _plain_step(_hf_model(cfg, "gelu_new"), x, hf=True),
+        "hf_gelu": lambda: _plain_step(_hf_model(cfg, cfg.activation), x, hf=True),
     }
     for stage in (0, 1, 2, 3):
         contenders[f"zero{stage}"] = functools.partial(_zero_step, cfg, x, stage, batch)
@@ -134,11 +161,20 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
             steppers[name]()
     best = {name: float("inf") for name in steppers}
     for window in range(windows):
-        for name, step in steppers.items():
-            best[name] = min(best[name], _time_window(step, steps, dev))
-        log.info("window %d/%d: %s", window + 1, windows, "  ".join(f"{n} {s:.3f}s" for n, s in best.items()))
+        this = {name: _time_window(step, steps, dev) for name, step in steppers.items()}
+        best = {name: min(best[name], this[name]) for name in steppers}
+        log.info("window %d/%d: %s", window + 1, windows, "  ".join(f"{n} {s:.3f}s" for n, s in this.items()))
     peaks_bf16.append(_matmul_peak(torch.bfloat16, dev))
     peak_bf16 = max(peaks_bf16)
+    drift = peak_bf16 / min(peaks_bf16)
+    if drift > MAX_PEAK_DRIFT:
+        log.warning(
+            "the bf16 matmul peak moved %.1fx during the run (%.0f GFLOP/s before the windows, %.0f after): the "
+            "machine's speed changed under the contenders, so this run's ratios are unreliable; rerun it when quiet",
+            drift,
+            peaks_bf16[0] / 1e9,
+            peaks_bf16[1] / 1e9,
+        )
     rows: dict[str, dict[str, Any]] = {}
     profiles: dict[str, dict[str, Any]] = {}
     for name in list(steppers):
@@ -170,12 +206,15 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict[str, Any]:
             "bf16": peak_bf16 / 1e9,
             "fp32": peak_fp32 / 1e9,
             "bf16_before_after": [round(p / 1e9, 1) for p in peaks_bf16],
+            "drift": round(drift, 2),
+            "steady": drift <= MAX_PEAK_DRIFT,
         },
         "flops_per_token": flops_per_token,
         "timing": {"warmup_steps": warmup, "steps_per_window": steps, "windows": windows, "step_s": "best window"},
         "rows": list(rows.values()),
         "ratios": {
             "zero2_vs_hf": ours / rows["hf"]["tokens_per_s"],
+            "zero2_vs_hf_gelu": ours / rows["hf_gelu"]["tokens_per_s"],
             "plain_vs_hf": rows["plain"]["tokens_per_s"] / rows["hf"]["tokens_per_s"],
             **{f"zero{s}_vs_plain": rows[f"zero{s}"]["tokens_per_s"] / rows["plain"]["tokens_per_s"] for s in range(4)},
         },
@@ -223,7 +262,7 @@ def _profile(step: Callable[[], None], device: torch.device, steps: int = 2) -> 
     }
 
 
-def _hf_model(cfg: GPTConfig) -> torch.nn.Module:
+def _hf_model(cfg: GPTConfig, activation: str) -> torch.nn.Module:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # attn_implementation is taken by PreTrainedConfig's **kwargs, which GPT2Config's typed dataclass fields omit
@@ -236,7 +275,7 @@ def _hf_model(cfg: GPTConfig) -> torch.nn.Module:
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        activation_function="gelu_new",
+        activation_function=activation,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,

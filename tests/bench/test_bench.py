@@ -159,7 +159,7 @@ def test_train_quick_profiles_each_contender(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "train.json").read_text())
     rows = {r["contender"]: r for r in summary["rows"]}
-    assert set(rows) == {"plain", "hf", "zero0", "zero1", "zero2", "zero3"}
+    assert set(rows) == {"plain", "hf", "hf_gelu", "zero0", "zero1", "zero2", "zero3"}
     assert summary["device"].startswith("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     peak = summary["matmul_gflops"]["bf16"] * 1e9  # the better of the measurements before and after
     assert peak == pytest.approx(max(summary["matmul_gflops"]["bf16_before_after"]) * 1e9, rel=1e-2)
@@ -170,5 +170,10 @@ def test_train_quick_profiles_each_contender(tmp_path):
         assert 0 < sum(summary["profile"][name]["top_ops"].values()) <= 1
     assert summary["tokens_per_s_zero2"] == rows["zero2"]["tokens_per_s"]
     assert summary["ratios"]["zero2_vs_hf"] == pytest.approx(rows["zero2"]["tokens_per_s"] / rows["hf"]["tokens_per_s"])
+    hf_gelu = rows["hf_gelu"]["tokens_per_s"]
+    assert summary["ratios"]["zero2_vs_hf_gelu"] == pytest.approx(rows["zero2"]["tokens_per_s"] / hf_gelu)
+    before, after = summary["matmul_gflops"]["bf16_before_after"]
+    assert summary["matmul_gflops"]["drift"] == pytest.approx(max(before, after) / min(before, after), abs=0.01)
+    assert summary["matmul_gflops"]["steady"] == (summary["matmul_gflops"]["drift"] <= 1.3)
     ceiling = rows["hf"]["step_s"] / (rows["zero2"]["step_s"] * rows["zero2"]["matmul_share"])
     assert summary["zero2_vs_hf_ceiling"] == pytest.approx(ceiling, rel=1e-3)
