@@ -20,7 +20,9 @@ What is unusual compared with nanoGPT:
 * ``loss_mask`` weights the per-token cross-entropy (prompt masking for fine-tuning), and
   ``token_logprobs`` returns per-token log-probs for the RL stage.
 * Without a mask and without cached keys the attention uses the ``is_causal=True`` fast path of
-  ``F.scaled_dot_product_attention``; otherwise an explicit boolean mask is built.
+  ``F.scaled_dot_product_attention``; otherwise an explicit boolean mask is built. bf16 on a CPU with
+  short sequences and no attention dropout (training, prefill) runs ``explicit_causal_attention``
+  instead, which is faster there than SDPA's CPU flash kernel.
 """
 
 from __future__ import annotations
@@ -119,6 +121,29 @@ class KVCache:
         self.length = 0
 
 
+# Longest sequence that bf16 attention on a CPU runs as explicit matmuls (`explicit_causal_attention`): its
+# saved probabilities take B * H * T^2 bf16 values a layer, where SDPA's flash kernel keeps none.
+EXPLICIT_MAX_T = 512
+
+
+def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + causal bias) v for q, k, v (B, H, T, hd) of one length, as batched matmuls.
+
+    Scores come from one ``baddbmm`` (the bias, -inf above the diagonal, added in the same kernel),
+    the softmax is taken in float32 and its probabilities are cast back to the inputs' dtype for the
+    ``bmm`` with v: the arithmetic of nanoGPT's non-flash path under autocast. With bf16 on a CPU
+    with AMX matmuls its forward + backward is faster than SDPA's CPU flash kernel at these lengths;
+    in float32 the flash kernel is the faster (`bench train`, BENCHMARKS.md)."""
+    B, H, T, hd = q.shape
+    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (T, T)
+    scores = torch.baddbmm(
+        bias.expand(B * H, T, T), q.reshape(B * H, T, hd), k.reshape(B * H, T, hd).transpose(1, 2), alpha=hd**-0.5
+    )  # (B*H, T, T)
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)  # at least float32
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)  # (B*H, T, T)
+    return torch.bmm(probs, v.reshape(B * H, T, hd)).view(B, H, T, hd)  # (B, H, T, hd)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention with a fused qkv projection and an optional KV cache."""
 
@@ -139,9 +164,19 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, H, T_total, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, H, T, hd)
+        dropout = self.dropout if self.training else 0.0
+        if (
+            is_causal
+            and dropout == 0.0
+            and q.device.type == "cpu"
+            and q.dtype == torch.bfloat16
+            and T <= EXPLICIT_MAX_T
+        ):
+            y = explicit_causal_attention(q, k, v)  # (B, H, T, hd)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=dropout
+            )  # (B, H, T, hd)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))  # (B, T, C)
 

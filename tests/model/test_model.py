@@ -63,6 +63,33 @@ def test_attention_dropout_apart_from_the_residual_dropout():
         GPTConfig(vocab_size=V, n_layer=1, n_head=2, d_model=16, attention_dropout=1.0)
 
 
+def test_explicit_causal_attention_equals_sdpa_and_trains_bf16_alike(monkeypatch):
+    """The explicit bf16 CPU path is SDPA's causal attention: exact in float64, and a bf16 model's loss and
+    gradients through it stay within bf16 rounding of the same model on SDPA's flash kernel."""
+    from genpt_dist.model import gpt as gpt_module
+
+    q, k, v = (torch.randn(2, 3, 17, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = gpt_module.explicit_causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(ours, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g))
+
+    x = torch.randint(0, V, (4, 32))
+
+    def loss_and_grads(model: GPT) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        _, loss = model(x[:, :-1], x[:, 1:])
+        return loss.float(), [g.float() for g in torch.autograd.grad(loss, list(model.parameters()))]
+
+    model = tiny_gpt(n_head=4, d_model=32).to(torch.bfloat16).train()
+    explicit = loss_and_grads(model)
+    monkeypatch.setattr(gpt_module, "EXPLICIT_MAX_T", 0)  # every length to SDPA
+    flash = loss_and_grads(model)
+    torch.testing.assert_close(explicit[0], flash[0], rtol=2e-2, atol=0)
+    for a, b in zip(explicit[1], flash[1]):
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-3
+
+
 def test_tied_head_and_sizes():
     model = tiny_gpt()
     assert model.lm_head.weight is model.transformer.wte.weight
