@@ -165,6 +165,7 @@ def test_train_quick_profiles_each_contender(tmp_path):
     assert peak == pytest.approx(max(summary["matmul_gflops"]["bf16_before_after"]) * 1e9, rel=1e-2)
     for name, row in rows.items():
         assert row["tokens_per_s"] > 0 and 0 < row["matmul_share"] <= 1, (name, row)
+        assert 0 < row["step_s_best"] <= row["step_s"]  # the best window and the median one
         # mfu is rounded to 4 decimals
         assert row["mfu"] == pytest.approx(summary["flops_per_token"] * row["tokens_per_s"] / peak, abs=6e-5)
         assert 0 < sum(summary["profile"][name]["top_ops"].values()) <= 1
