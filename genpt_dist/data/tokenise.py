@@ -303,17 +303,18 @@ class Split:
 
     def samples(self, rows: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
         """Samples `rows` of the packing (`packing.pack`: sample i = stream[i*T : i*T + T + 1], padded), read
-        row by row in file order (a seek and a read each, ~3 us a row): memory is the rows', whatever the
-        split's size. A memory map was not: on this machine's kernel one shard's 1,024 random rows mapped
-        nearly the whole file (218 MB of a 240 MB split), so the peak grew with the corpus."""
+        row by row in file order, a seek and a read each: memory is the rows', whatever the split's size
+        (a memory map's resident pages grew with the split, BENCHMARKS.md)."""
         out = np.full((len(rows), seq_len + 1), pad_id, dtype=self.dtype)
-        if len(rows) == 0 or self.tokens == 0:
+        if len(rows) == 0:
             return out
-        size = self.dtype.itemsize
+        size, n = self.dtype.itemsize, self.num_samples(seq_len)
         with open(self.path, "rb", buffering=0) as f:
             for i in np.argsort(rows, kind="stable"):
+                if not 0 <= rows[i] < n:
+                    raise IndexError(f"sample {rows[i]} is not among the {n} of {self.path}")
                 start = int(rows[i]) * seq_len
-                count = max(min(seq_len + 1, self.tokens - start), 0)
+                count = min(seq_len + 1, self.tokens - start)
                 f.seek(start * size)
                 if f.readinto(out[i, :count].data) != count * size:
                     raise OSError(f"{self.path} ended before token {start + count}")

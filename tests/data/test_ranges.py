@@ -92,7 +92,7 @@ def test_split_samples_read_row_by_row_equal_the_packing_rule(tmp_path, dtype):
     """`Split.samples` reads the rows it is asked for, in any order, as `packing.pack` cuts them; the last
     row of the stream is right-padded."""
     seq_len, pad = 8, 7
-    stream = np.random.default_rng(0).integers(0, 1000, 8 * 5 + 3, dtype=dtype)  # 6 samples, the last short
+    stream = np.random.default_rng(0).integers(0, 1000, seq_len * 5 + 3, dtype=dtype)  # 6 samples, the last short
     path = tmp_path / "train.bin"
     stream.tofile(path)
     split = tokenise.Split(str(path), len(stream), 0, np.dtype(dtype))
@@ -100,3 +100,5 @@ def test_split_samples_read_row_by_row_equal_the_packing_rule(tmp_path, dtype):
     assert split.num_samples(seq_len) == 6
     np.testing.assert_array_equal(split.samples(rows, seq_len, pad), pack(stream, seq_len, pad)[rows])
     assert split.samples(rows[:0], seq_len, pad).shape == (0, seq_len + 1)
+    with pytest.raises(IndexError, match="sample 6 is not among the 6"):
+        split.samples(np.array([6]), seq_len, pad)
