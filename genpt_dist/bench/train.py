@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 ACTIVATION = ModelConfig.model_fields["activation"].default  # what a recipe trains with unless it says otherwise
 # A matmul peak measured after the contenders' windows more than this many times apart from the one before
-# them: the machine's speed moved during the run, and its ratios are not to be trusted.
+# them: the machine's speed moved during the run (`matmul_gflops.steady` is false, and the run says so).
 MAX_PEAK_DRIFT = 1.3
 
 # (shape, batch, warmup steps, timed steps per window, windows) per setting
