@@ -90,14 +90,11 @@ class ModelConfig(TransformerShape):
         None,
         ge=0.0,
         lt=1.0,
-        description="dropout on the attention weights alone; default: dropout. At 0 a CPU runs SDPA's flash kernel, "
-        "which has no dropout, instead of the math path and a (B, H, T, T) random mask",
+        description="dropout on the attention weights alone; default: dropout. At 0 a CPU runs a faster kernel than "
+        "the math path, which dropout needs, and draws no (B, H, T, T) random mask",
     )
     activation: Literal["gelu_new", "gelu", "relu"] = Field(
-        "gelu",
-        description="MLP activation, by GPT-2's activation_function names (exports keep it). Default: exact GELU, "
-        "a stock GPT-2 value that transformers loads, ~3x faster forward + backward than the tanh approximation "
-        "(gelu_new, GPT-2's own) on a CPU; a model initialised from a checkpoint or Hugging Face folder keeps its own",
+        "gelu", description="MLP activation, GPT-2's activation_function names (exports keep it; an init its own)"
     )
 
 

@@ -126,6 +126,12 @@ class KVCache:
 EXPLICIT_MAX_T = 512
 
 
+@functools.lru_cache(maxsize=8)
+def _causal_bias(T: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(T, T): 0 on and below the diagonal, -inf above; made once per length, not once per layer and step."""
+    return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu_(1)
+
+
 def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(hd) + causal bias) v for q, k, v (B, H, T, hd) of one length, as batched matmuls.
 
@@ -135,7 +141,7 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     with AMX matmuls its forward + backward is faster than SDPA's CPU flash kernel at these lengths;
     in float32 the flash kernel is the faster (`bench train`, BENCHMARKS.md)."""
     B, H, T, hd = q.shape
-    bias = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)  # (T, T)
+    bias = _causal_bias(T, q.dtype, q.device)  # (T, T)
     scores = torch.baddbmm(
         bias.expand(B * H, T, T), q.reshape(B * H, T, hd), k.reshape(B * H, T, hd).transpose(1, 2), alpha=hd**-0.5
     )  # (B*H, T, T)
