@@ -265,8 +265,8 @@ def cpu_throughput(
 
     One thread, not the process's: a matmul's bf16/fp32 ratio is the instruction set's (AVX512-BF16 or
     AMX, or neither), the same at any thread count, while a multi-threaded matmul on a loaded machine
-    waits at every barrier for its slowest thread; measured with 2 threads at load average 7 on 2 cores,
-    fp32 and bf16 each read anywhere from 2 to 125 GFLOP/s, so the winner was chance."""
+    waits at every barrier for its slowest thread, so its fp32 and bf16 readings each spread over more
+    than the gap between them and the winner would be chance."""
     names = ("fp32", "bf16")
     keys = [_key_for(DTYPES[name], PRECISION_N, "cpu", threads=PRECISION_THREADS) for name in names]
     kids = ["throughput-" + _key_id(key) for key in keys]

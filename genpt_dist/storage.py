@@ -88,8 +88,8 @@ def s3_settings() -> dict[str, Any]:
 def _session_for(region: str, credentials_key: str):  # noqa: ARG001  (a new session when the keys change)
     import boto3
 
-    # Shared across fork: a session holds no connections, and its loaded service model makes the
-    # clients of forked DataLoader workers ~70 ms cheaper each.
+    # Shared across fork: a session holds no connections, and its loaded service model spares each
+    # forked DataLoader worker loading it again to make its client.
     return boto3.session.Session(region_name=region)
 
 

@@ -6,7 +6,7 @@ writes the whole result to `<output>/<name>.json` and returns the headline figur
 prints as its last JSON line. Adding one is one line in `BENCHES`: name -> "module:function".
 
 `bench all` runs every benchmark but `oracle`, `rl`, `ttq` (they measure learning, and run minutes) and
-`prepare` (a 1 GB corpus, ~20 minutes), each in its own process (a fresh Ray, torch threads and process
+`prepare` (a 1 GB corpus, tens of minutes), each in its own process (a fresh Ray, torch threads and process
 group each, and a failure stays that bench's), within `SUITE_BUDGET_S` in all; it writes each
 `<name>.json` plus `all.json` and prints one table of the
 headline figures against their targets (`HEADLINES`).
@@ -46,8 +46,8 @@ BENCHES: dict[str, str] = {
 ALL = "all"
 ORACLE = "oracle"  # measures learning, not speed; its recipe takes --set overrides
 ON_DEVICE = ("train", "generate")  # the rest measure CPU-side paths (data, object store, S3, gloo workers)
-RL = "rl"  # a race of whole RL runs (~7.5 min here): run on its own, as oracle is
-PREPARE = "prepare"  # a 1 GB corpus three ways (~20 min here): on its own too
+RL = "rl"  # a race of whole RL runs (minutes; BENCHMARKS.md): run on its own, as oracle is
+PREPARE = "prepare"  # a 1 GB corpus three ways (tens of minutes): on its own too
 TTQ = "ttq"  # a 15-minute pretraining run
 NOT_IN_ALL = (ORACLE, RL, PREPARE, TTQ, ALL)
 SUITE_BUDGET_S = 15 * 60  # `bench all`, full mode, on the 2-core machine

@@ -9,7 +9,7 @@ random ids), with the same batch, top-k 50, temperature 0.8 and new-token count;
 Each setting is warmed up once, then timed `REPEATS` times alternating ours and HF; the best time
 counts, in wall-clock seconds and in process CPU seconds (`cpu_s`: less disturbed when other jobs
 share the machine, since time spent descheduled is not counted). Rows: ours and HF in fp32 and in
-bf16 (weights cast; on this CPU bf16 halves the bytes each step streams, which is what a small-batch
+bf16 (weights cast; on a CPU bf16 halves the bytes each step streams, which is what a small-batch
 decode step waits on), at batch 1 and 8; and ours with vs without the KV cache at a shorter
 new-token count (without a cache every step reruns the whole sequence, so its cost grows with the square
 of the length). `--device cuda` (or `auto` on a GPU machine) runs both on the GPU, timed after a

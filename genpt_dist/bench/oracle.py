@@ -42,7 +42,7 @@ Choices, and how they differ from SeqGAN:
 * The train/val split is prepare's (hash of the sequence text, 10% val; duplicates never straddle).
 
 What limits it, measured (why the discriminator stays near chance on MLE samples, the offline probes,
-the residual discriminator, the runs of this recipe and their variants): BENCHMARKS.md, "Oracle".
+the residual discriminator, the runs of this recipe): BENCHMARKS.md, "bench oracle".
 """
 
 from __future__ import annotations

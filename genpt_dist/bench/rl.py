@@ -23,7 +23,7 @@ the completion, up to its first newline, is the answer), the one file both racer
      with the same G, completion length, top-k (none), temperature, LR and warm-up, Adam betas, weight
      decay, grad clip, KL coefficient, steps and prompts x G rows per step; a callback snapshots the
      policy every `snapshot_every` steps (its own time excluded).
-   * more of ours (`RUNS`): `--reward discriminator@0.1 --data <corpus>` added (issue item 7), and
+   * more of ours (`RUNS`): `--reward discriminator@0.1 --data <corpus>` added, and
      `reinforce.rollout.max_staleness=1` (one-step-off overlap) when the config has that key.
 3. One evaluation of every snapshot of every run, here: greedy completions (our sampler, top_k=1) of the
    held-out prompts scored by `correct`: accuracy (share scoring 1) and mean reward; ours' checkpoints

@@ -12,7 +12,7 @@ torch's intra-op threads wait at each op's barrier for a descheduled sibling and
 slower than 1, which the 1 x 2 setting pays and the 2 x 1 setting does not.
 
 Target: tokens/s of 2 x 1 >= 0.9 x that of 1 x 2 (data parallelism costs no more than 10% against
-intra-op threads on this machine).
+intra-op threads on two cores).
 """
 
 from __future__ import annotations

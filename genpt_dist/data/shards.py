@@ -2,7 +2,8 @@
 
 Any WebDataset reader opens these shards (`wds.WebDataset(urls)` decodes `tokens.npy` with numpy).
 This module writes and reads them in bulk, because going member by member through `tarfile` and
-`np.load` costs ~100 us a sample, which caps the loader far below what training consumes:
+`np.load` pays Python-level work per sample, which caps the loader far below what training consumes
+(BENCHMARKS.md, "bench loader"):
 
 - `encode_shard` builds the whole tar in numpy: plain ustar headers from one template (only the
   name and checksum differ), the .npy header computed once, the rows copied in one strided write.

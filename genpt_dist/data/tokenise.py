@@ -304,7 +304,7 @@ class Split:
     def samples(self, rows: np.ndarray, seq_len: int, pad_id: int) -> np.ndarray:
         """Samples `rows` of the packing (`packing.pack`: sample i = stream[i*T : i*T + T + 1], padded), read
         row by row in file order, a seek and a read each: memory is the rows', whatever the split's size
-        (a memory map's resident pages grew with the split, BENCHMARKS.md)."""
+        (a memory map's resident pages grow with the split: BENCHMARKS.md, "bench prepare")."""
         out = np.full((len(rows), seq_len + 1), pad_id, dtype=self.dtype)
         if len(rows) == 0:
             return out

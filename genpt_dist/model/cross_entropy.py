@@ -2,9 +2,9 @@
 
 ``F.cross_entropy(logits.float(), ...)`` writes a float32 copy of the whole (N, V) logits, then a
 float32 log-softmax of it, and on the way back a float32 gradient that is cast to the logits' dtype:
-four full passes over N x V values, which stream through memory. On this CPU that was 13% of a
-6 x 384, vocab 8192 training step; on a GPU the float32 copies of GPT-2's 50,304-wide logits take
-gigabytes.
+four full passes over N x V values, which stream through memory: on a CPU a noticeable share of a
+small model's training step (BENCHMARKS.md, "bench train"); on a GPU the float32 copies of GPT-2's
+50,304-wide logits take gigabytes.
 
 Algorithm (exact, float32 arithmetic; the result equals ``F.cross_entropy(logits.float(), targets,
 ignore_index=-100, reduction="none")`` up to rounding):

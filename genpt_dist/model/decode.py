@@ -14,7 +14,7 @@ each step calls ``torch.ops.mkldnn._linear_pointwise`` with the MLP's activation
 post-op (``gelu`` with algorithm ``tanh`` for ``gelu_new``, ``none`` for exact ``gelu``; ``relu``).
 These are the ops ``torch.compile``'s freezing pass lowers a CPU ``nn.Linear`` to. ``F.linear`` on the
 (out, in) weight at M = 8 reads it at a fraction of the memory bandwidth; the packed kernel reads it
-at about the bandwidth (`bench generate`'s two `matmuls` rows, in BENCHMARKS.md). Packing copies each
+at about the bandwidth (the `matmuls` rows of BENCHMARKS.md, "bench generate"). Packing copies each
 weight once (the copies live as long as the ``DecodeWeights``), so it pays back only over several
 steps: ``PACK_MIN_STEPS``. Elsewhere (a GPU, another dtype, PyTorch
 without oneDNN, too few steps) the linears are plain ``F.linear`` with the activation after it.

@@ -2,14 +2,19 @@
 
 The architecture is GPT-2: learned token and position embeddings, pre-LayerNorm blocks (eps
 ``layer_norm_eps``, 1e-5), fused qkv projection ``c_attn``, an MLP activation of GPT-2's
-``activation_function`` values (``gelu_new``, GELU with the tanh approximation, by default; exact
-``gelu``; ``relu``), a final LayerNorm
-and an ``lm_head`` without bias whose weight is tied to ``transformer.wte``. Module names follow
-nanoGPT, so ``genpt_dist.hf_compat`` only has to transpose four Conv1D weights to produce a
-``GPT2LMHeadModel`` state dict.
+``activation_function`` values (``gelu_new``, GELU with the tanh approximation; exact ``gelu``;
+``relu``), a final LayerNorm and an ``lm_head`` without bias whose weight is tied to
+``transformer.wte``. Module names follow nanoGPT, so ``genpt_dist.hf_compat`` only has to transpose four
+Conv1D weights to produce a ``GPT2LMHeadModel`` state dict.
 
 What is unusual compared with nanoGPT:
 
+* Two activation defaults, one rule. Recipes (``ModelConfig.activation``, hence every model a stage
+  builds new) default to exact ``gelu``, which is faster than the tanh approximation on a CPU
+  (BENCHMARKS.md, "bench train"). ``GPTConfig.activation`` defaults to ``gelu_new`` because a config
+  that names no activation is GPT-2's: a Hugging Face ``config.json`` without ``activation_function``
+  and a checkpoint whose model config has no ``activation`` must keep computing what they were
+  trained with.
 * ``attention_mask`` (B, T_total) supports left-padded batches. Positions are then
   ``cumsum(mask) - 1`` clamped at 0, which is what HF ``generate`` does for GPT-2, and padded keys are
   masked out. A query may always attend to itself, so a padded query never sees an all-masked row
@@ -57,7 +62,9 @@ class GPTConfig:
     d_model: int  # residual stream width (HF n_embd)
     dropout: float = 0.0  # embedding, attention and residual dropout probability
     attention_dropout: float | None = None  # on the attention weights alone; None: ``dropout`` (HF attn_pdrop)
-    activation: str = "gelu_new"  # the MLP's, by HF GPT-2's name: gelu_new (tanh approximation), gelu, relu
+    # The MLP's, by HF GPT-2's name: gelu_new (tanh approximation), gelu, relu. gelu_new is what a config that
+    # names none means (GPT-2's); recipes default to gelu (ModelConfig.activation).
+    activation: str = "gelu_new"
     layer_norm_eps: float = 1e-5  # HF layer_norm_epsilon
 
     def __post_init__(self) -> None:
@@ -139,7 +146,7 @@ def explicit_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     the softmax is taken in float32 and its probabilities are cast back to the inputs' dtype for the
     ``bmm`` with v: the arithmetic of nanoGPT's non-flash path under autocast. With bf16 on a CPU
     with AMX matmuls its forward + backward is faster than SDPA's CPU flash kernel at these lengths;
-    in float32 the flash kernel is the faster (`bench train`, BENCHMARKS.md)."""
+    in float32 the flash kernel is the faster (BENCHMARKS.md, "bench train")."""
     B, H, T, hd = q.shape
     bias = _causal_bias(T, q.dtype, q.device)  # (T, T)
     scores = torch.baddbmm(
@@ -193,7 +200,7 @@ def activation_fn(name: str) -> Callable[[Tensor], Tensor]:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: d -> 4d -> activation (GELU(tanh) by default) -> d."""
+    """Position-wise feed-forward: d -> 4d -> activation (``GPTConfig.activation``) -> d."""
 
     def __init__(self, d_model: int, dropout: float, activation: str = "gelu_new") -> None:
         super().__init__()

@@ -1,4 +1,7 @@
-"""Batches that cross the rollout boundary (STYLE rule 8): what is asked of the actors, what comes back."""
+"""Batches that cross the rollout boundary: what is asked of the actors, what comes back.
+
+Dataclasses with a shape-and-meaning comment per field, so the stage and the actors agree on every tensor
+without reading each other's code."""
 
 from __future__ import annotations
 

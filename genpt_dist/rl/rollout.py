@@ -1,6 +1,6 @@
 """Rollouts of the adversarial stage on Ray: the actor around a ``RolloutWorker`` and the pool of actors.
 
-Three layers (STYLE rule 7):
+Three layers, so that the sampling and scoring logic is tested without Ray and the actor stays thin:
 
 * ``RolloutWorker`` (``rl.rollout_worker``): a plain class, tested without Ray, that samples from the
   policy and scores with the reference and the discriminator; its module says how seeds make a row's

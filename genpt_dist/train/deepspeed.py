@@ -38,7 +38,8 @@ def build_ds_config(
     recipe's; the caller passes the one in force, which an elastic resume may have rescaled).
 
     Contiguous gradient buffers only on GPUs, where they stop memory fragmenting; on CPUs the extra
-    copy of every gradient costs ~4% of a ZeRO-1/2 step (`bench train`) and saves nothing."""
+    copy of every gradient costs a few percent of a ZeRO-1/2 step and saves nothing (BENCHMARKS.md,
+    "bench train")."""
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
         zero.update(overlap_comm=False, contiguous_gradients=use_gpu, reduce_bucket_size=5e7, allgather_bucket_size=5e7)
@@ -83,8 +84,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
     """torch AdamW (decay on matrices only) and its warmup + cosine LambdaLR.
 
     The fused AdamW (one kernel over each tensor, on CPUs and GPUs): DeepSpeed's ZeRO hands it flat
-    float32 partitions, where the foreach version's separate passes (sqrt, lerp, addcdiv, ...) took
-    36 ms of a 0.76 s `bench train` step against 7.5 ms fused."""
+    float32 partitions, over which the foreach version makes a separate memory-bound pass per op (sqrt,
+    lerp, addcdiv, ...), several times the fused kernel's time (BENCHMARKS.md, "bench train")."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
