@@ -32,6 +32,7 @@ from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_inc
 from genpt_dist.config import Config
 from genpt_dist.errors import UserError
 from genpt_dist.raycluster import init_ray, worker_env
+from genpt_dist.tracking import check_tracking
 from genpt_dist.train.engine import STOPPED, Job, Reporter
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ def fit(
     """Run `run_stage` on N Ray Train workers; returns the final metrics and the latest checkpoint.
 
     `also_needs` = (CPUs, GPUs, what) the stage holds besides the workers (e.g. rollout actors)."""
+    check_tracking(cfg.tracking)  # a missing MLflow: one line and exit 2 now, not a failed rank 0 later
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
