@@ -43,7 +43,7 @@ StageFn = Callable[[Job, int, int, Reporter], None]  # (job, rank, world, report
 def init_worker(job: Job) -> Config:
     """A worker's environment and threads, before any engine is built."""
     os.environ.update(job.env)
-    cfg = Config.model_validate(job.config)
+    cfg = job.cfg
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
