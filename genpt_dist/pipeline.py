@@ -20,6 +20,7 @@ from genpt_dist.config import Config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.meta import CheckpointMeta, ExportMeta
 from genpt_dist.raycluster import init_ray
+from genpt_dist.tracking import check_tracking
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,9 @@ def pipeline(
     from genpt_dist.train.finetune import best_checkpoint, finetune
     from genpt_dist.train.pretrain import pretrain
 
-    init_ray(address)  # a cluster that does not answer fails now, not after the data is prepared
+    # A missing MLflow and a cluster that does not answer fail now, not after the data is prepared.
+    check_tracking(cfg.tracking)
+    init_ray(address)
     run = storage.normalize(run)
     summary_url = storage.join(run, "pipeline.json")
     summary: dict[str, Any] = storage.read_json(summary_url) if storage.exists(summary_url) else {}

@@ -43,10 +43,13 @@ MAX_PARAMS_PER_BATCH = 100
 MAX_METRICS_PER_BATCH = 1000
 
 
-def require_mlflow() -> None:
-    """A one-line `UserError` naming the extra when MLflow cannot be imported (called where the config
-    is validated, before any worker starts). Looks the module up without importing it (an import costs
-    seconds)."""
+def check_tracking(tracking: TrackingConfig) -> None:
+    """With `tracking.mlflow_uri` set, a one-line `UserError` naming the extra when MLflow cannot be imported.
+    Each stage's driver calls it before any worker starts; it is no config validator, because a config
+    validates the same on every machine that reads it. Looks the module up without importing it (an import
+    costs seconds)."""
+    if tracking.mlflow_uri is None:
+        return
     try:
         found = importlib.util.find_spec("mlflow") is not None
     except (ImportError, ValueError):

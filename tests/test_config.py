@@ -119,12 +119,111 @@ def _fields(model: type, path: str = ""):
 
 def test_every_config_field_is_read_somewhere():
     """An option nothing reads is a lie in the docs: each field name is read as an attribute (`.name`)
-    somewhere in the package outside config.py."""
+    somewhere in the package outside genpt_dist/config/."""
     import re
 
     from genpt_dist.config import Config
 
     package = Path(__file__).resolve().parents[1] / "genpt_dist"
-    source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.name != "config.py")
+    source = "\n".join(p.read_text() for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "config")
     unread = sorted(path for path, name in _fields(Config) if not re.search(rf"\.{name}\b", source))
     assert not unread, f"config fields read nowhere in genpt_dist/: {unread}"
+
+
+def test_each_stage_section_has_its_stage_defaults():
+    cfg = Config()
+    assert (cfg.train.steps, cfg.reinforce.train.steps, cfg.adversarial.train.steps, cfg.finetune.train.steps) == (
+        200,
+        50,
+        50,
+        200,
+    )
+    assert cfg.adversarial.rewards == ["discriminator"] and cfg.reinforce.rewards == []
+    assert (cfg.optim.lr, cfg.adversarial.optim.lr, cfg.finetune.optim.lr) == (6e-4, 2e-5, 3e-4)
+    assert cfg.adversarial.optim.min_lr_ratio == 1.0 and cfg.finetune.optim.warmup_steps == 10
+    assert (cfg.sampling.max_new_tokens, cfg.reinforce.rollout.sampling.max_new_tokens) == (128, 64)
+    assert (cfg.model.n_layer, cfg.adversarial.discriminator.model.n_layer) == (4, 2)
+    assert cfg.adversarial.discriminator.model.dropout == 0.1
+
+
+def test_a_stage_key_a_recipe_leaves_out_keeps_the_stage_default():
+    cfg = load_config(
+        None,
+        [
+            "adversarial.train.steps=3",
+            "reinforce.rollout.sampling.top_k=7",
+            "finetune.optim.lr=1e-4",
+            "adversarial.discriminator.model.d_model=64",
+        ],
+    )
+    assert (cfg.adversarial.train.steps, cfg.adversarial.train.micro_batch_size) == (3, 16)
+    assert (cfg.reinforce.rollout.sampling.top_k, cfg.reinforce.rollout.sampling.max_new_tokens) == (7, 64)
+    assert (cfg.finetune.optim.lr, cfg.finetune.optim.warmup_steps) == (1e-4, 10)
+    assert (cfg.adversarial.discriminator.model.d_model, cfg.adversarial.discriminator.model.n_layer) == (64, 2)
+    assert cfg.adversarial.rewards == ["discriminator"]
+    assert load_config(None, ["adversarial.rewards=[]"]).adversarial.rewards == []
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["adversarial.train.stepz=1"], r"config error at adversarial\.train\.stepz: unknown key"),
+        (["reinforce.optim.learning_rate=1"], r"config error at reinforce\.optim\.learning_rate: unknown key"),
+        (["reinforce.rollout.sampling.top_q=0.5"], r"config error at reinforce\.rollout\.sampling\.top_q: unknown key"),
+        (
+            ["adversarial.discriminator.model.n_heads=2"],
+            r"config error at adversarial\.discriminator\.model\.n_heads: unknown key",
+        ),
+        (["finetune.train.steps=0"], r"config error at finetune\.train\.steps: .*greater than or equal to 1"),
+        (
+            ["finetune.train.checkpoint_every=7"],
+            r"config error at finetune\.train: checkpoint_every=7 must be a multiple of eval_every=25",
+        ),
+    ],
+)
+def test_bad_stage_section_keys_name_the_dotted_path(overrides, message):
+    with pytest.raises(UserError, match=message):
+        load_config(None, overrides)
+
+
+def test_finetune_checkpoints_follow_its_evaluations_unless_set():
+    assert load_config(None, ["finetune.train.eval_every=10"]).finetune.train.checkpoint_every == 10
+    cfg = load_config(None, ["finetune.train.eval_every=10", "finetune.train.checkpoint_every=30"])
+    assert cfg.finetune.train.checkpoint_every == 30
+
+
+def test_assignments_are_validated():
+    from pydantic import ValidationError
+
+    cfg = Config()
+    cfg.reinforce.train.steps = 7
+    assert cfg.reinforce.train.steps == 7
+    with pytest.raises(ValidationError):
+        cfg.adversarial.train.steps = 0
+    with pytest.raises(ValidationError):
+        cfg.finetune.optim.lr = -1.0
+
+
+def test_validating_a_config_has_no_side_effect(monkeypatch):
+    """Validation reads the config alone: a tracking URI validates where MLflow is missing (the stage's
+    driver refuses it: tests/train/test_tracking.py), and the config package imports neither the
+    tracking nor the recipes module, so neither can import it back."""
+    import ast
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # how Python marks a module that cannot be imported
+    uri = load_config(None, ["tracking.mlflow_uri=file:///tmp/mlruns"]).tracking.mlflow_uri
+    assert uri == "file:///tmp/mlruns"
+    package = Path(__file__).resolve().parents[1] / "genpt_dist" / "config"
+    imported = set()
+    for path in package.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+                imported.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                imported.update(a.name for a in node.names)
+    assert not {m for m in imported if m.startswith(("genpt_dist.tracking", "genpt_dist.recipes"))}
+    assert {m for m in imported if m.startswith("genpt_dist.")} <= {
+        m for m in imported if m.startswith(("genpt_dist.config", "genpt_dist.errors"))
+    }

@@ -21,6 +21,7 @@ The loops over it are plain functions: `train.loop.run_mle` (pretrain, finetune)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -73,6 +74,12 @@ class Job:
     init: str | None = None  # checkpoint to warm-start from when the run has none
     env: dict[str, str] = field(default_factory=dict)  # non-secret settings for the worker
     extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings
+
+    @functools.cached_property
+    def cfg(self) -> Config:
+        """`config` validated once per process: the dump crosses the Ray boundary as plain data, and a
+        worker's set-up, its stage and its engine all read this one."""
+        return Config.model_validate(self.config)
 
 
 class CheckpointPart(Protocol):
@@ -161,7 +168,7 @@ class Engine:
 
     def __init__(self, job: Job, source: DataSource, *, rank: int, world: int, reporter: Reporter):
         self.job, self.source, self.rank, self.world, self.reporter = job, source, rank, world, reporter
-        self.cfg = Config.model_validate(job.config)
+        self.cfg = job.cfg
         self.schedule, self.optim = self.cfg.stage_schedule(job.stage)
         self.cadence = Cadence(self.schedule)
         self.model_cfg = GPTConfig(**job.model)

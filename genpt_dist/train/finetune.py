@@ -145,7 +145,7 @@ def freeze(model: GPT, ft: FinetuneConfig, rank: int) -> dict[str, torch.Tensor]
 def finetune_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None:
     """One fine-tuning worker: task (or prepared shards) source, freezing, the engine, the MLE loop with
     early stopping."""
-    cfg = Config.model_validate(job.config)
+    cfg = job.cfg
     ft = cfg.finetune
     source: DataSource
     if job.extra["prepared"]:

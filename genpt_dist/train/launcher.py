@@ -32,6 +32,7 @@ from genpt_dist.checkpoint import CHECKPOINTS_DIR, latest_checkpoint, remove_inc
 from genpt_dist.config import Config
 from genpt_dist.errors import UserError
 from genpt_dist.raycluster import init_ray, worker_env
+from genpt_dist.tracking import check_tracking
 from genpt_dist.train.engine import STOPPED, Job, Reporter
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ StageFn = Callable[[Job, int, int, Reporter], None]  # (job, rank, world, report
 def init_worker(job: Job) -> Config:
     """A worker's environment and threads, before any engine is built."""
     os.environ.update(job.env)
-    cfg = Config.model_validate(job.config)
+    cfg = job.cfg
     if not cfg.scaling.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
@@ -73,6 +74,7 @@ def fit(
     """Run `run_stage` on N Ray Train workers; returns the final metrics and the latest checkpoint.
 
     `also_needs` = (CPUs, GPUs, what) the stage holds besides the workers (e.g. rollout actors)."""
+    check_tracking(cfg.tracking)  # a missing MLflow: one line and exit 2 now, not a failed rank 0 later
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 def pretrain_worker(job: Job, rank: int, world: int, reporter: Reporter) -> None:
     """One pretraining worker: the shard source, the engine (the global batch kept across world sizes),
     the MLE loop."""
-    cfg = Config.model_validate(job.config)
+    cfg = job.cfg
     source = ShardSource(
         job.data,
         batch_size=cfg.train.micro_batch_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,10 +11,10 @@ from helpers import ONE_WORKER
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints, resolve
-from genpt_dist.config import load_config
+from genpt_dist.config import Config, load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.train.collective import init_single_process_group
-from genpt_dist.train.engine import Cadence, LocalReporter
+from genpt_dist.train.engine import Cadence, Job, LocalReporter
 from genpt_dist.train.finetune import finetune_job, finetune_worker
 from genpt_dist.train.loop import EarlyStop
 from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
@@ -47,6 +48,24 @@ def test_cadence_includes_the_last_step():
     c = Cadence(load_config(TINY, ["train.steps=7", "train.eval_every=3", "train.log_every=5"]).train)
     assert [s for s in range(1, 8) if c.evaluate(s)] == [3, 6, 7]
     assert [s for s in range(1, 8) if c.log(s)] == [5, 7]
+
+
+def test_a_worker_validates_its_config_once(data, tmp_path, monkeypatch):
+    """The job's config crosses the Ray boundary as a dump; in a worker the stage function and the engine
+    read one `job.cfg`, validated once."""
+    run = str(tmp_path / "once")
+    cfg = load_config(TINY, [*ONE, "train.steps=1"])
+    job = Job(**dataclasses.asdict(pretrain_job(data, run, cfg)))  # as Ray Train hands it to a worker
+    calls = []
+    validate = Config.model_validate
+
+    def counting(obj, *args, **kwargs):
+        calls.append(obj)
+        return validate(obj, *args, **kwargs)
+
+    monkeypatch.setattr(Config, "model_validate", counting)
+    pretrain_worker(job, 0, 1, LocalReporter(run, keep=1))
+    assert len(calls) == 1 and job.cfg == cfg
 
 
 def test_resume_continues_exactly_where_the_run_stopped(data, tmp_path):

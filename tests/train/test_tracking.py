@@ -1,6 +1,6 @@
 """MLflow tracking (genpt_dist/tracking.py through train/metrics.py's MetricsLog), read back with MLflow's own
 client from a file store in tmp_path: a real one-process pretrain and its resume, tracking off, a missing
-MLflow, a store that fails mid-run."""
+MLflow (refused by the drivers before any worker starts), a store that fails mid-run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,14 @@ from genpt_dist.cli import main
 from genpt_dist.config import load_config
 from genpt_dist.data.prepare import prepare
 from genpt_dist.errors import UserError
-from genpt_dist.tracking import INSTALL_HINT, MAX_PARAM_VALUE, RUN_FILE, default_run_name, flatten_params
+from genpt_dist.tracking import (
+    INSTALL_HINT,
+    MAX_PARAM_VALUE,
+    RUN_FILE,
+    check_tracking,
+    default_run_name,
+    flatten_params,
+)
 from genpt_dist.train.collective import init_single_process_group
 from genpt_dist.train.engine import LocalReporter
 from genpt_dist.train.metrics import MetricsLog
@@ -136,19 +143,27 @@ def test_tracking_off_writes_nothing(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_missing_mlflow_is_one_line_naming_the_extra(tmp_path, monkeypatch, capsys):
-    cfg = _config(tmp_path)  # validated while MLflow is there
+def test_missing_mlflow_is_one_line_naming_the_extra(data, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # how Python marks a module that cannot be imported
     monkeypatch.setitem(sys.modules, "mlflow.tracking", None)
+    cfg = _config(tmp_path)  # validation reads the config alone: the drivers check the machine
     with pytest.raises(UserError, match=r"pip install 'genpt-dist\[mlflow\]'"):
-        load_config(TINY, [f"tracking.mlflow_uri={_uri(tmp_path)}"])
+        check_tracking(cfg.tracking)
+    check_tracking(load_config(TINY).tracking)  # tracking off: nothing to check
     with pytest.raises(UserError, match=r"pip install 'genpt-dist\[mlflow\]'"):
         MetricsLog(str(tmp_path / "run"), 0, enabled=True, stage="pretrain", config=cfg)
-    argv = ["pretrain", "--data", str(tmp_path / "none"), "--run", str(tmp_path / "run")]
-    assert main([*argv, "--set", f"tracking.mlflow_uri={_uri(tmp_path)}"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["genpt-dist: error: tracking.mlflow_uri is set but MLflow is not installed: " + INSTALL_HINT]
+    uri = f"tracking.mlflow_uri={_uri(tmp_path)}"
+    # Every Ray Train stage (pretrain, finetune, reinforce, adversarial) goes through `fit`, which checks
+    # before Ray starts; the pipeline checks before it prepares the data.
+    for argv in (
+        ["pretrain", "--data", data, "--run", str(tmp_path / "run")],
+        ["pipeline", "--input", str(tmp_path / "none"), "--run", str(tmp_path / "pipe")],
+    ):
+        assert main([*argv, "--config", str(TINY), "--set", uri]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["genpt-dist: error: tracking.mlflow_uri is set but MLflow is not installed: " + INSTALL_HINT]
     assert INSTALL_HINT == "pip install 'genpt-dist[mlflow]'" and not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pipe").exists()
 
 
 def test_a_uri_must_be_a_uri():
