@@ -160,7 +160,7 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_submit(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.submit import run_cli
 
-    return run_cli(args)
+    return run_cli(args, build_parser().parse_args)  # the job's command line is checked as the job will read it
 
 
 def _address_arg(p: argparse.ArgumentParser) -> None:

@@ -133,7 +133,7 @@ def init_ray(address: str | None = None) -> None:
             # turns (on-policy RL alternates sampling and training); torch threads are set per process.
             start_local_ray(max(LOCAL_MIN_CPUS, os.cpu_count() or 1))
     except Exception as exc:  # noqa: BLE001 - Ray wraps a refused token in a ConnectionError or RuntimeError
-        if _is_auth_error(exc):
+        if is_auth_error(exc):
             raise UserError(
                 f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token "
                 "and the cluster's token in RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)"
@@ -229,7 +229,11 @@ def _worker_output_to_stderr() -> None:
             dispatcher.add_handler(name, lambda data, show=handler: show({**data, "is_err": True}))
 
 
-def _is_auth_error(exc: BaseException | None) -> bool:
+def is_auth_error(exc: BaseException | None) -> bool:
+    """Whether `exc`, or an exception in its cause or context chain, is a Ray cluster refusing this client's
+    token. Ray raises AuthenticationError, but wraps it (in a ConnectionError, a RuntimeError, the job
+    client's own errors) or passes on only the GCS's "InvalidAuthToken" in a message, so the whole chain
+    is read. `init_ray` and `submit` both turn a True into one line naming the token variables."""
     from ray.exceptions import AuthenticationError
 
     while exc is not None:

@@ -31,14 +31,14 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
 from genpt_dist.errors import UserError
-from genpt_dist.raycluster import CONNECT_TIMEOUT_S, PACKAGE_DIR, _is_auth_error, unreachable
+from genpt_dist.raycluster import CONNECT_TIMEOUT_S, PACKAGE_DIR, is_auth_error, unreachable
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 PROJECT_DIR = PACKAGE_DIR.parent
@@ -67,6 +67,9 @@ AUTH_HINT = "set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH)
 _ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 # Inline stand-in for launch.py when the working dir is not a checkout (the package ships as py_modules).
 _MAIN = "import sys; from genpt_dist.cli import main; sys.exit(main())"
+# The CLI's parser, passed in by `cli` (this module never imports `cli`, which imports it: the command line
+# sits above every command, submit among them). It raises a UserError for a bad command line.
+ParseCommand = Callable[[list[str]], Any]
 
 
 def dashboard_address(address: str | None) -> str:
@@ -151,18 +154,18 @@ def read_runtime_env(path: str) -> dict[str, Any]:
     return data
 
 
-def check_command(args: list[str]) -> list[str]:
-    """The job's genpt-dist command line, checked here so a typo is refused before anything uploads."""
+def check_command(args: list[str], parse: ParseCommand | None = None) -> list[str]:
+    """The job's genpt-dist command line, checked here so a typo is refused before anything uploads:
+    by `parse` (the CLI's parser, which raises a UserError naming the problem, as the job would say it)
+    when given, else only for being empty or `submit` itself."""
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
         raise UserError("submit: name the command to run after --, e.g. submit -- pretrain --data ... --run ...")
     if args[0] == "submit":
         raise UserError("submit: the job's command cannot be submit itself")
-    if not {"-h", "--help"} & set(args):
-        from genpt_dist.cli import build_parser
-
-        build_parser().parse_args(args)  # a UserError naming the problem, as the job would say it
+    if parse is not None and not {"-h", "--help"} & set(args):
+        parse(args)
     return args
 
 
@@ -199,7 +202,7 @@ def _dashboard_errors(url: str, doing: str) -> Iterator[None]:
         raise
     except Exception as exc:  # noqa: BLE001 - requests', aiohttp's and Ray's errors alike
         status = getattr(exc, "status", None)  # aiohttp's refused websocket handshake
-        if _is_auth_error(exc) or status in (401, 403):
+        if is_auth_error(exc) or status in (401, 403):
             denied = status == 403 or "Authentication failed" in str(exc)  # 401: no token presented
             refused = "refused this client's token" if denied else "requires a token"
             raise UserError(f"the Ray cluster at {url} {refused}: {AUTH_HINT}") from None
@@ -260,12 +263,14 @@ def submit(
     wait: bool = True,
     runtime_env: dict[str, Any] | None = None,
     out: TextIO | None = None,
+    parse: ParseCommand | None = None,
 ) -> dict[str, Any]:
     """Submit `genpt-dist ARGS` as a Ray job; unless not `wait`, stream its output to `out` (stderr) and
     return its outcome. A summary dict either way: command, job_id, address, status; when it has
-    ended also exit_code, and `result` (the job's JSON line) or `error` (its last error line)."""
+    ended also exit_code, and `result` (the job's JSON line) or `error` (its last error line).
+    `parse` checks ARGS first (`check_command`)."""
     out = out or sys.stderr
-    args = check_command(args)
+    args = check_command(args, parse)
     client_class = job_client_class()
     _quiet_ray_client_logs()
     url = dashboard_address(address)
@@ -311,12 +316,17 @@ def submit(
     return summary
 
 
-def run_cli(args: Any) -> dict[str, Any]:
+def run_cli(args: Any, parse: ParseCommand) -> dict[str, Any]:
     """`genpt-dist submit`: the summary of a job that succeeded (or was only submitted); for one that
-    failed or was stopped, its last error line on stderr and exit 1."""
+    failed or was stopped, its last error line on stderr and exit 1. `parse` is the CLI's parser."""
     runtime_env = read_runtime_env(args.runtime_env) if args.runtime_env else None
     summary = submit(
-        args.job, address=args.address, working_dir=args.working_dir, wait=not args.no_wait, runtime_env=runtime_env
+        args.job,
+        address=args.address,
+        working_dir=args.working_dir,
+        wait=not args.no_wait,
+        runtime_env=runtime_env,
+        parse=parse,
     )
     if summary["status"] in ("SUCCEEDED", "PENDING"):
         return summary

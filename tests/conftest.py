@@ -1,12 +1,14 @@
 """Shared fixtures: a real S3 endpoint (moto_server over HTTP), fresh buckets, one Ray session, corpora.
 
 Layout: `tests/<folder>/test_<module>.py` holds the tests of `genpt_dist/<folder>/<module>.py` (data/,
-model/, train/, rl/, bench/); the top level holds those of the top-level modules (config, storage,
-checkpoint, evaluate, export, generate, pipeline) and the cross-cutting ones: the bad-input matrix
-(test_bad_inputs), injected faults (test_faults), secrets and listening sockets (test_secrets),
-clusters and autoscaling (test_cluster), the wheel (test_packaging). `fixtures/v1/` holds a dataset
-and a checkpoint written by the code before the typed records. Tests that start Ray Train, DeepSpeed
-workers or a subprocess cluster are marked `slow`; `pytest -m "not slow"` is the fast subset.
+model/, train/, rl/, rl/rewards/, bench/); the top level holds those of the top-level modules (config,
+storage, checkpoint, evaluate, export, generate, pipeline) and the cross-cutting ones: the bad-input
+matrix (test_bad_inputs), injected faults (test_faults), secrets and listening sockets (test_secrets),
+clusters and autoscaling (test_cluster), the wheel (test_packaging), the import graph (test_imports).
+The test folders are not packages (pytest imports each file by its name), so no two test files share
+a name. `fixtures/v1/` holds a dataset and a checkpoint written by the code before the typed records.
+Tests that start Ray Train, DeepSpeed workers or a subprocess cluster are marked `slow`;
+`pytest -m "not slow"` is the fast subset.
 
 The S3 settings are put into `os.environ` for the whole session, before Ray starts, so that Ray
 workers, DataLoader workers and `python launch.py` subprocesses all see the same endpoint and keys.

@@ -1,5 +1,5 @@
 """Helpers shared by test files: the one Ray Train run of the export/generate/evaluate tests, a random
-export that needs no Ray, and running the CLI as a user does.
+export that needs no Ray, a Hugging Face reward model, and running the CLI as a user does.
 
 `trained_run` (the fixture, in conftest.py) is session scoped and kept on disk under pytest's base temp
 folder, so every file that asks for it reuses one 6-step ZeRO-3 run instead of training again.
@@ -71,6 +71,31 @@ def random_export(
             p.normal_(0.0, 0.2)
     provenance = ExportProvenance(stage="test", config={"sampling": {"max_new_tokens": 8, "top_k": 20}})
     write_export(str(folder), fmt, model.state_dict(), cfg, tok, provenance)
+    return str(folder)
+
+
+def save_classifier(folder: Path, lm_head: bool = False) -> str:
+    """A 1-layer GPT-2 sequence classifier (or LM) and a tokenizer made from our byte tokenizer (needs
+    transformers: callers skip without it)."""
+    import transformers
+
+    tok = byte_tokenizer()
+    path = folder / "tokenizer.json"
+    path.write_text(tok.to_json())
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", eos_token="<eos>")
+    config = transformers.GPT2Config(
+        vocab_size=tok.vocab_size,
+        n_positions=128,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        num_labels=1,
+        pad_token_id=tok.pad_id,
+    )
+    torch.manual_seed(0)
+    cls = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2ForSequenceClassification
+    cls(config).save_pretrained(str(folder))
+    hf_tok.save_pretrained(str(folder))
     return str(folder)
 
 

@@ -81,7 +81,7 @@ class RolloutBatch:
     mc_tokens: int = 0  # MC cost: token slots sampled for completions (rows x steps run)
     sampled_tokens: int = 0  # token slots sampled for the rows themselves (rows x steps run)
     reward_components: Tensor | None = None  # (B, C) float32: each reward component's value, NaN = not scored
-    reward_names: tuple[str, ...] = ()  # (C,) the components' names (rl.rewards.RewardSpec.name)
+    reward_names: tuple[str, ...] = ()  # (C,) the components' names (rl.rewards.specs.RewardSpec.name)
     behaviour_logprobs: Tensor | None = None  # (B, N) float32: the tokens under the sampling policy at
     #                                           temperature 1, full vocabulary (as the update measures
     #                                           pi), 0 where not generated; None unless asked

@@ -21,8 +21,8 @@ from genpt_dist.config import Config
 from genpt_dist.errors import UserError
 from genpt_dist.rl.disc_learner import disc_context, disc_model_config
 from genpt_dist.rl.prompts import PromptLoader, check_prompt_lengths, load_prompts, split_held_out
-from genpt_dist.rl.reward_model import check_reward_model
-from genpt_dist.rl.rewards import RewardSpec, load_reward_function, parse_reward_specs
+from genpt_dist.rl.rewards.reward_model import check_reward_model
+from genpt_dist.rl.rewards.specs import RewardSpec, load_reward_function, parse_reward_specs
 from genpt_dist.rl.rollout import RolloutGroup
 from genpt_dist.rl.stage import rl_worker, stage_section
 from genpt_dist.tokenizer import Tokenizer

@@ -4,7 +4,8 @@
    sequence advantages the caller computed over the whole step (`reinforce.advantages`: they need
    whole prompt groups, and batch statistics for the whitening estimators): SeqGAN Monte Carlo
    rewards where given; in `kl_mode="reward"` minus the KL reward-to-go, for which a no-grad forward
-   measures the current policy's log-probs; whitened over the batch when `normalize_advantages`.
+   measures the current policy's log-probs; whitened over the batch when `normalize_advantages`
+   (`reinforce.whiten`).
 2. The loss over the rows `micro_batch_size` at a time: token-mean of -A * log pi(a_t) (+ k3 KL to
    the reference as a loss term, - entropy bonus; `reinforce.reinforce_loss`). Each micro loss is
    weighted by its share of the rank's generated tokens (times the number of micro batches, which
@@ -23,8 +24,7 @@ import torch
 
 from genpt_dist.config import ReinforceConfig
 from genpt_dist.rl.batch import RolloutBatch
-from genpt_dist.rl.reinforce import entropy_of_logprobs, kl_per_token, reinforce_loss, token_advantages
-from genpt_dist.rl.reward import normalize
+from genpt_dist.rl.reinforce import entropy_of_logprobs, kl_per_token, reinforce_loss, token_advantages, whiten
 
 
 def policy_logprobs(
@@ -70,7 +70,7 @@ def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: 
         kl_mode=cfg.kl_mode,
     )  # (B, N)
     if cfg.normalize_advantages:
-        adv = normalize(adv, mask)
+        adv = whiten(adv, mask)
     behaviour = rb.behaviour_logprobs.to(device) if rb.behaviour_logprobs is not None else None  # (B, N)
     total = mask.sum().clamp(min=1)
     stats: dict[str, float] = {}

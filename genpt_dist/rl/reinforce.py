@@ -2,8 +2,8 @@
 
 The algorithm
 -------------
-The policy pi_theta generates ``a_1..a_T`` after a prompt; the discriminator scores the sequence
-(``rl.reward``). The score-function (REINFORCE) estimator of the gradient of the expected reward is
+The policy pi_theta generates ``a_1..a_T`` after a prompt; the rewards score the sequence
+(``rl.rewards``). The score-function (REINFORCE) estimator of the gradient of the expected reward is
 
     grad J = E[ sum_t A_t * grad log pi(a_t | s_<t) ]
 
@@ -219,7 +219,7 @@ def token_advantages(
     * ``kl_mode="reward"`` with ``kl`` (B, N) and ``kl_coef > 0``: additionally
       ``A_t -= kl_coef * sum_{t' >= t} kl_t'`` (the KL reward-to-go). In ``loss`` mode kl is ignored here.
 
-    Normalise afterwards if wanted: ``rl.reward.normalize(adv, mask)``.
+    Normalise afterwards if wanted: ``whiten(adv, mask)``.
     """
     m = mask.bool()
     B, N = m.shape
@@ -235,6 +235,24 @@ def token_advantages(
     if kl_mode == "reward" and kl is not None and kl_coef != 0.0:
         adv = adv - kl_coef * reward_to_go(kl.detach().float(), m)  # (B, N)
     return adv.masked_fill(~m, 0.0)
+
+
+def whiten(x: Tensor, mask: Tensor | None = None, eps: float = 1e-6, *, center: bool = True) -> Tensor:
+    """``(x - mean) / (std + eps)`` over the entries where ``mask`` is 1 (all when None): the
+    ``normalize_advantages`` step of the policy update, over a rank's per-token advantages.
+
+    ``center=False`` only divides by the std (the mean is still used to compute it). Masked-out
+    entries come back as 0. The std is the population std (no Bessel correction), so a single entry
+    gives 0, not NaN.
+    """
+    xf = x.float()
+    keep = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask.bool().expand_as(xf)
+    xf = torch.where(keep, xf, 0.0)  # masked entries never reach the sums (even if inf/NaN)
+    n = keep.sum().clamp(min=1)
+    mean = xf.sum() / n
+    var = torch.where(keep, (xf - mean) ** 2, 0.0).sum() / n
+    out = (xf - mean if center else xf) / (var.sqrt() + eps)
+    return torch.where(keep, out, 0.0)
 
 
 def entropy_of_logprobs(logp_all: Tensor) -> Tensor:

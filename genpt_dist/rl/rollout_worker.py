@@ -5,15 +5,16 @@ and the configured rewards.
 ``generate(RolloutRequest) -> RolloutBatch`` samples with ``model.sampling.sample`` (KV cache), then
 computes reference log-probs and discriminator logits on the result and, when asked, the sampling
 policy's own log-probs at temperature 1 (the denominator of a stale update's importance ratio) and
-SeqGAN Monte Carlo token rewards (``rl.reward``). ``load`` takes new weights (plain or packed state dicts) with
-their versions. The Ray actor around it and the pool of actors are in ``rl.rollout``.
+SeqGAN Monte Carlo token rewards (``rl.rewards.discriminator``). ``load`` takes new weights (plain or
+packed state dicts) with their versions. The Ray actor around it and the pool of actors are in
+``rl.rollout``.
 
-Rewards (``rl.rewards``): with no reward specs (the adversarial recipe) the reward is D's sequence
+Rewards (``rl.rewards.specs``): with no reward specs (the adversarial recipe) the reward is D's sequence
 reward. Otherwise each component is scored: ``discriminator`` by D, a Python function on the decoded
 prompt texts and completions (completion = the generated tokens before <eos>) with the request's
 columns, ``model:`` by a frozen sequence classifier or one of our trained discriminators
-(``rl.reward_model``); the row's reward is the weighted sum of the components that scored it (NaN if
-none did).
+(``rl.rewards.reward_model``); the row's reward is the weighted sum of the components that scored it
+(NaN if none did).
 
 Reproducibility: rows are sampled in *calls* of ``rows_per_call`` consecutive rows (1 by default),
 one batched ``sample`` call each, with a generator seeded from the rows' seeds only (the row's own
@@ -40,9 +41,9 @@ from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import sample
 from genpt_dist.rl.batch import RolloutBatch, RolloutRequest
 from genpt_dist.rl.reinforce import derive_seed
-from genpt_dist.rl.reward import mc_token_rewards, sequence_reward
-from genpt_dist.rl.reward_model import load_reward_model
-from genpt_dist.rl.rewards import PythonRewards, RewardSpec, combine
+from genpt_dist.rl.rewards.discriminator import mc_token_rewards, sequence_reward
+from genpt_dist.rl.rewards.reward_model import load_reward_model
+from genpt_dist.rl.rewards.specs import PythonRewards, RewardSpec, combine
 from genpt_dist.rl.weights import PackedState, unpack_state
 
 _MC_STREAM = 1  # tag of the Monte Carlo seed stream in derive_seed

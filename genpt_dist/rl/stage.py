@@ -52,7 +52,7 @@ from genpt_dist.rl.policy_update import policy_update
 from genpt_dist.rl.prompts import Prompt, PromptLoader, load_prompts, split_held_out
 from genpt_dist.rl.real_text import RealTextWindows
 from genpt_dist.rl.reinforce import advantages, rollout_seed
-from genpt_dist.rl.rewards import component_stats, parse_reward_specs
+from genpt_dist.rl.rewards.specs import component_stats, parse_reward_specs
 from genpt_dist.rl.rollout import RolloutBatch, RolloutGroup, RolloutRequest
 from genpt_dist.rl.state import PromptSource, RLPart
 from genpt_dist.train.collective import all_gather_objects, all_reduce_mean, broadcast_object

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import cli
+from helpers import cli, save_classifier
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
-from genpt_dist.rl.reward_model import DiscriminatorRewardModel, check_reward_model, load_reward_model
+from genpt_dist.rl.rewards.reward_model import DiscriminatorRewardModel, check_reward_model, load_reward_model
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -195,8 +195,7 @@ def test_reinforce_bad_input(case, setup, files, tmp_path):
 
 @pytest.mark.slow
 def test_a_reward_model_scores_beside_a_function(setup, tmp_path):
-    from test_reward_model import save_classifier
-
+    pytest.importorskip("transformers")
     (tmp_path / "rm").mkdir()
     folder = save_classifier(tmp_path / "rm")
     run = str(tmp_path / "run")

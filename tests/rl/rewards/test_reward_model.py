@@ -1,37 +1,16 @@
-"""`model:` rewards: a Hugging Face sequence classifier (random weights, made here) scores as TRL does."""
+"""`model:` rewards (`rl.rewards.reward_model`): a Hugging Face sequence classifier (random weights) scores as
+TRL does."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from helpers import save_classifier
 
 from genpt_dist.errors import UserError
-from genpt_dist.rl.reward_model import HFRewardModel, check_reward_model
-from genpt_dist.tokenizer import byte_tokenizer
+from genpt_dist.rl.rewards.reward_model import HFRewardModel, check_reward_model
 
 transformers = pytest.importorskip("transformers")
-
-
-def save_classifier(folder, lm_head: bool = False) -> str:
-    """A 1-layer GPT-2 sequence classifier (or LM) and a tokenizer made from our byte tokenizer."""
-    tok = byte_tokenizer()
-    path = folder / "tokenizer.json"
-    path.write_text(tok.to_json())
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), pad_token="<pad>", eos_token="<eos>")
-    config = transformers.GPT2Config(
-        vocab_size=tok.vocab_size,
-        n_positions=128,
-        n_embd=32,
-        n_layer=1,
-        n_head=2,
-        num_labels=1,
-        pad_token_id=tok.pad_id,
-    )
-    torch.manual_seed(0)
-    cls = transformers.GPT2LMHeadModel if lm_head else transformers.GPT2ForSequenceClassification
-    cls(config).save_pretrained(str(folder))
-    hf_tok.save_pretrained(str(folder))
-    return str(folder)
 
 
 def test_scores_are_the_first_logit_of_prompt_plus_completion(tmp_path):

@@ -23,8 +23,8 @@ else, or returns NaN / inf is a `RewardError` naming the function. TRL's
 Combination: the reward of a row is ``sum_k weight_k * value_k`` over the components that scored it
 (NaN components are skipped per row); a row that no component scored stays NaN, i.e. not scored, and
 it is the caller's to drop or mask. The ``model`` and ``discriminator`` components are scored
-elsewhere (by the stage's models); this module only loads and calls the python ones and combines
-whatever tensors it is given.
+elsewhere, by the rollout worker's models (`reward_model`, `discriminator`); this module only loads and
+calls the python ones and combines whatever tensors it is given.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""Discriminator rewards for the adversarial stage: sequence rewards and SeqGAN Monte Carlo token rewards.
+"""The discriminator's reward transform: a sequence reward from D's logit, and SeqGAN Monte Carlo token rewards.
+
+Used wherever the online discriminator scores rollouts: the `adversarial` stage, and `reinforce` with the
+`discriminator` reward spec. The stage's `reward` key picks the transform (``kind``). A checkpoint's
+frozen discriminator named by a `model:` spec scores with its raw logit instead (`reward_model`).
 
 Math (pure tensor code, no model calls):
 
@@ -66,20 +70,3 @@ def mc_token_rewards(prefix_scores: Tensor, positions: Tensor, final_reward: Ten
     scores = prefix_scores.float()[:, j_safe]  # (B, N)
     out = torch.where(usable, scores, final)  # (B, N)
     return out.masked_fill(~mask, 0.0)  # (B, N)
-
-
-def normalize(x: Tensor, mask: Tensor | None = None, eps: float = 1e-6, *, center: bool = True) -> Tensor:
-    """Whiten ``x``: (x - mean) / (std + eps) over the entries where ``mask`` is 1 (all when None).
-
-    ``center=False`` only divides by the std (the mean is still used to compute it). Masked-out
-    entries come back as 0. The std is the population std (no Bessel correction), so a single entry
-    gives 0, not NaN.
-    """
-    xf = x.float()
-    keep = torch.ones_like(xf, dtype=torch.bool) if mask is None else mask.bool().expand_as(xf)
-    xf = torch.where(keep, xf, 0.0)  # masked entries never reach the sums (even if inf/NaN)
-    n = keep.sum().clamp(min=1)
-    mean = xf.sum() / n
-    var = torch.where(keep, (xf - mean) ** 2, 0.0).sum() / n
-    out = (xf - mean if center else xf) / (var.sqrt() + eps)
-    return torch.where(keep, out, 0.0)

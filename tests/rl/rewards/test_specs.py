@@ -1,4 +1,5 @@
-"""User-chosen rewards: spec parsing, loading python reward functions, batched scoring, combination, stats."""
+"""User-chosen rewards (`rl.rewards.specs`): spec parsing, loading python reward functions, batched scoring,
+combination, stats."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from genpt_dist.errors import UserError
-from genpt_dist.rl.rewards import (
+from genpt_dist.rl.rewards.specs import (
     PythonRewards,
     RewardError,
     RewardSpec,
