@@ -120,9 +120,13 @@ def _cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from genpt_dist.bench import run_bench
+    from genpt_dist.bench.rl_stats import parse_seeds
 
     only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
-    return run_bench(args.name, args.output, quick=args.quick, only=only, device=args.device, overrides=args.overrides)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else None
+    return run_bench(
+        args.name, args.output, quick=args.quick, only=only, device=args.device, overrides=args.overrides, seeds=seeds
+    )
 
 
 def _cmd_generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="bench-results", help="folder for the JSON results")
     p.add_argument("--quick", action="store_true", help="smaller sizes (for smoke tests)")
     p.add_argument("--only", default=None, metavar="A,B", help="with all: run only these benches")
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="0,1,2",
+        help="with rl: the seeds to race over (default: RLSpec.seeds, one with --quick)",
+    )
     p.add_argument(
         "--device",
         default="auto",

@@ -1,9 +1,15 @@
-"""`bench rl`: a verifiable task, our `reinforce` raced against TRL's `GRPOTrainer`, one shared evaluation.
+"""`bench rl`: a verifiable task, our `reinforce` raced against TRL's `GRPOTrainer`, one shared evaluation,
+over several seeds.
 
 The task (`rl_task.py`): fixed-width 2-digit addition, `"07+45="` -> `"052"`, all 10,000 problems
-shuffled by a fixed seed; `held_out` of them are held out (a prompt file of their own, never in the
+shuffled by the seed; `held_out` of them are held out (a prompt file of their own, never in the
 corpus), `dev` of the train problems pick the start model. The reward is `rl_task.py:correct` (1.0 when
 the completion, up to its first newline, is the answer), the one file both racers import by path.
+
+Each seed of `RLSpec.seeds` (`--seeds`) runs the whole race below in a folder of its own (`_race`): the
+problems split by the seed, a start model pretrained with `train.seed=1337+seed` and `loader.seed=seed`,
+every racer seeded with `1337+seed`. The headline figures and targets are on the means over the seeds
+(`rl_stats.py` defines them); each seed's race is kept whole in the JSON under `seeds`.
 
 1. Start model, by our own stages (each a `launch.py` subprocess in the work folder): `prepare` the
    train problems as a JSONL corpus with the byte tokenizer (`configs/rl-bench.yaml`: one problem per
@@ -30,6 +36,8 @@ the completion, up to its first newline, is the answer), the one file both racer
    through `checkpoint.load_model`, TRL's state dicts through `hf_compat.from_hf_state_dict` into our GPT.
    Final models also get the perplexity of the corpus' val split (real task text; `evaluate.score`, what
    `launch.py evaluate` computes).
+4. Across seeds (`rl_stats.py`): each run's final accuracy, val perplexity and seconds to the same seed's
+   TRL final accuracy as mean and spread; `rl.png` has one panel per seed.
 
 CPUs: ours runs 1 Ray Train worker (1 torch thread) and 1 rollout actor (1 thread), which take turns
 (on-policy) or overlap (max_staleness=1); TRL one process with 2 torch threads. The machine has 2 cores.
@@ -45,9 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,10 +69,14 @@ from genpt_dist.bench.rl_eval import (
     gpt_from_hf,
     perplexity,
     plot,
-    seconds_to_reach,
     step_profile,
 )
+from genpt_dist.bench.rl_stats import aggregate, table_rows, versus_trl
 from genpt_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from genpt_dist.checkpoint import CheckpointRef
+    from genpt_dist.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +89,7 @@ REQUIRED = ("ours", "trl")  # the race itself; a failure of another run is recor
 class RLSpec:
     """The bench's sizes (full mode; `QUICK` is a smaller one)."""
 
-    seed: int = 0  # problem shuffle
+    seeds: tuple[int, ...] = (0, 1, 2)  # one whole race each: problem split, start model, racers' seeds
     held_out: int = 256  # held-out problems (a prompt file of their own, not in the corpus)
     dev: int = 256  # train problems that pick the start checkpoint
     pretrain_steps: int = 800  # at most; the start is the first checkpoint reaching start_accuracy
@@ -98,7 +110,7 @@ class RLSpec:
     runs: tuple[str, ...] = ("ours", "trl", "ours+discriminator", "ours max_staleness=1")
 
 
-QUICK = RLSpec(pretrain_every=50, steps=20, snapshot_every=10, runs=("ours", "trl"))
+QUICK = RLSpec(seeds=(0,), pretrain_every=50, steps=20, snapshot_every=10, runs=("ours", "trl"))
 
 
 @dataclass(frozen=True)
@@ -181,14 +193,14 @@ def _config_has(key: str) -> bool:
     return True
 
 
-def _ours_sets(spec: RLSpec) -> list[str]:
+def _ours_sets(spec: RLSpec, seed: int) -> list[str]:
     rows = spec.prompts_per_step * spec.group
     return [
         f"reinforce.train.steps={spec.steps}",
         f"reinforce.train.checkpoint_every={spec.snapshot_every}",
         f"reinforce.train.keep_checkpoints={spec.steps // spec.snapshot_every + 2}",
         f"reinforce.train.micro_batch_size={rows}",
-        f"reinforce.train.seed={1337 + spec.seed}",
+        f"reinforce.train.seed={1337 + seed}",
         f"reinforce.prompts_per_step={spec.prompts_per_step}",
         f"reinforce.rollout.samples_per_prompt={spec.group}",
         f"reinforce.rollout.sampling.max_new_tokens={spec.max_new_tokens}",
@@ -202,250 +214,252 @@ def _ours_sets(spec: RLSpec) -> list[str]:
     ]
 
 
-def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Start:
+    """One seed's start model and what every run of that seed is scored with."""
+
+    ref: CheckpointRef  # its pretrain checkpoint
+    hf: str  # the same weights exported for TRL
+    tok: Tokenizer
+    scorer: Scorer  # greedy held-out accuracy
+    data: str  # the prepared corpus (its val split gives the perplexity)
+    eval: dict[str, float]  # the scorer's figures of the start model
+    entry: dict[str, Any]  # the race JSON's "start"
+
+
+def _start_model(
+    spec: RLSpec, seed: int, root: Path, held_out: list[tuple[str, str]], dev: list[tuple[str, str]], logs: Path
+) -> _Start:
+    """`prepare` + `pretrain` by our stages, seeded by `seed`; the first checkpoint at `start_accuracy`."""
     from genpt_dist.checkpoint import list_checkpoints, load_model
 
+    data, pre = str(root / "data"), str(root / "pretrain")
+    _cli(
+        ["prepare", "--input", str(root / "corpus.jsonl"), "--output", data, "--config", RECIPE],
+        logs / "prepare.log",
+        spec.timeout_s,
+    )
+    n_ckpt = spec.pretrain_steps // spec.pretrain_every
+    _cli(
+        [
+            "pretrain", "--data", data, "--run", pre, "--config", RECIPE, "--set",
+            f"train.steps={spec.pretrain_steps}", f"train.checkpoint_every={spec.pretrain_every}",
+            f"train.eval_every={spec.pretrain_every}", f"train.keep_checkpoints={n_ckpt + 1}",
+            f"train.seed={1337 + seed}", f"loader.seed={seed}",
+        ],
+        logs / "pretrain.log",
+        spec.timeout_s,
+    )  # fmt: skip
+    refs = list_checkpoints(pre)
+    _, tok, _ = load_model(refs[0].url)
+    dev_scorer = Scorer(rl_task.prompt_rows(dev), tok, spec.max_new_tokens)
+    pretrain_curve, start_ref = [], refs[-1]
+    for ref in refs:
+        acc = dev_scorer(load_model(ref.url)[0])["accuracy"]
+        pretrain_curve.append({"step": ref.step, "dev_accuracy": acc})
+        if acc >= spec.start_accuracy:
+            start_ref = ref
+            break
+    start_model, _, _ = load_model(start_ref.url)
+    hf = str(root / "start-hf")
+    _cli(["export", "--model", start_ref.url, "--output", hf, "--format", "hf"], logs / "export.log", spec.timeout_s)
+    scorer = Scorer(rl_task.prompt_rows(held_out), tok, spec.max_new_tokens)
+    start_eval = scorer(start_model)
+    entry = {
+        "pretrain_step": start_ref.step,
+        "checkpoint": start_ref.url,
+        "accuracy": start_eval["accuracy"],
+        "mean_reward": start_eval["mean_reward"],
+        "val_ppl": round(perplexity(start_model, data, tok), 4),
+        "pretrain_dev_curve": pretrain_curve,
+    }
+    return _Start(start_ref, hf, tok, scorer, data, start_eval, entry)
+
+
+def _trl(spec: RLSpec, seed: int, start: _Start, out: Path, prompts: Path, logs: Path) -> tuple[dict[str, Any], Any]:
+    """TRL's run from the start model's HF export; (its entry, its final model)."""
+    cmd = [
+        sys.executable, "-m", "genpt_dist.bench.rl_trl", "--model", start.hf, "--prompts", str(prompts),
+        "--reward", f"{REWARD_FILE}:{REWARD_FUNC}", "--output", str(out), "--steps", str(spec.steps),
+        "--prompts-per-step", str(spec.prompts_per_step), "--group", str(spec.group),
+        "--max-new-tokens", str(spec.max_new_tokens), "--top-k", str(spec.top_k or 0),
+        "--temperature", str(spec.temperature), "--lr", str(spec.lr),
+        "--warmup-steps", str(spec.warmup_steps), "--beta", str(spec.kl_coef),
+        "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--weight-decay", "0.0",
+        "--max-grad-norm", "1.0",
+        "--snapshot-every", str(spec.snapshot_every), "--threads", str(spec.trl_threads),
+        "--seed", str(1337 + seed),
+    ]  # fmt: skip
+    summary, t_launch = _run(cmd, logs / "trl.log", spec.timeout_s)
+    t_done = time.time()
+    snaps = json.loads((out / "snapshots.json").read_text())
+    curve = []
+    for s in snaps:
+        model = gpt_from_hf(s["file"], start.ref.model_config)
+        curve.append({"step": s["step"], "seconds": round(s["wall"] - t_launch, 2), **start.scorer(model)})
+    history = json.loads((out / "log_history.json").read_text())
+    step_times = [h["step_time"] for h in history if "step_time" in h]
+    entry = {
+        "kind": "trl",
+        "reward_file": str(REWARD_FILE),
+        "reward": f"{REWARD_FILE}:{REWARD_FUNC}",
+        "threads": summary["threads"],
+        "versions": {k: summary[k] for k in ("trl", "transformers", "torch")},
+        "train_reward_last": history[-2].get("reward") if len(history) > 1 else None,
+        "profile": {
+            "setup_s": summary["setup_s"],
+            "step_s": round(sum(step_times) / max(len(step_times), 1), 4),
+            "snapshot_s_excluded": summary["snapshot_s"],
+        },
+        "process_s": round(t_done - t_launch, 2),
+        "curve": curve,
+    }
+    return entry, model
+
+
+def _ours(
+    spec: RLSpec, seed: int, run: RunSpec, start: _Start, out: Path, prompts: Path, logs: Path
+) -> tuple[dict[str, Any], Any]:
+    """A `reinforce` run of ours from the start checkpoint; (its entry, its final model)."""
+    from genpt_dist.checkpoint import list_checkpoints, load_model
+
+    reward_spec = f"python:{REWARD_FILE}:{REWARD_FUNC}"
+    args = [
+        "reinforce", "--init", start.ref.url, "--run", str(out), "--prompts", str(prompts),
+        "--reward", reward_spec, *(a for r in run.rewards for a in ("--reward", r)),
+        *(["--data", start.data] if run.data else []), "--config", RECIPE,
+        "--set", *_ours_sets(spec, seed), *run.sets,
+    ]  # fmt: skip
+    summary, t_launch = _cli(args, logs / f"{out.name}.log", spec.timeout_s)
+    t_done = time.time()
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    step_time = {m["step"]: m["time"] for m in metrics if "rollout_s" in m}
+    ckpts = list_checkpoints(str(out))
+    saves = checkpoint_overheads(metrics, [r.step for r in ckpts])
+    curve = [{"step": 0, "seconds": 0.0, "seconds_excl_checkpoints": 0.0, **start.eval}]  # the --init
+    for ref in ckpts:
+        final = load_model(ref.url)[0]
+        t = step_time[ref.step] - t_launch
+        before = sum(v for k, v in saves.items() if k < ref.step)
+        curve.append(
+            {
+                "step": ref.step,
+                "seconds": round(t, 2),
+                "seconds_excl_checkpoints": round(t - before, 2),
+                **start.scorer(final),
+            }
+        )
+    entry = {
+        "kind": "ours",
+        "reward_file": str(REWARD_FILE),
+        "reward": reward_spec,
+        "extra_rewards": list(run.rewards),
+        "sets": list(run.sets),
+        "threads": "1 worker x 1 thread + 1 rollout actor x 1 thread",
+        "train_reward_last": summary.get("reward_mean"),
+        "profile": step_profile(metrics, t_launch),
+        "process_s": round(t_done - t_launch, 2),
+        "curve": curve,
+    }
+    return entry, final
+
+
+def _race(spec: RLSpec, seed: int, runs: list[RunSpec], root: Path) -> dict[str, Any]:
+    """One seed's whole race in `root`: problems split by `seed`, the start model, every run, one evaluation.
+    A failure of a run outside `REQUIRED` is recorded under "failed" and the race goes on."""
+    t_race = time.time()
+    logs = root / "logs"
+    logs.mkdir(parents=True)
+    train, held_out = rl_task.split_problems(seed, spec.held_out)
+    rl_task.write_jsonl(rl_task.corpus_rows(train), root / "corpus.jsonl")
+    prompts = rl_task.write_jsonl(rl_task.prompt_rows(train), root / "train.jsonl")
+    rl_task.write_jsonl(rl_task.prompt_rows(held_out), root / "held_out.jsonl")
+    start = _start_model(spec, seed, root, held_out, train[: spec.dev], logs)
+    phases = {"start_model_s": time.time() - t_race}
+
+    results: dict[str, dict[str, Any]] = {}
+    failed: dict[str, str] = {}
+    for run in runs:
+        t0 = time.time()
+        out = root / run.name.replace(" ", "_").replace("=", "").replace("+", "_")
+        try:
+            if run.kind == "trl":
+                entry, final = _trl(spec, seed, start, out, prompts, logs)
+            else:
+                entry, final = _ours(spec, seed, run, start, out, prompts, logs)
+        except (RuntimeError, UserError) as exc:
+            if run.name in REQUIRED:
+                raise
+            log.warning("bench rl: seed %d: run %r failed: %s", seed, run.name, exc)
+            failed[run.name] = " ".join(str(exc).split())[-1500:]
+            continue
+        curve = entry["curve"]
+        results[run.name] = {
+            **entry,
+            "note": run.note,
+            "final_accuracy": curve[-1]["accuracy"],
+            "final_mean_reward": curve[-1]["mean_reward"],
+            "final_seconds": curve[-1]["seconds"],
+            "val_ppl_final": round(perplexity(final, start.data, start.tok), 4),
+        }
+        phases[f"{run.name}_s"] = time.time() - t0
+    head = versus_trl(results, start.eval["accuracy"])
+    return {
+        "seed": seed,
+        "held_out_prompts": len(held_out),
+        "start": start.entry,
+        "runs": results,
+        "failed": failed,
+        **head,
+        "seconds": round(time.time() - t_race, 1),
+        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
+    }
+
+
+TARGETS = {"time_ratio_vs_trl": ("<=", 0.5), "final_accuracy_diff_points": (">=", 0.0), "rl_lift_points": (">=", 30.0)}
+SECONDS_PER_SEED = {False: 900.0, True: 180.0}  # one seed's whole race (start model, every run, evaluation); quick
+
+
+def _judge(value: float | None, op: str, target: float) -> dict[str, Any]:
+    met = None if value is None else (value <= target if op == "<=" else value >= target)
+    return {"value": value, "op": op, "target": target, "met": met}
+
+
+def bench_rl(
+    quick: bool = False, output: str | None = None, workdir: str | None = None, seeds: tuple[int, ...] | None = None
+) -> dict[str, Any]:
     spec = QUICK if quick else RLSpec()
+    if seeds is not None:
+        spec = replace(spec, seeds=tuple(seeds))
     torch.set_num_threads(2)
     runs = [RUNS[n] for n in spec.runs]
     skipped = {r.name: f"config has no {r.needs_key}" for r in runs if r.needs_key and not _config_has(r.needs_key)}
     runs = [r for r in runs if r.name not in skipped]
-    phases: dict[str, float] = {}
-    t_bench = time.time()
 
+    races: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="genpt-bench-rl-", dir=workdir) as tmp:
-        root = Path(tmp)
-        logs = root / "logs"
-        logs.mkdir()
-        train, held_out = rl_task.split_problems(spec.seed, spec.held_out)
-        dev = train[: spec.dev]
-        rl_task.write_jsonl(rl_task.corpus_rows(train), root / "corpus.jsonl")
-        prompts = rl_task.write_jsonl(rl_task.prompt_rows(train), root / "train.jsonl")
-        rl_task.write_jsonl(rl_task.prompt_rows(held_out), root / "held_out.jsonl")
-        data, pre = str(root / "data"), str(root / "pretrain")
-
-        # 1. the start model, by our stages
-        t0 = time.time()
-        _cli(
-            ["prepare", "--input", str(root / "corpus.jsonl"), "--output", data, "--config", RECIPE],
-            logs / "prepare.log",
-            spec.timeout_s,
+        for seed in spec.seeds:
+            races[str(seed)] = _race(spec, seed, runs, Path(tmp) / f"seed{seed}")
+        png = Path(tmp) / "rl.png"
+        plot(
+            {s: {n: r["curve"] for n, r in race["runs"].items()} for s, race in races.items()},
+            {s: race["start"]["accuracy"] for s, race in races.items()},
+            png,
         )
-        n_ckpt = spec.pretrain_steps // spec.pretrain_every
-        _cli(
-            [
-                "pretrain", "--data", data, "--run", pre, "--config", RECIPE, "--set",
-                f"train.steps={spec.pretrain_steps}", f"train.checkpoint_every={spec.pretrain_every}",
-                f"train.eval_every={spec.pretrain_every}", f"train.keep_checkpoints={n_ckpt + 1}",
-            ],
-            logs / "pretrain.log",
-            spec.timeout_s,
-        )  # fmt: skip
-        phases["start_model_s"] = time.time() - t0
-        t0 = time.time()
-        refs = list_checkpoints(pre)
-        first_model, tok, _ = load_model(refs[0].url)
-        dev_scorer = Scorer(rl_task.prompt_rows(dev), tok, spec.max_new_tokens)
-        scorer = Scorer(rl_task.prompt_rows(held_out), tok, spec.max_new_tokens)
-        pretrain_curve, start_ref = [], refs[-1]
-        for ref in refs:
-            acc = dev_scorer(load_model(ref.url)[0])["accuracy"]
-            pretrain_curve.append({"step": ref.step, "dev_accuracy": acc})
-            if acc >= spec.start_accuracy:
-                start_ref = ref
-                break
-        start_model, _, _ = load_model(start_ref.url)
-        model_config = start_ref.model_config
-        hf = str(root / "start-hf")
-        _cli(
-            ["export", "--model", start_ref.url, "--output", hf, "--format", "hf"], logs / "export.log", spec.timeout_s
-        )
-        start_eval = scorer(start_model)
-        start_ppl = perplexity(start_model, data, tok)
-        phases["select_start_s"] = time.time() - t0
-
-        # 2. the racers
-        reward_spec = f"python:{REWARD_FILE}:{REWARD_FUNC}"
-        results: dict[str, dict[str, Any]] = {}
-        failed: dict[str, str] = {}  # extra runs that failed (ours and TRL themselves must not)
-        for run in runs:
-            t0 = time.time()
-            try:
-                out = root / run.name.replace(" ", "_").replace("=", "").replace("+", "_")
-                if run.kind == "trl":
-                    cmd = [
-                        sys.executable, "-m", "genpt_dist.bench.rl_trl", "--model", hf, "--prompts", str(prompts),
-                        "--reward", f"{REWARD_FILE}:{REWARD_FUNC}", "--output", str(out), "--steps", str(spec.steps),
-                        "--prompts-per-step", str(spec.prompts_per_step), "--group", str(spec.group),
-                        "--max-new-tokens", str(spec.max_new_tokens), "--top-k", str(spec.top_k or 0),
-                        "--temperature", str(spec.temperature), "--lr", str(spec.lr),
-                        "--warmup-steps", str(spec.warmup_steps), "--beta", str(spec.kl_coef),
-                        "--adam-beta1", "0.9", "--adam-beta2", "0.95", "--weight-decay", "0.0",
-                        "--max-grad-norm", "1.0",
-                        "--snapshot-every", str(spec.snapshot_every), "--threads", str(spec.trl_threads),
-                        "--seed", str(1337 + spec.seed),
-                    ]  # fmt: skip
-                    summary, t_launch = _run(cmd, logs / "trl.log", spec.timeout_s)
-                    t_done = time.time()
-                    snaps = json.loads((out / "snapshots.json").read_text())
-                    curve = []
-                    for s in snaps:
-                        model = gpt_from_hf(s["file"], model_config)
-                        curve.append({"step": s["step"], "seconds": round(s["wall"] - t_launch, 2), **scorer(model)})
-                    final = model
-                    history = json.loads((out / "log_history.json").read_text())
-                    step_times = [h["step_time"] for h in history if "step_time" in h]
-                    profile = {
-                        "setup_s": summary["setup_s"],
-                        "step_s": round(sum(step_times) / max(len(step_times), 1), 4),
-                        "snapshot_s_excluded": summary["snapshot_s"],
-                    }
-                    results[run.name] = {
-                        "kind": "trl",
-                        "reward_file": str(REWARD_FILE),
-                        "reward": f"{REWARD_FILE}:{REWARD_FUNC}",
-                        "threads": summary["threads"],
-                        "versions": {k: summary[k] for k in ("trl", "transformers", "torch")},
-                        "train_reward_last": history[-2].get("reward") if len(history) > 1 else None,
-                        "profile": profile,
-                    }
-                else:
-                    args = [
-                        "reinforce", "--init", start_ref.url, "--run", str(out), "--prompts", str(prompts),
-                        "--reward", reward_spec, *(a for r in run.rewards for a in ("--reward", r)),
-                        *(["--data", data] if run.data else []), "--config", RECIPE,
-                        "--set", *_ours_sets(spec), *run.sets,
-                    ]  # fmt: skip
-                    summary, t_launch = _cli(args, logs / f"{out.name}.log", spec.timeout_s)
-                    t_done = time.time()
-                    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
-                    step_time = {m["step"]: m["time"] for m in metrics if "rollout_s" in m}
-                    ckpts = list_checkpoints(str(out))
-                    saves = checkpoint_overheads(metrics, [r.step for r in ckpts])
-                    curve = [{"step": 0, "seconds": 0.0, "seconds_excl_checkpoints": 0.0, **start_eval}]  # the --init
-                    for ref in ckpts:
-                        final = load_model(ref.url)[0]
-                        t = step_time[ref.step] - t_launch
-                        before = sum(v for k, v in saves.items() if k < ref.step)
-                        curve.append(
-                            {
-                                "step": ref.step,
-                                "seconds": round(t, 2),
-                                "seconds_excl_checkpoints": round(t - before, 2),
-                                **scorer(final),
-                            }
-                        )
-                    results[run.name] = {
-                        "kind": "ours",
-                        "reward_file": str(REWARD_FILE),
-                        "reward": reward_spec,
-                        "extra_rewards": list(run.rewards),
-                        "sets": list(run.sets),
-                        "threads": "1 worker x 1 thread + 1 rollout actor x 1 thread",
-                        "train_reward_last": summary.get("reward_mean"),
-                        "profile": step_profile(metrics, t_launch),
-                    }
-                results[run.name].update(
-                    {
-                        "note": run.note,
-                        "process_s": round(t_done - t_launch, 2),
-                        "curve": curve,
-                        "final_accuracy": curve[-1]["accuracy"],
-                        "final_mean_reward": curve[-1]["mean_reward"],
-                        "final_seconds": curve[-1]["seconds"],
-                        "val_ppl_final": round(perplexity(final, data, tok), 4),
-                    }
-                )
-                phases[f"{run.name}_s"] = time.time() - t0
-            except (RuntimeError, UserError) as exc:
-                if run.name in REQUIRED:
-                    raise
-                log.warning("bench rl: run %r failed: %s", run.name, exc)
-                failed[run.name] = " ".join(str(exc).split())[-1500:]
-
-        png = root / "rl.png"
-        plot({n: r["curve"] for n, r in results.items()}, start_eval["accuracy"], png)
         png_url = None
         if output is not None:
             png_url = storage.join(storage.normalize(output), "rl.png")
             storage.write_bytes(png_url, png.read_bytes())
 
-    ours, trl = results.get("ours"), results.get("trl")
-    head: dict[str, Any] = {}
-    if ours and trl:
-        trl_final, trl_s = trl["final_accuracy"], trl["final_seconds"]
-        reach = seconds_to_reach(ours["curve"], trl_final)
-        head = {
-            "ours_s_to_trl_final_accuracy": reach,
-            "trl_s_to_final": trl_s,
-            "time_ratio_vs_trl": None if reach is None else round(reach / trl_s, 3),
-            "final_accuracy_diff_points": round(100 * (ours["final_accuracy"] - trl_final), 2),
-            "step_s_ratio_vs_trl": round(ours["profile"]["step_s"] / trl["profile"]["step_s"], 3)
-            if ours["profile"].get("step_s") and trl["profile"].get("step_s")
-            else None,
-        }
-        for r in results.values():  # every run of ours against TRL's final accuracy
-            if r["kind"] == "ours":
-                r_reach = seconds_to_reach(r["curve"], trl_final)
-                r_excl = seconds_to_reach(r["curve"], trl_final, "seconds_excl_checkpoints")
-                r["s_to_trl_final_accuracy"] = r_reach
-                r["time_ratio_vs_trl"] = None if r_reach is None else round(r_reach / trl_s, 3)
-                r["time_ratio_vs_trl_excl_checkpoints"] = None if r_excl is None else round(r_excl / trl_s, 3)
-        head["time_ratio_vs_trl_excl_checkpoints"] = ours["time_ratio_vs_trl_excl_checkpoints"]
-    head["rl_lift_points"] = None if ours is None else round(100 * (ours["final_accuracy"] - start_eval["accuracy"]), 2)
-    targets = {
-        "time_ratio_vs_trl": ("<=", 0.5),
-        "final_accuracy_diff_points": (">=", 0.0),
-        "rl_lift_points": (">=", 30.0),
+    summary = aggregate(races, [r.name for r in runs])
+    head = {k: v for k, v in summary.items() if k not in ("runs", "start")}
+    met = {k: _judge(head[k], op, t) for k, (op, t) in TARGETS.items()}
+    per_seed = {s: race["seconds"] for s, race in races.items()}
+    met["bench_seconds_per_seed"] = {
+        **_judge(max(per_seed.values()), "<=", SECONDS_PER_SEED[quick]),
+        "statistic": "the slowest seed's race: split, start model, every run, their evaluation",
+        "per_seed": per_seed,
     }
-    met = {
-        k: {
-            "value": head.get(k),
-            "op": op,
-            "target": t,
-            "met": None if head.get(k) is None else (head[k] <= t if op == "<=" else head[k] >= t),
-        }
-        for k, (op, t) in targets.items()
-    }
-    bench_s = time.time() - t_bench
-    met["bench_seconds"] = {"value": round(bench_s, 1), "op": "<=", "target": 900.0, "met": bench_s <= 900.0}
-    if quick:
-        met["bench_seconds"]["target"] = 180.0
-        met["bench_seconds"]["met"] = bench_s <= 180.0
-
-    rows = [
-        {
-            "run": "start",
-            "held_out_acc": round(start_eval["accuracy"], 4),
-            "mean_reward": round(start_eval["mean_reward"], 4),
-            "val_ppl": round(start_ppl, 4),
-            "seconds": None,
-            "steps": 0,
-            "s_per_step": None,
-            "s_to_trl_final": None,
-            "note": f"pretrain step {start_ref.step}",
-        }
-    ]
-    for name, r in results.items():
-        rows.append(
-            {
-                "run": name,
-                "held_out_acc": round(r["final_accuracy"], 4),
-                "mean_reward": round(r["final_mean_reward"], 4),
-                "val_ppl": r["val_ppl_final"],
-                "seconds": r["final_seconds"],
-                "steps": r["curve"][-1]["step"],
-                "s_per_step": r["profile"].get("step_s"),
-                "s_to_trl_final": r.get("s_to_trl_final_accuracy"),
-                "note": r["note"],
-            }
-        )
-    for name, why in [
-        *((n, f"skipped: {w}") for n, w in skipped.items()),
-        *((n, f"failed: {e[-200:]}") for n, e in failed.items()),
-    ]:
-        rows.append({"run": name, "held_out_acc": None, "mean_reward": None, "val_ppl": None, "seconds": None,
-                     "steps": None, "s_per_step": None, "s_to_trl_final": None, "note": why})  # fmt: skip
     return {
         "spec": asdict(spec),
         "task": "fixed-width 2-digit addition 'aa+bb=' -> 'sss' (byte tokenizer), reward rl_task.py:correct",
@@ -454,21 +468,11 @@ def bench_rl(quick: bool = False, output: str | None = None, workdir: str | None
         "checkpoint's step (checkpoint writes count), TRL: the snapshot's time.time() less earlier snapshots' time",
         "cpus": "ours: 1 Ray Train worker x 1 torch thread + 1 rollout actor x 1 thread; TRL: 1 process x "
         f"{spec.trl_threads} torch threads; {os.cpu_count()} cores",
-        "held_out_prompts": len(held_out),
-        "start": {
-            "pretrain_step": start_ref.step,
-            "checkpoint": start_ref.url,
-            "accuracy": start_eval["accuracy"],
-            "mean_reward": start_eval["mean_reward"],
-            "val_ppl": round(start_ppl, 4),
-            "pretrain_dev_curve": pretrain_curve,
-        },
-        "runs": results,
+        "seeds": races,
+        "summary": summary,
         "skipped": skipped,
-        "failed": failed,
         **head,
         "targets": met,
         "png": png_url,
-        "phase_seconds": {k: round(v, 1) for k, v in phases.items()},
-        "rows": rows,
+        "rows": table_rows(summary, {r.name: r.note for r in runs}, skipped),
     }

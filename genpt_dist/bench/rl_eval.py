@@ -124,21 +124,28 @@ def seconds_to_reach(curve: list[dict[str, Any]], accuracy: float, key: str = "s
     return None
 
 
-def plot(curves: dict[str, list[dict[str, Any]]], start: float, path: Path) -> None:
+def plot(curves: dict[str, dict[str, list[dict[str, Any]]]], starts: dict[str, float], path: Path) -> None:
+    """One panel per seed (`curves[seed][run]`): held-out accuracy against seconds, each run one colour in
+    every panel, the seed's start model dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, curve in curves.items():
-        ax.plot([p["seconds"] for p in curve], [100 * p["accuracy"] for p in curve], marker="o", ms=3, label=name)
-    ax.axhline(100 * start, color="grey", ls=":", lw=1, label="start model")
-    ax.set_xlabel("wall-clock seconds since the process was launched")
-    ax.set_ylabel("held-out greedy accuracy, %")
-    ax.set_title("bench rl: 2-digit addition, ours vs TRL GRPOTrainer (Dr. GRPO)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    names = list(dict.fromkeys(n for runs in curves.values() for n in runs))
+    colour = {n: f"C{i}" for i, n in enumerate(names)}
+    fig, axes = plt.subplots(1, len(curves), figsize=(1 + 5 * len(curves), 4.2), sharey=True, squeeze=False)
+    for ax, (seed, runs) in zip(axes[0], curves.items()):
+        for name, curve in runs.items():
+            xs, ys = [p["seconds"] for p in curve], [100 * p["accuracy"] for p in curve]
+            ax.plot(xs, ys, marker="o", ms=3, color=colour[name], label=name)
+        ax.axhline(100 * starts[seed], color="grey", ls=":", lw=1, label="start model")
+        ax.set_title(f"seed {seed}")
+        ax.set_xlabel("seconds since the process was launched")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("held-out greedy accuracy, %")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("bench rl: 2-digit addition, ours vs TRL GRPOTrainer (Dr. GRPO)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
