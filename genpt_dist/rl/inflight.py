@@ -56,8 +56,8 @@ class InFlightRollouts(Generic[T]):
         the last) is sent, by the weights of `step` updates, the latest published. Steps are taken in order."""
         if not 0 <= step < self.steps:
             raise ValueError(f"step {step} is outside the run's {self.steps} steps")
-        if self._queue and self._queue[0].step != step or not self._queue and self.next_step != step:
-            expected = self._queue[0].step if self._queue else self.next_step
+        expected = self._queue[0].step if self._queue else self.next_step
+        if step != expected:
             raise ValueError(f"step {step} taken out of order: step {expected} is next")
         while self.next_step <= min(step + self.max_staleness, self.steps - 1):
             self._queue.append(InFlight(self.next_step, step, self._submit(self.next_step)))
