@@ -20,7 +20,6 @@ import torch.nn.functional as F
 
 from genpt_dist.config import Config, ReinforceConfig
 from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
-from genpt_dist.train.engine import Job
 
 DISC_DIR = "ds_disc"
 
@@ -42,10 +41,10 @@ def disc_model_config(
     )
 
 
-def disc_context(job: Job) -> int | None:
+def disc_context(policy_block_size: int, prompts_from_file: bool) -> int | None:
     """D's context for `disc_model_config`: the policy's when the prompts come from a file (any length),
     else None (the real-text windows')."""
-    return job.model["block_size"] if job.extra.get("prompts") else None
+    return policy_block_size if prompts_from_file else None
 
 
 class DiscriminatorLearner:
@@ -96,6 +95,13 @@ class DiscriminatorLearner:
             "d_acc_real": (pred[: len(real)] == 1).float().mean().item(),
             "d_acc_fake": (pred[len(real) :] == 0).float().mean().item(),
         }
+
+    def train_on(self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor, steps: int) -> dict[str, float]:
+        """`steps` updates on the same real vs generated rows (0: only measured); the first update's figures."""
+        stats = self.update(real, fake, fake_mask, step=steps > 0)
+        for _ in range(steps - 1):
+            self.update(real, fake, fake_mask)
+        return stats
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """D's full fp32 weights (a collective under ZeRO-3; D is at most ZeRO-2)."""

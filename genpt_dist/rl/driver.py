@@ -5,13 +5,15 @@ prompts of a file (`--prompts`) or real-text prompts (`--data`); `adversarial` i
 the discriminator reward on real-text prompts. Everything a worker would only find out later is
 checked here, before any worker starts: the reward specs parse and every Python function loads, the
 discriminator has real text to train on, the prompts have their field and fit the context, the
-batch divides over the workers.
+batch divides over the workers. What the workers and actors read from the driver's own files (the
+prompt rows, Python reward files, the tokenizer) reaches them as data (`rl.inputs.RLInputs`), since
+the nodes of a cluster share no disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import logging
 from typing import Any
 
@@ -20,12 +22,14 @@ from genpt_dist.checkpoint import check_init_matches, load_state_dict, load_toke
 from genpt_dist.config import Config
 from genpt_dist.errors import UserError
 from genpt_dist.rl.disc_learner import disc_context, disc_model_config
-from genpt_dist.rl.prompts import PromptLoader, check_prompt_lengths, load_prompts, split_held_out
+from genpt_dist.rl.inputs import PromptRows, RewardInputs, RLInputs
 from genpt_dist.rl.rewards.reward_model import check_reward_model
-from genpt_dist.rl.rewards.specs import RewardSpec, load_reward_function, parse_reward_specs
+from genpt_dist.rl.rewards.specs import parse_reward_specs
 from genpt_dist.rl.rollout import RolloutGroup
 from genpt_dist.rl.stage import rl_worker, stage_section
+from genpt_dist.rl.step_metrics import HELD_OUT_KEYS
 from genpt_dist.tokenizer import Tokenizer
+from genpt_dist.tracking import check_tracking
 from genpt_dist.train.engine import Job
 
 log = logging.getLogger(__name__)
@@ -43,13 +47,13 @@ SUMMARY_KEYS = (
     "publish_s",
     "checkpoint",
 )
-HELD_OUT_KEYS = ("held_out_reward", "held_out_accuracy")
 
 
 def rl_job(
     stage: str, init: str, run: str, cfg: Config, *, data: str | None, prompts: str | None
-) -> tuple[Job, Tokenizer, list[RewardSpec]]:
-    """The job of an RL stage, every input checked (see the module docstring)."""
+) -> tuple[Job, RLInputs, Tokenizer]:
+    """The job of an RL stage and its inputs as data, every input checked (see the module docstring)."""
+    check_tracking(cfg.tracking)  # before the rollout actors start: a missing MLflow is one line and exit 2
     sec = stage_section(cfg, stage)
     specs = parse_reward_specs(sec.rewards)
     kinds = {s.kind for s in specs}
@@ -61,10 +65,9 @@ def rl_job(
         raise UserError(
             f"{stage}.mc_rollouts needs the discriminator as the only reward (Monte Carlo prefixes are scored by D)"
         )
+    rewards = RewardInputs.read(specs)  # a missing file, module or function fails here, named
     for spec in specs:
-        if spec.kind == "python":
-            load_reward_function(spec)  # a missing file, module or function fails here, named
-        elif spec.kind == "model":
+        if spec.kind == "model":
             check_reward_model(spec.target)
     ref = resolve(init)
     model_cfg, tok = ref.model_config, load_tokenizer(ref)
@@ -78,8 +81,7 @@ def rl_job(
             f"{stage}.train.micro_batch_size={sec.train.micro_batch_size} must divide the {rows} rollout "
             f"rows per worker (prompts_per_step / workers x samples_per_prompt)"
         )
-    extra: dict[str, Any] = {"real": None, "prompts": None}
-    seq_len = model_cfg.block_size
+    real, seq_len = None, model_cfg.block_size
     if data is not None:
         from genpt_dist.data.manifest import load_manifest
 
@@ -95,29 +97,24 @@ def rl_job(
                 f"prompt_len + max_new_tokens = {r.prompt_len + n_new} exceeds the data's "
                 f"{manifest.seq_len}-token samples (real windows)"
             )
-        extra["real"], seq_len = manifest.url, manifest.seq_len
-    if prompts is not None:
-        prompts = storage.normalize(prompts)
-        rows_of_file = load_prompts(prompts, sec.prompts.prompt_field)
-        check_prompt_lengths(rows_of_file, tok.encode, n_new, model_cfg.block_size, prompts)
-        train, _ = split_held_out(rows_of_file, sec.prompts.held_out_fraction)
-        PromptLoader(train, batch_size=sec.prompts_per_step, seed=sec.train.seed)  # refuses too few prompts
-        extra["prompts"] = prompts
-        extra["prompts_sha256"] = hashlib.sha256(storage.read_bytes(prompts)).hexdigest()
+        real, seq_len = manifest.url, manifest.seq_len
+    rows_of_file = PromptRows.read(prompts, sec, tok.encode, model_cfg.block_size) if prompts is not None else None
+    inputs = RLInputs(rewards=rewards, tokenizer_json=tok.to_json(), prompts=rows_of_file, real=real)
+    data_url = real or (rows_of_file.url if rows_of_file is not None else None)
+    assert data_url is not None  # checked above: prompts or data
     job = Job(
         stage=stage,
         config=cfg.model_dump(mode="json"),
         model=dataclasses.asdict(model_cfg),
         seq_len=seq_len,
-        data=extra["real"] or extra["prompts"],
+        data=data_url,
         run=storage.normalize(run),
         init=ref.url,
-        extra=extra,
     )
-    return job, tok, specs
+    return job, inputs, tok
 
 
-def run_rl(job: Job, cfg: Config, tok: Tokenizer, specs: list[RewardSpec], address: str | None) -> dict[str, Any]:
+def run_rl(job: Job, inputs: RLInputs, cfg: Config, tok: Tokenizer, address: str | None) -> dict[str, Any]:
     """Start the rollout pool, run the workers; the final metrics (a reward function's failure: a UserError,
     raised by `fit`)."""
     from genpt_dist.capacity import room_for
@@ -140,28 +137,25 @@ def run_rl(job: Job, cfg: Config, tok: Tokenizer, specs: list[RewardSpec], addre
         extra_what=actors[2],
     ):
         assert job.init is not None  # rl_job sets it
+        context = disc_context(job.model["block_size"], inputs.prompts is not None)
         group = RolloutGroup(
             r.num_actors,
             cpus_per_actor=r.cpus_per_actor,
             gpus_per_actor=r.gpus_per_actor,
             max_restarts=r.max_restarts,
             model_config=job.model,
-            disc_config=dataclasses.asdict(disc_model_config(sec, tok.vocab_size, tok.pad_id, disc_context(job))),
+            disc_config=dataclasses.asdict(disc_model_config(sec, tok.vocab_size, tok.pad_id, context)),
             reference_state=load_state_dict(resolve(job.init)),
             pad_id=tok.pad_id,
             eos_id=tok.eos_id,
             threads=r.threads,
-            reward_specs=[dataclasses.asdict(s) for s in specs],
-            tokenizer_json=tok.to_json(),
+            rewards=inputs.rewards,
+            tokenizer_json=inputs.tokenizer_json,
         )
         try:
-            metrics = fit(
-                dataclasses.replace(job, extra={**job.extra, "rollout_group": group}),
-                cfg,
-                rl_worker,
-                address=address,
-                also_needs=actors,
-            )
+            # The inputs and the pool travel with the worker function; the Job stays plain data.
+            stage_fn = functools.partial(rl_worker, inputs=inputs, group=group)
+            metrics = fit(job, cfg, stage_fn, address=address, also_needs=actors)
         finally:
             group.shutdown()
     return metrics
@@ -169,8 +163,8 @@ def run_rl(job: Job, cfg: Config, tok: Tokenizer, specs: list[RewardSpec], addre
 
 def adversarial(data: str, init: str, run: str, cfg: Config, address: str | None = None) -> dict[str, Any]:
     """The seed's recipe: the online discriminator's reward on real-text prompts of `data`."""
-    job, tok, specs = rl_job("adversarial", init, run, cfg, data=data, prompts=None)
-    metrics = run_rl(job, cfg, tok, specs, address)
+    job, inputs, tok = rl_job("adversarial", init, run, cfg, data=data, prompts=None)
+    metrics = run_rl(job, inputs, cfg, tok, address)
     return {"command": "adversarial", "run": job.run, "init": job.init, **{k: metrics.get(k) for k in SUMMARY_KEYS}}
 
 
@@ -187,14 +181,14 @@ def reinforce(
     """REINFORCE toward `rewards` (the `--reward` specs; else the recipe's `reinforce.rewards`)."""
     if rewards:
         cfg = cfg.model_copy(update={"reinforce": cfg.reinforce.model_copy(update={"rewards": list(rewards)})})
-    job, tok, specs = rl_job("reinforce", init, run, cfg, data=data, prompts=prompts)
-    metrics = run_rl(job, cfg, tok, specs, address)
+    job, inputs, tok = rl_job("reinforce", init, run, cfg, data=data, prompts=prompts)
+    metrics = run_rl(job, inputs, cfg, tok, address)
     components = {k: v for k, v in metrics.items() if k.startswith("reward/")}
     return {
         "command": "reinforce",
         "run": job.run,
         "init": job.init,
-        "rewards": [s.name for s in specs],
+        "rewards": [s.name for s in inputs.rewards.specs],
         **{k: metrics.get(k) for k in (*SUMMARY_KEYS, *HELD_OUT_KEYS)},
         **components,
     }

@@ -28,6 +28,7 @@ import ray
 
 from genpt_dist.errors import UserError
 from genpt_dist.rl.batch import RolloutBatch, RolloutRequest  # noqa: F401 (part of this module's API)
+from genpt_dist.rl.inputs import RewardInputs
 from genpt_dist.rl.rollout_worker import RolloutWorker
 from genpt_dist.rl.weights import PackedState, pack_state, unpack_state  # noqa: F401
 
@@ -125,7 +126,7 @@ class RolloutGroup:
         threads: int = 1,
         dtype: str = "float32",
         ready_timeout_s: float = 300.0,
-        reward_specs: list[dict[str, Any]] | None = None,
+        rewards: RewardInputs | None = None,
         tokenizer_json: str | None = None,
     ) -> None:
         if num_actors < 1:
@@ -153,7 +154,7 @@ class RolloutGroup:
                 threads=threads,
                 device=device,
                 dtype=dtype,
-                reward_specs=reward_specs,
+                rewards=rewards,
                 tokenizer_json=tokenizer_json,
             )
             for i in range(num_actors)

@@ -9,12 +9,12 @@ SeqGAN Monte Carlo token rewards (``rl.rewards.discriminator``). ``load`` takes 
 packed state dicts) with their versions. The Ray actor around it and the pool of actors are in
 ``rl.rollout``.
 
-Rewards (``rl.rewards.specs``): with no reward specs (the adversarial recipe) the reward is D's sequence
-reward. Otherwise each component is scored: ``discriminator`` by D, a Python function on the decoded
-prompt texts and completions (completion = the generated tokens before <eos>) with the request's
-columns, ``model:`` by a frozen sequence classifier or one of our trained discriminators
-(``rl.rewards.reward_model``); the row's reward is the weighted sum of the components that scored it
-(NaN if none did).
+Rewards (``rl.rewards.specs``; the specs and Python reward files as the driver read them, ``rl.inputs``):
+with no reward specs the reward is D's sequence reward. Otherwise each component is scored:
+``discriminator`` by D, a Python function on the decoded prompt texts and completions (completion =
+the generated tokens before <eos>) with the request's columns, ``model:`` by a frozen sequence
+classifier or one of our trained discriminators (``rl.rewards.reward_model``); the row's reward is the
+weighted sum of the components that scored it (NaN if none did).
 
 Reproducibility: rows are sampled in *calls* of ``rows_per_call`` consecutive rows (1 by default),
 one batched ``sample`` call each, with a generator seeded from the rows' seeds only (the row's own
@@ -40,10 +40,11 @@ from genpt_dist.model.discriminator import Discriminator, DiscriminatorConfig
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.model.sampling import sample
 from genpt_dist.rl.batch import RolloutBatch, RolloutRequest
+from genpt_dist.rl.inputs import RewardInputs
 from genpt_dist.rl.reinforce import derive_seed
 from genpt_dist.rl.rewards.discriminator import mc_token_rewards, sequence_reward
 from genpt_dist.rl.rewards.reward_model import load_reward_model
-from genpt_dist.rl.rewards.specs import PythonRewards, RewardSpec, combine
+from genpt_dist.rl.rewards.specs import combine
 from genpt_dist.rl.weights import PackedState, unpack_state
 
 _MC_STREAM = 1  # tag of the Monte Carlo seed stream in derive_seed
@@ -64,7 +65,7 @@ class RolloutWorker:
         device: str = "cpu",
         dtype: str = "float32",
         score_batch_size: int = 32,
-        reward_specs: list[dict[str, Any]] | None = None,
+        rewards: RewardInputs | None = None,
         tokenizer_json: str | None = None,
     ) -> None:
         if threads and torch.get_num_threads() != threads:
@@ -83,9 +84,9 @@ class RolloutWorker:
         self.disc.to(self.device, self.dtype).eval().requires_grad_(False)
         self.policy_version = -1
         self.disc_version = -1
-        self.specs = [RewardSpec(**s) for s in reward_specs] if reward_specs else None
+        self.specs = list(rewards.specs) if rewards is not None and rewards.specs else None
         kinds = {s.kind for s in self.specs or []}
-        self.python = PythonRewards(self.specs) if self.specs and "python" in kinds else None
+        self.python = rewards.python_rewards() if rewards is not None else None
         self.models = {s.name: load_reward_model(s.target) for s in self.specs or [] if s.kind == "model"}
         self.tokenizer = None
         if kinds & {"python", "model"}:  # text rewards: completions are decoded

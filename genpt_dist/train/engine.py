@@ -14,9 +14,10 @@ reporter, and does what every stage loop needs, in one place:
   storage; `LocalReporter` uploads it itself in a one-process run);
 * evaluate: val loss, perplexity and bits-per-byte over every rank's eval batches (`val_loss`);
 * cadence: which steps log, evaluate and checkpoint (and always the last one).
-The loops over it are plain functions: `train.loop.run_mle` (pretrain, finetune) and the RL stage's
-`rl.stage.run_rl`. Nothing here imports Ray: with `LocalReporter` and a one-rank process group
-(`collective.init_single_process_group`) the engine runs in one process, which is how its tests drive it.
+The loops over it are plain: `train.loop.run_mle` (pretrain, finetune) and the RL stage's
+`rl.stage.RLWorker.run` (started by `rl.driver.run_rl`). Nothing here imports Ray: with
+`LocalReporter` and a one-rank process group (`collective.init_single_process_group`) the engine
+runs in one process, which is how its tests drive it.
 """
 
 from __future__ import annotations
@@ -63,9 +64,11 @@ STOPPED = "stopped.json"  # a run stopped by a user error (see Engine.stop_for_u
 
 @dataclass
 class Job:
-    """Everything a worker needs, as plain data (it crosses the Ray boundary)."""
+    """What every stage's worker needs, as plain data: it crosses the Ray boundary as a dict, so it holds
+    no live handle. A stage that needs more (the RL stage's inputs and its rollout pool) binds it to its
+    stage function beside the Job (`train.launcher.StageFn`)."""
 
-    stage: str  # "pretrain" | "finetune" | "adversarial"
+    stage: str  # "pretrain" | "finetune" | "adversarial" | "reinforce"
     config: dict[str, Any]  # Config.model_dump(mode="json")
     model: dict[str, Any]  # GPTConfig as a dict: the policy's shape
     seq_len: int  # tokens per training sample (for FLOPs per token and the global batch)
@@ -73,7 +76,7 @@ class Job:
     run: str  # the stage's run URL
     init: str | None = None  # checkpoint to warm-start from when the run has none
     env: dict[str, str] = field(default_factory=dict)  # non-secret settings for the worker
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings
+    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific settings (plain values)
 
     @functools.cached_property
     def cfg(self) -> Config:

@@ -1,8 +1,11 @@
 """Stage drivers hand their per-worker function to `fit`, which owns the Ray Train set-up.
 
 A stage's worker function is `run_stage(job, rank, world, reporter)`: plain code over the `Engine`
-that knows nothing of Ray Train; `ray_train_worker` is the adapter Ray Train calls on each worker
-(environment, threads, rank and world size from Ray Train's context, `ray.train.report` as reporter).
+that knows nothing of Ray Train. What a stage needs besides the plain `Job` (the RL stage's inputs
+and rollout pool) is bound to it with `functools.partial`: Ray Train ships the function to every
+worker through the object store, object refs and actor handles included. `ray_train_worker` is the
+adapter Ray Train calls on each worker (environment, threads, rank and world size from Ray Train's
+context, `ray.train.report` as reporter).
 
 `TorchTrainer` with `ScalingConfig` (workers, CPUs/GPUs each), `TorchConfig` (gloo on CPU, nccl on GPU,
 timeout), `RunConfig(storage_path=<run URL>, name="checkpoints")` with the storage seam's pyarrow
