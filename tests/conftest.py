@@ -36,6 +36,36 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get
 
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
+# Under pytest-xdist (`make test`: two workers) each worker is a process with its own session fixtures:
+# its own moto server, its own local Ray, and a Ray temp dir of its own, so neither worker's Ray files,
+# sockets or `ray_current_cluster` are the other's. Short, for Ray's ~107-character socket paths.
+if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
+    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"gpt-ray-{os.environ['PYTEST_XDIST_WORKER']}-", dir="/tmp")
+
+# Session or module fixtures too costly to build on both workers: every test that uses one runs on the worker
+# that built it (`--dist loadgroup`). Cheaper ones (a prepared tiny dataset, the RL base) are built per worker.
+SHARED_BUILDS = {
+    "trained_run": "trained_run",  # a 2-worker ZeRO-3 pretrain, shared by export, generate and evaluate
+    "quick": "bench_rl_quick",  # tests/bench/test_bench_rl.py: the whole quick race
+    "base_run": "finetune_base",  # tests/train/test_finetune.py: its pretrained base
+    "repartitioned": "repartitioned",  # tests/train/test_elastic.py: ZeRO checkpoints of 2, 1, 2 ranks
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers that say what a test needs, from the fixtures it uses: `ray` (a local Ray session), `bench`
+    (tests/bench/); `slow` and `cluster` are set by the tests themselves. And the xdist groups above."""
+    for item in items:
+        names = set(item.fixturenames)
+        if "ray_session" in names:
+            item.add_marker(pytest.mark.ray)
+        if "tests/bench/" in item.nodeid or item.nodeid.startswith("bench/"):
+            item.add_marker(pytest.mark.bench)
+        for fixture, group in SHARED_BUILDS.items():
+            if fixture in names:
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
+
 
 def _forget_s3_clients() -> None:
     from genpt_dist import storage
