@@ -74,8 +74,8 @@ def plot(curve: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def bench_ttq(quick: bool = False, output: str = ".") -> dict[str, Any]:
+    from genpt_dist.config import load_recipe
     from genpt_dist.data.prepare import prepare
-    from genpt_dist.recipes import load_recipe
     from genpt_dist.train.pretrain import pretrain
 
     cfg = load_recipe(RECIPE, QUICK if quick else [])

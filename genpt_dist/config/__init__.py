@@ -14,7 +14,7 @@ Modules, by concern: `base` (the strict section), `data` (prepare, loader), `mod
 
 from genpt_dist.config.base import Section
 from genpt_dist.config.data import BYTE_ALPHABET, NUM_SPECIAL_TOKENS, DataConfig, LoaderConfig
-from genpt_dist.config.loading import load_config, load_recipe, parse_override, recipe_names, recipe_path
+from genpt_dist.config.loading import load_config, load_recipe, parse_override
 from genpt_dist.config.model import ModelConfig, SamplingConfig, TransformerShape
 from genpt_dist.config.recipe import Config, PipelineConfig, TrackingConfig
 from genpt_dist.config.rl import (
@@ -69,6 +69,4 @@ __all__ = [
     "load_config",
     "load_recipe",
     "parse_override",
-    "recipe_names",
-    "recipe_path",
 ]
