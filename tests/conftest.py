@@ -52,6 +52,7 @@ SHARED_BUILDS = {
 }
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns a test's xdist_group into its node id
 def pytest_collection_modifyitems(config, items):
     """Markers that say what a test needs, from the fixtures it uses: `ray` (a local Ray session), `bench`
     (tests/bench/); `slow` and `cluster` are set by the tests themselves. And the xdist groups above."""

@@ -351,6 +351,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_path, short_tmp):
     import threading
 
@@ -442,6 +443,7 @@ def test_autoscaler_adds_nodes_for_a_job_and_removes_them_after(tiny_data, tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_multinode_spread_node_loss_and_rollout_rescheduling(tiny_data, tmp_path, short_tmp):
     from genpt_dist.data.loader import ShardLoader, pieces_for_span, shard_order
     from genpt_dist.data.manifest import load_manifest

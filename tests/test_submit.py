@@ -183,6 +183,7 @@ def _last_error(stderr: str) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_submit_runs_the_command_as_a_job_and_returns_its_result(head, tmp_path):
     model = random_export(tmp_path / "export")
     # The dashboard from RAY_ADDRESS (no --address); the token from the client's RAY_AUTH_MODE + token file.
@@ -218,6 +219,7 @@ def test_submit_runs_the_command_as_a_job_and_returns_its_result(head, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_failed_job_exits_1_with_its_error_line(head):
     proc = _submit(
         "--address",
@@ -240,6 +242,7 @@ def test_failed_job_exits_1_with_its_error_line(head):
 
 
 @pytest.mark.slow
+@pytest.mark.cluster
 def test_cluster_refusing_the_client_is_one_line_naming_the_token(head):
     proc = _submit("--address", head.url, "--", "generate", "--help", env=_env())  # no RAY_AUTH_MODE
     assert proc.returncode == 2, proc.stderr[-3000:]
