@@ -39,8 +39,16 @@ S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
 # Under pytest-xdist (`make test`: two workers) each worker is a process with its own session fixtures:
 # its own moto server, its own local Ray, and a Ray temp dir of its own, so neither worker's Ray files,
 # sockets or `ray_current_cluster` are the other's. Short, for Ray's ~107-character socket paths.
+_WORKER_RAY_TMPDIR: str | None = None
 if os.environ.get("PYTEST_XDIST_WORKER") and "RAY_TMPDIR" not in os.environ:
-    os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"gpt-ray-{os.environ['PYTEST_XDIST_WORKER']}-", dir="/tmp")
+    _WORKER_RAY_TMPDIR = tempfile.mkdtemp(prefix=f"gpt-ray-{os.environ['PYTEST_XDIST_WORKER']}-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = _WORKER_RAY_TMPDIR
+
+
+def pytest_unconfigure(config):
+    """The worker's Ray temp dir goes with the worker (its Ray stopped at the end of the session)."""
+    if _WORKER_RAY_TMPDIR is not None:
+        shutil.rmtree(_WORKER_RAY_TMPDIR, ignore_errors=True)
 
 # Session or module fixtures too costly to build on both workers: every test that uses one runs on the worker
 # that built it (`--dist loadgroup`). Cheaper ones (a prepared tiny dataset, the RL base) are built per worker.

@@ -8,24 +8,21 @@ checkpoints that every node reaches, as it reaches the run's own URL. A reward g
 `python:package.module:FUNC` is imported by name on each actor: the package must be installed on
 every node.
 
-A Python reward file is imported on an actor from a private copy of the driver's bytes, written to a
-temporary folder that is removed once the module is loaded. Its messages still name the file as the
-user gave it. A reward file that reads files beside it by `__file__` therefore finds none there.
+A Python reward file is imported on an actor from the driver's bytes (nothing is written there); its
+`__file__`, tracebacks and messages name the file as the user gave it. A reward file that reads files
+beside it by `__file__` therefore finds none on a node that lacks them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from genpt_dist import storage
 from genpt_dist.config import ReinforceConfig
 from genpt_dist.rl.prompts import Prompt, PromptLoader, check_prompt_lengths, load_prompts, split_held_out
-from genpt_dist.rl.rewards.specs import PythonRewards, RewardSpec, load_reward_function
+from genpt_dist.rl.rewards.specs import PythonRewards, RewardSpec, load_reward_function, read_reward_file, reward_file
 
 
 @dataclass(frozen=True)
@@ -54,12 +51,6 @@ class PromptRows:
         )
 
 
-def _file_of(spec: RewardSpec) -> str | None:
-    """The FILE.py part of a `python:FILE.py:FUNC` spec as given (None for a module or another kind)."""
-    where = spec.target.rpartition(":")[0]
-    return where if spec.kind == "python" and where.endswith(".py") else None
-
-
 @dataclass(frozen=True)
 class RewardInputs:
     """The reward components and the source of every Python reward file they name."""
@@ -73,11 +64,11 @@ class RewardInputs:
         named) and keep each file's bytes for the actors."""
         files: dict[str, bytes] = {}
         for spec in specs:
+            where = reward_file(spec)
+            if where is not None:
+                files[where] = read_reward_file(where)  # relative to the current folder
             if spec.kind == "python":
-                load_reward_function(spec)
-                where = _file_of(spec)
-                if where is not None:
-                    files[where] = Path(where).read_bytes()  # relative to the current folder, as it was loaded
+                load_reward_function(spec, files.get(where or ""))  # the bytes the actors will import
         return cls(specs=tuple(specs), files=files)
 
     @property
@@ -90,24 +81,10 @@ class RewardInputs:
         return bool(self.kinds & {"python", "model"})
 
     def python_rewards(self) -> PythonRewards | None:
-        """The Python components, loaded here (in a rollout actor): each file from the driver's bytes,
-        imported from a private copy (see the module docstring). None when there are none."""
+        """The Python components, loaded here (in a rollout actor) from the driver's bytes of each file.
+        None when there are none."""
         python = [s for s in self.specs if s.kind == "python"]
-        if not python:
-            return None
-        with tempfile.TemporaryDirectory(prefix="genpt-rewards-") as tmp:
-            local = []
-            for i, spec in enumerate(python):
-                where = _file_of(spec)
-                if where is not None:
-                    copy = Path(tmp) / str(i) / Path(where).name  # one folder each: same-named files stay apart
-                    copy.parent.mkdir()
-                    copy.write_bytes(self.files[where])
-                    spec = dataclasses.replace(spec, target=f"{copy}:{spec.target.rpartition(':')[2]}")
-                local.append(spec)
-            rewards = PythonRewards(local)
-        rewards.specs = python  # its messages name the file as the user gave it, not the private copy
-        return rewards
+        return PythonRewards(python, self.files) if python else None
 
 
 @dataclass(frozen=True)

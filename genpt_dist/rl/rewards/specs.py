@@ -30,13 +30,13 @@ calls the python ones and combines whatever tensors it is given.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import itertools
 import math
 import numbers
 import re
 import sys
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,21 +122,32 @@ def parse_reward_specs(texts: list[str]) -> list[RewardSpec]:
     return specs
 
 
-def _import_file(file: str) -> Any:
-    path = Path(file)
-    if not path.is_absolute():
-        path = Path.cwd() / path
+def reward_file(spec: RewardSpec) -> str | None:
+    """The FILE.py of a `python:FILE.py:FUNC` spec as given (None for a module or another kind of spec)."""
+    where = spec.target.rpartition(":")[0]
+    return where if spec.kind == "python" and where.endswith(".py") else None
+
+
+def read_reward_file(file: str) -> bytes:
+    """The bytes of a reward file, relative to the current folder or absolute (UserError if it is missing)."""
+    path = Path(file) if Path(file).is_absolute() else Path.cwd() / file
     if not path.is_file():
         raise UserError(f"reward file {file!r} does not exist (looked for {str(path)!r})")
-    stem = re.sub(r"\W", "_", path.stem)
+    return path.read_bytes()
+
+
+def _import_file(file: str, source: bytes | None = None) -> Any:
+    """Import a reward file as a module of its own: from `source` (its bytes, read elsewhere) or from disk.
+    The module's `__file__` and its tracebacks name the file as given, wherever the bytes came from."""
+    if source is None:
+        source = read_reward_file(file)
+    stem = re.sub(r"\W", "_", Path(file).stem)
     module_name = f"_genpt_reward_{next(_module_ids)}_{stem}"
-    loader_spec = importlib.util.spec_from_file_location(module_name, path)
-    if loader_spec is None or loader_spec.loader is None:
-        raise UserError(f"reward file {file!r} cannot be imported as a Python file")
-    module = importlib.util.module_from_spec(loader_spec)
+    module = types.ModuleType(module_name)
+    module.__file__ = file
     sys.modules[module_name] = module  # so dataclasses, pickling and relative lookups inside it work
     try:
-        loader_spec.loader.exec_module(module)
+        exec(compile(source, file, "exec"), module.__dict__)
     except Exception as e:
         del sys.modules[module_name]
         raise UserError(f"reward file {file!r} raised on import: {type(e).__name__}: {_one_line(str(e))}") from e
@@ -152,13 +163,14 @@ def _import_module(name: str) -> Any:
         raise UserError(f"reward module {name!r} raised on import: {type(e).__name__}: {_one_line(str(e))}") from e
 
 
-def load_reward_function(spec: RewardSpec) -> Callable[..., list]:
-    """Import a python spec's module or file and return its function (UserError on any failure)."""
+def load_reward_function(spec: RewardSpec, source: bytes | None = None) -> Callable[..., list]:
+    """Import a python spec's module or file and return its function (UserError on any failure). `source`:
+    the file's bytes, read elsewhere (a rollout actor gets the driver's), else the file is read here."""
     if spec.kind != "python":
         raise ValueError(f"only python reward specs are loaded here, got kind {spec.kind!r}")
     where, _, func = spec.target.rpartition(":")
-    is_file = where.endswith(".py")
-    module = _import_file(where) if is_file else _import_module(where)
+    is_file = reward_file(spec) is not None
+    module = _import_file(where, source) if is_file else _import_module(where)
     what = f"reward file {where!r}" if is_file else f"reward module {where!r}"
     if not hasattr(module, func):
         raise UserError(f"{what} has no function {func!r}")
@@ -182,9 +194,12 @@ def _as_float(value: Any, row: int, label: str) -> float:
 class PythonRewards:
     """The spec list's python components, loaded once (in a rollout actor); `score` calls each batched."""
 
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], sources: Mapping[str, bytes] | None = None):
+        """`sources`: reward files' bytes by FILE.py as the specs give it (those not in it are read here)."""
         self.specs = [s for s in specs if s.kind == "python"]
-        self.functions = {s.name: load_reward_function(s) for s in self.specs}
+        self.functions = {
+            s.name: load_reward_function(s, (sources or {}).get(reward_file(s) or "")) for s in self.specs
+        }
 
     def score(
         self, prompts: list[str], completions: list[str], columns: list[dict[str, Any]]
