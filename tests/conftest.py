@@ -50,6 +50,7 @@ def pytest_unconfigure(config):
     if _WORKER_RAY_TMPDIR is not None:
         shutil.rmtree(_WORKER_RAY_TMPDIR, ignore_errors=True)
 
+
 # Session or module fixtures too costly to build on both workers: every test that uses one runs on the worker
 # that built it (`--dist loadgroup`). Cheaper ones (a prepared tiny dataset, the RL base) are built per worker.
 SHARED_BUILDS = {
