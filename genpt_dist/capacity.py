@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 RESOURCES_TIMEOUT_S = 1200.0  # default wait for an autoscaler to add nodes
 POLL_S = 2.0  # between looks at the cluster while waiting
 PROGRESS_EVERY_S = 10.0  # between progress lines while waiting
+SILENT_AFTER_S = 60.0  # an autoscaler v2 whose report counter stands still this long is said to be silent
 
 
 def _autoscaler_state() -> dict[str, Any] | None:
@@ -35,12 +36,13 @@ def _autoscaler_state() -> dict[str, Any] | None:
     {"kind": "v2" | "v1" | "config", "infeasible": [(count, bundle), ...] cluster resource requests the
      v2 autoscaler cannot satisfy,
      "pending": nodes being launched, "node_types": [resources of one node] from the cluster config
-     GCS holds (when the autoscaler reported one), "max": {resource: amount} over all node types}"""
+     GCS holds (when the autoscaler reported one), "max": {resource: amount} over all node types,
+     "version": the cluster state the v2 autoscaler last read (None for v1): it moves on every round of its loop}"""
     import ray
     from ray._private import ray_constants  # Ray-private, checked against Ray 2.60.0
     from ray._private.state import state as global_state  # Ray-private, checked against Ray 2.60.0
 
-    out: dict[str, Any] = {"kind": None, "infeasible": [], "pending": 0, "node_types": [], "max": None}
+    out: dict[str, Any] = {"kind": None, "infeasible": [], "pending": 0, "node_types": [], "max": None, "version": None}
     try:
         config = global_state.get_cluster_config()
         if config is not None and config.node_group_configs:
@@ -58,7 +60,7 @@ def _autoscaler_state() -> dict[str, Any] | None:
         reply.ParseFromString(GcsClient(ray.get_runtime_context().gcs_address).get_cluster_status(timeout_s=10))
         scaler = reply.autoscaling_state
         if scaler.autoscaler_state_version > 0:
-            out["kind"] = "v2"
+            out["kind"], out["version"] = "v2", int(scaler.last_seen_cluster_resource_state_version)
             out["pending"] = sum(r.count for r in scaler.pending_instance_requests) + len(scaler.pending_instances)
             out["infeasible"] = [
                 (int(c.count), dict(c.request.resources_bundle))
@@ -160,26 +162,31 @@ def check_fits(
     from ray.autoscaler.sdk import request_resources
 
     request_resources(bundles=bundles)
-    t0 = last_line = time.monotonic()
+    t0 = last_line = last_report = time.monotonic()
     log.info("waiting for the autoscaler (%s) to add nodes for %s: has %s", scaler["kind"], what, _progress(need))
     try:
         while not _fits_now(bundles):
+            silent = _silence(scaler, time.monotonic() - last_report)
             if time.monotonic() - t0 > timeout_s:
                 infeasible = ", ".join(f"{n} x {_shape(b)}" for n, b in scaler["infeasible"]) or "nothing"
                 raise UserError(
                     f"the autoscaler did not provide {what} within {timeout_s:g} s (has {_progress(need)}; "
-                    f"it last reported {scaler['pending']} node(s) pending, {infeasible} infeasible); "
+                    f"it last reported {scaler['pending']} node(s) pending, {infeasible} infeasible{silent}); "
                     "raise GENPT_RESOURCES_TIMEOUT_S or check the cluster"
                 )
             time.sleep(POLL_S)
+            version = scaler["version"]
             scaler = _autoscaler_state() or scaler
+            if scaler["version"] != version:
+                last_report = time.monotonic()
             _refuse_impossible(what, bundles, scaler, asked=True)
             if time.monotonic() - last_line >= PROGRESS_EVERY_S:
                 last_line = time.monotonic()
                 log.info(
-                    "waiting for the autoscaler: has %s, %d node(s) pending; %.0f s of %g s",
+                    "waiting for the autoscaler: has %s, %d node(s) pending%s; %.0f s of %g s",
                     _progress(need),
                     scaler["pending"],
+                    _silence(scaler, last_line - last_report),
                     last_line - t0,
                     timeout_s,
                 )
@@ -210,6 +217,14 @@ def room_for(
     finally:
         if asked:
             release_resources()
+
+
+def _silence(scaler: dict[str, Any], quiet_s: float) -> str:
+    """ ", it has not reported for N s (...)" once the v2 autoscaler's report counter has stood still for
+    `SILENT_AFTER_S` (it reports every few seconds while its monitor runs), else ""."""
+    if scaler["version"] is None or quiet_s < SILENT_AFTER_S:
+        return ""
+    return f"; it has not reported for {quiet_s:.0f} s: is its monitor running? (monitor.log on the head)"
 
 
 def _progress(need: dict[str, float]) -> str:
