@@ -13,9 +13,11 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -276,20 +278,40 @@ def _metric_steps(run: str) -> list[int]:
     return [r["step"] for r in map(json.loads, lines) if "train_loss" in r]
 
 
-KILL_RUN = ("train.steps=40", "train.checkpoint_every=5", "train.eval_every=20", "train.log_every=5")
+KILL_RUN = (
+    "train.steps=40",
+    "train.checkpoint_every=5",
+    "train.eval_every=20",
+    "train.log_every=5",
+    "train.keep_checkpoints=3",
+)
+
+
+def _pretrain_command(root: Path, data: str, run: Path, *overrides: str) -> Command:
+    return Command(
+        root, "pretrain", "--data", data, "--run", str(run), "--config", str(TINY), "--set", *KILL_RUN, *overrides
+    )
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_data, tmp_path_factory) -> tuple[Path, dict]:
+    """An uninterrupted `launch.py pretrain` of KILL_RUN (its run folder and summary): the killed driver's
+    reference, then the run whose newest checkpoint the truncation test damages (its summary is kept here)."""
+    root = Path(tempfile.mkdtemp(prefix="gpt-", dir="/tmp"))  # short: Ray's socket paths live under it
+    run = tmp_path_factory.mktemp("straight") / "run"
+    yield run, _summary(_pretrain_command(root, tiny_data, run).run())
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_to_the_same_end(tiny_data, tmp_path, short_tmp):
+def test_killed_driver_resumes_to_the_same_end(tiny_data, straight_run, tmp_path, short_tmp):
     """SIGKILL to `launch.py pretrain` (and its local Ray) after the first checkpoint; the same command
     again resumes from the newest checkpoint and ends where an uninterrupted run ends."""
 
     def pretrain(run: Path) -> Command:
-        return Command(
-            short_tmp, "pretrain", "--data", tiny_data, "--run", str(run), "--config", str(TINY), "--set", *KILL_RUN
-        )
+        return _pretrain_command(short_tmp, tiny_data, run)
 
-    straight = _summary(pretrain(tmp_path / "straight").run())
+    straight = straight_run[1]
 
     run = tmp_path / "killed"
     driver = pretrain(run).start()
@@ -343,32 +365,12 @@ def test_checkpoints_an_interrupted_upload_left_are_removed(where, tmp_path, s3_
 
 
 @pytest.mark.slow
-def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_tmp):
+def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, straight_run, short_tmp):
     """Through Ray Train: the newest checkpoint lost half a ZeRO shard; the same command with more steps
     warns, resumes from the previous checkpoint (never loads the truncated one) and finishes."""
-    run = tmp_path / "run"
-
-    def pretrain(steps: int) -> subprocess.CompletedProcess:
-        return Command(
-            short_tmp,
-            "pretrain",
-            "--data",
-            tiny_data,
-            "--run",
-            str(run),
-            "--config",
-            str(TINY),
-            "--set",
-            f"train.steps={steps}",
-            "train.checkpoint_every=4",
-            "train.eval_every=4",
-            "train.log_every=4",
-            "train.keep_checkpoints=3",
-        ).run()
-
-    first = _summary(pretrain(12))
+    run, first = straight_run
     refs = list_checkpoints(str(run))
-    assert [r.step for r in refs] == [4, 8, 12] and first["checkpoint"] == refs[-1].url
+    assert [r.step for r in refs] == [30, 35, 40] and first["checkpoint"] == refs[-1].url
     previous, newest = refs[-2], refs[-1]
     shards = sorted((Path(newest.url) / "ds").rglob("*optim_states.pt"))
     assert len(shards) == 2, shards  # one ZeRO optimizer shard per rank
@@ -376,18 +378,18 @@ def test_resume_skips_a_truncated_newest_checkpoint(tiny_data, tmp_path, short_t
     stray = fake_checkpoint(run / CHECKPOINTS_DIR / "checkpoint_9999-12-31_00-00-00.000000", step=99)
     (stray / "meta.json").unlink()  # an upload killed before its meta.json: Ray Train never reported it
 
-    again = pretrain(16)
+    again = _pretrain_command(short_tmp, tiny_data, run, "train.steps=45").run()
     out = _summary(again)
     assert f"checkpoint {newest.url} is incomplete or corrupt; skipping it" in again.stderr
     assert f"removing {stray}: an interrupted upload left it incomplete" in again.stderr and not stray.exists()
-    assert _resumed_steps(again.stderr) == {8}, again.stderr[-3000:]
+    assert _resumed_steps(again.stderr) == {35}, again.stderr[-3000:]
     assert re.findall(r"resumed (\S+) at step", again.stderr) == [previous.url] * 2  # both ranks, same one
-    assert out["step"] == 16
+    assert out["step"] == 45
     refs = list_checkpoints(str(run))
-    assert refs[-1].step == 16 and out["checkpoint"] == refs[-1].url
+    assert refs[-1].step == 45 and out["checkpoint"] == refs[-1].url
     assert newest.url not in [r.url for r in refs]
     steps = _metric_steps(str(run))
-    assert steps == sorted(set(steps)) and steps[-1] == 16, steps
+    assert steps == sorted(set(steps)) and steps[-1] == 45, steps
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """`reinforce` end to end: a Python reward (TRL's signature) with prompt columns rises, mixed with the
-discriminator, resumes in the same prompt order, and refuses bad input in one line before any worker."""
+discriminator and a reward model, resumes in the same prompt order, and refuses bad input in one line
+before any worker."""
 
 from __future__ import annotations
 
@@ -95,19 +96,24 @@ def test_a_python_reward_over_prompt_columns_rises(setup, tmp_path):
 
 @pytest.mark.slow
 def test_weighted_rewards_combine_and_resume_keeps_the_prompt_order(setup, tmp_path):
-    spec = [f"python:{setup['reward']}:letter_share@2", "discriminator@0.5"]
+    """A function, the discriminator and a reward model score every row; the reward is their weighted sum."""
+    (tmp_path / "rm").mkdir()
+    folder = save_classifier(tmp_path / "rm")
+    spec = [f"python:{setup['reward']}:letter_share@2", "discriminator@0.5", f"model:{folder}@0.1"]
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     _reinforce(setup, straight, spec, "reinforce.train.steps=4", "reinforce.train.checkpoint_every=2", data=True)
     _reinforce(setup, split, spec, "reinforce.train.steps=2", "reinforce.train.checkpoint_every=2", data=True)
     _reinforce(setup, split, spec, "reinforce.train.steps=4", "reinforce.train.checkpoint_every=2", data=True)
     a, b = _metrics(straight), _metrics(split)
     assert [m["step"] for m in b] == [1, 2, 3, 4]
-    for m in a:  # every row is scored by both components: the reward is their weighted sum
-        combined = 2 * m["reward/letter_share/mean"] + 0.5 * m["reward/discriminator/mean"]
+    for m in a:  # every row is scored by every component: the reward is their weighted sum
+        parts = m["reward/letter_share/mean"], m["reward/discriminator/mean"], m["reward/model/mean"]
+        combined = 2 * parts[0] + 0.5 * parts[1] + 0.1 * parts[2]
         assert m["reward_mean"] == pytest.approx(combined, abs=1e-4) and "d_acc_real" in m
     assert list_checkpoints(split)[-1].meta.loader["prompts"] == list_checkpoints(straight)[-1].meta.loader["prompts"]
     for x, y in zip(a[2:], b[2:]):  # after the resume: the same prompts, weights and seeds, so the same rewards
         assert y["reward/letter_share/mean"] == pytest.approx(x["reward/letter_share/mean"], abs=1e-4), (a, b)
+        assert y["reward/model/mean"] == pytest.approx(x["reward/model/mean"], abs=1e-4), (a, b)
     # The D this run trained, as a frozen `model:` reward for another run: real text against the near-random
     # bytes its barely trained policy wrote, so it ranks Shakespeare above noise.
     check_reward_model(straight)
@@ -191,19 +197,6 @@ def test_reinforce_bad_input(case, setup, files, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("genpt-dist: error:") and expect in last, last
     assert "Traceback" not in proc.stderr and not list_checkpoints(run)
-
-
-@pytest.mark.slow
-def test_a_reward_model_scores_beside_a_function(setup, tmp_path):
-    pytest.importorskip("transformers")
-    (tmp_path / "rm").mkdir()
-    folder = save_classifier(tmp_path / "rm")
-    run = str(tmp_path / "run")
-    _reinforce(setup, run, [f"python:{setup['reward']}:letter_share", f"model:{folder}@0.1"], "reinforce.train.steps=2")
-    for m in _metrics(run):
-        assert {"reward/letter_share/mean", "reward/model/mean"} <= set(m), m
-        combined = m["reward/letter_share/mean"] + 0.1 * m["reward/model/mean"]
-        assert m["reward_mean"] == pytest.approx(combined, abs=1e-4)
 
 
 @pytest.mark.slow
