@@ -108,12 +108,23 @@ class CheckpointPart(Protocol):
 Reporter = Callable[[dict[str, Any], "Path | None"], None]  # (metrics, this rank's checkpoint folder or None)
 
 
-def ray_train_reporter(metrics: dict[str, Any], folder: Path | None) -> None:
-    """Report to Ray Train, which copies every rank's folder into one checkpoint of the run."""
-    import ray.train
+class RayTrainReporter:
+    """Reports to Ray Train, which copies every rank's folder into one checkpoint of the run, and keeps
+    the last metrics for the worker to return: Ray Train's `Result.metrics` is the last report its
+    controller consolidated, and a report put while a poll of the worker has just found the queue empty
+    is lost when the training thread ends before that poll asks whether it still runs (seen on a loaded
+    machine: a 24-step run whose result said step 18). `Result.return_value` is read once the thread
+    has ended, so it cannot miss the end."""
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
-    ray.train.report(metrics, checkpoint=checkpoint)
+    def __init__(self) -> None:
+        self.last: dict[str, Any] = {}
+
+    def __call__(self, metrics: dict[str, Any], folder: Path | None) -> None:
+        import ray.train
+
+        self.last = dict(metrics)
+        checkpoint = ray.train.Checkpoint.from_directory(str(folder)) if folder is not None else None
+        ray.train.report(metrics, checkpoint=checkpoint)
 
 
 class LocalReporter:

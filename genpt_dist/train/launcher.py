@@ -64,16 +64,19 @@ def init_worker(job: Job) -> Config:
     return cfg
 
 
-def ray_train_worker(job_dict: dict[str, Any], run_stage: StageFn) -> None:
-    """Ray Train's `train_loop_per_worker`."""
+def ray_train_worker(job_dict: dict[str, Any], run_stage: StageFn) -> dict[str, Any]:
+    """Ray Train's `train_loop_per_worker`; returns this rank's last reported metrics (rank 0's become
+    `Result.return_value`)."""
     import ray.train
 
-    from genpt_dist.train.engine import ray_train_reporter
+    from genpt_dist.train.engine import RayTrainReporter
 
     ctx = ray.train.get_context()
     job = Job(**job_dict)
     init_worker(job)
-    run_stage(job, ctx.get_world_rank(), ctx.get_world_size(), ray_train_reporter)
+    reporter = RayTrainReporter()
+    run_stage(job, ctx.get_world_rank(), ctx.get_world_size(), reporter)
+    return reporter.last
 
 
 def fit(
@@ -137,7 +140,7 @@ def fit(
         raise UserError(record["error"])
     if result.error is not None:
         raise result.error
-    metrics = dict(result.metrics or {})
+    metrics = dict(result.return_value or result.metrics or {})  # see engine.RayTrainReporter
     ref = latest_checkpoint(job.run)
     metrics["checkpoint"] = ref.url if ref else None
     return metrics
