@@ -166,9 +166,9 @@ def check_fits(
     log.info("waiting for the autoscaler (%s) to add nodes for %s: has %s", scaler["kind"], what, _progress(need))
     try:
         while not _fits_now(bundles):
-            silent = _silence(scaler, time.monotonic() - last_report)
             if time.monotonic() - t0 > timeout_s:
                 infeasible = ", ".join(f"{n} x {_shape(b)}" for n, b in scaler["infeasible"]) or "nothing"
+                silent = _silence(scaler, time.monotonic() - last_report)
                 raise UserError(
                     f"the autoscaler did not provide {what} within {timeout_s:g} s (has {_progress(need)}; "
                     f"it last reported {scaler['pending']} node(s) pending, {infeasible} infeasible{silent}); "
@@ -220,7 +220,7 @@ def room_for(
 
 
 def _silence(scaler: dict[str, Any], quiet_s: float) -> str:
-    """ ", it has not reported for N s (...)" once the v2 autoscaler's report counter has stood still for
+    """ "; it has not reported for N s (...)" once the v2 autoscaler's report counter has stood still for
     `SILENT_AFTER_S` (it reports every few seconds while its monitor runs), else ""."""
     if scaler["version"] is None or quiet_s < SILENT_AFTER_S:
         return ""

@@ -21,7 +21,14 @@ from dataclasses import dataclass, field
 
 from genpt_dist import storage
 from genpt_dist.config import ReinforceConfig
-from genpt_dist.rl.prompts import Prompt, PromptLoader, check_prompt_lengths, load_prompts, split_held_out
+from genpt_dist.rl.prompts import (
+    Prompt,
+    PromptLoader,
+    check_prompt_lengths,
+    parse_prompts,
+    read_prompt_file,
+    split_held_out,
+)
 from genpt_dist.rl.rewards.specs import PythonRewards, RewardSpec, load_reward_function, read_reward_file, reward_file
 
 
@@ -39,13 +46,14 @@ class PromptRows:
         """Read and check the file (field, lengths against the model's context, enough prompts for a step);
         a one-line UserError naming it otherwise."""
         url = storage.normalize(url)
-        rows = load_prompts(url, section.prompts.prompt_field)
+        data = read_prompt_file(url)
+        rows = parse_prompts(url, data, section.prompts.prompt_field)
         check_prompt_lengths(rows, encode, section.rollout.sampling.max_new_tokens, context, url)
         train, held_out = split_held_out(rows, section.prompts.held_out_fraction)
         PromptLoader(train, batch_size=section.prompts_per_step, seed=section.train.seed)  # refuses too few prompts
         return cls(
             url=url,
-            sha256=hashlib.sha256(storage.read_bytes(url)).hexdigest(),
+            sha256=hashlib.sha256(data).hexdigest(),
             train=tuple(train),
             held_out=tuple(held_out[: section.prompts.eval_prompts]),
         )

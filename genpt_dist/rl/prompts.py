@@ -74,13 +74,22 @@ class Prompt:
 
 def load_prompts(src: str, prompt_field: str = "prompt") -> list[Prompt]:
     """JSONL (`.jsonl`, `.jsonl.gz`) or parquet (`.parquet`, read with pyarrow) from a local path or s3:// URL."""
-    lower = src.lower()
-    if not lower.endswith(EXTENSIONS):
+    return parse_prompts(src, read_prompt_file(src), prompt_field)
+
+
+def read_prompt_file(src: str) -> bytes:
+    """The bytes of a prompt file of a known type; a one-line UserError for another type or a missing file."""
+    if not src.lower().endswith(EXTENSIONS):
         raise UserError(f"{src}: unknown prompt file type (accepted: {', '.join(EXTENSIONS)})")
     try:
-        data = storage.read_bytes(src)
+        return storage.read_bytes(src)
     except (FileNotFoundError, IsADirectoryError):
         raise UserError(f"{src}: prompt file does not exist") from None
+
+
+def parse_prompts(src: str, data: bytes, prompt_field: str) -> list[Prompt]:
+    """The prompts in the bytes of file `src` (its name picks the format and names it in errors)."""
+    lower = src.lower()
     if lower.endswith(".parquet"):
         prompts = _parse_parquet(src, data, prompt_field)
     else:
