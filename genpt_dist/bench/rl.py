@@ -107,7 +107,13 @@ class RLSpec:
     snapshot_every: int = 15
     trl_threads: int = 2
     timeout_s: float = 900.0  # per subprocess
-    runs: tuple[str, ...] = ("ours", "trl", "ours+discriminator", "ours max_staleness=1")
+    runs: tuple[str, ...] = (
+        "ours",
+        "trl",
+        "ours+discriminator",
+        "ours max_staleness=1",
+        "ours clip_against_previous=false",
+    )
 
 
 QUICK = RLSpec(seeds=(0,), pretrain_every=50, steps=20, snapshot_every=10, runs=("ours", "trl"))
@@ -144,6 +150,13 @@ RUNS = {
         sets=("reinforce.rollout.max_staleness=1",),
         needs_key="reinforce.rollout.max_staleness",
         note="one-step-off: step s+1's rollouts sampled while step s trains",
+    ),
+    "ours clip_against_previous=false": RunSpec(
+        "ours clip_against_previous=false",
+        "ours",
+        sets=("reinforce.clip_against_previous=false",),
+        needs_key="reinforce.clip_against_previous",
+        note="on-policy without the trust region against the previous policy: one plain step per batch",
     ),
 }
 

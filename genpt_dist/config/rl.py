@@ -126,6 +126,13 @@ class ReinforceConfig(Section):
         description="stale rollouts (rollout.max_staleness >= 1): the importance ratio is clipped "
         "to [1 - clip_ratio, 1 + clip_ratio] as PPO clips it",
     )
+    clip_against_previous: bool = Field(
+        True,
+        description="on-policy rollouts (rollout.max_staleness 0): a token gets no gradient where the previous "
+        "update already moved its probability past 1 +- clip_ratio in its advantage's direction (a trust region "
+        "against the previous policy, whose weights each rollout actor keeps for one more forward per batch; "
+        "stale rollouts clip against the policy that sampled them instead)",
+    )
     mc_rollouts: int = Field(0, ge=0, description="SeqGAN Monte Carlo completions per prefix (0 = sequence reward)")
     mc_stride: int = Field(8, ge=1, description="token positions between Monte Carlo prefixes")
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
@@ -141,6 +148,11 @@ class ReinforceConfig(Section):
                 f"mc_rollouts needs a baseline in reward units (rloo, dr_grpo, group, ema, none), not {self.baseline}"
             )
         return self
+
+    @property
+    def clips_against_previous(self) -> bool:
+        """Whether the update clips fresh rows against the previous policy (stale rows clip against theirs)."""
+        return self.clip_against_previous and self.rollout.max_staleness == 0
 
 
 class AdversarialConfig(ReinforceConfig):

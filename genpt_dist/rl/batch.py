@@ -30,6 +30,7 @@ class RolloutRequest:
     texts: list[str] | None = None  # (B,) prompt texts for Python reward functions (None: no text rewards)
     columns: list[dict[str, Any]] | None = None  # (B,) the prompt file's other fields per row, for them
     with_behaviour_logprobs: bool = False  # also return log mu(a_t) at temperature 1 (stale rollouts need it)
+    with_previous_logprobs: bool = False  # also return the tokens' log-probs under the previous policy version
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -51,6 +52,9 @@ class RolloutRequest:
             texts=self.texts[start:stop] if self.texts is not None else None,
             columns=self.columns[start:stop] if self.columns is not None else None,
         )
+
+
+OPTIONAL_PER_TOKEN = ("token_rewards", "behaviour_logprobs", "previous_logprobs")  # (B, N) fields, None unless asked
 
 
 @dataclass
@@ -85,6 +89,8 @@ class RolloutBatch:
     behaviour_logprobs: Tensor | None = None  # (B, N) float32: the tokens under the sampling policy at
     #                                           temperature 1, full vocabulary (as the update measures
     #                                           pi), 0 where not generated; None unless asked
+    previous_logprobs: Tensor | None = None  # (B, N) float32: the same under the policy version before the
+    #                                          sampling one (the sampling one's until there is none)
 
     @property
     def batch_size(self) -> int:
@@ -111,7 +117,7 @@ class RolloutBatch:
         versions = {(b.policy_version, b.disc_version) for b in batches}
         if len(versions) > 1:
             raise ValueError(f"cannot concatenate rollouts of different (policy, disc) versions {sorted(versions)}")
-        for name in ("token_rewards", "behaviour_logprobs"):
+        for name in OPTIONAL_PER_TOKEN:
             if len({getattr(b, name) is None for b in batches}) > 1:
                 raise ValueError(f"cannot concatenate batches with and without {name}")
         P = max(b.prompt_width for b in batches)
@@ -122,7 +128,7 @@ class RolloutBatch:
             out[name] = torch.cat(
                 [F.pad(getattr(b, name), (P - b.prompt_width, N - b.gen_width), value=fill) for b in batches]
             )
-        for name in ("logprobs", "ref_logprobs", "gen_mask", "token_rewards", "behaviour_logprobs"):  # (B_b, N)
+        for name in ("logprobs", "ref_logprobs", "gen_mask", *OPTIONAL_PER_TOKEN):  # (B_b, N)
             if getattr(batches[0], name) is not None:
                 out[name] = torch.cat([F.pad(getattr(b, name), (0, N - b.gen_width)) for b in batches])
         for name in ("lengths", "d_logits", "rewards", "reward_components"):  # (B_b,) or (B_b, C)

@@ -151,6 +151,7 @@ def run_rl(job: Job, inputs: RLInputs, cfg: Config, tok: Tokenizer, address: str
             threads=r.threads,
             rewards=inputs.rewards,
             tokenizer_json=inputs.tokenizer_json,
+            keep_previous=sec.clips_against_previous,
         )
         try:
             # The inputs and the pool travel with the worker function; the Job stays plain data.

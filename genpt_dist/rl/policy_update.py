@@ -12,7 +12,9 @@
    DeepSpeed's accumulation divides back out), so the accumulated gradient is exactly that of the
    token-mean over all rows; DeepSpeed steps the optimizer once, at the accumulation boundary.
    Rows sampled by an older policy (they carry `behaviour_logprobs`: `rollout.max_staleness >= 1`)
-   take the clipped importance-weighted term instead of the plain one (`reinforce_loss`).
+   take the clipped importance-weighted term instead of the plain one; fresh rows with
+   `previous_logprobs` (`reinforce.clip_against_previous`) the plain term on the tokens inside the trust
+   region of the previous update (`reinforce_loss`).
 Stats are the micro batches' stats averaged with the same weights.
 """
 
@@ -72,6 +74,7 @@ def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: 
     if cfg.normalize_advantages:
         adv = whiten(adv, mask)
     behaviour = rb.behaviour_logprobs.to(device) if rb.behaviour_logprobs is not None else None  # (B, N)
+    previous = rb.previous_logprobs.to(device) if rb.previous_logprobs is not None else None  # (B, N)
     total = mask.sum().clamp(min=1)
     stats: dict[str, float] = {}
     for rows in chunks:
@@ -87,6 +90,7 @@ def policy_update(engine: Any, rb: RolloutBatch, cfg: ReinforceConfig, seq_adv: 
             entropy=entropy,
             entropy_coef=cfg.entropy_coef,
             behaviour_logp=behaviour[rows] if behaviour is not None else None,
+            previous_logp=previous[rows] if previous is not None else None,
             clip_ratio=cfg.clip_ratio,
         )
         weight = float(mask[rows].sum() / total)  # this chunk's share of the rank's generated tokens

@@ -279,6 +279,7 @@ def reinforce_loss(
     entropy: Tensor | None = None,
     entropy_coef: float = 0.0,
     behaviour_logp: Tensor | None = None,
+    previous_logp: Tensor | None = None,
     clip_ratio: float = 0.2,
 ) -> tuple[Tensor, dict[str, float]]:
     """The REINFORCE loss (scalar, differentiable) and its stats; token-level means over ``mask``.
@@ -295,16 +296,31 @@ def reinforce_loss(
     1 over the full vocabulary, as logp is): the policy-gradient term is importance-weighted and
     clipped as PPO clips it (veRL's one-step-off and TRL's num_iterations > 1 do the same),
     ``mean(-min(r * adv, clip(r, 1 - clip_ratio, 1 + clip_ratio) * adv))`` with r = pi(a_t) / mu(a_t).
-    At r = 1 (fresh rollouts) its gradient is the REINFORCE gradient above.
+    At r = 1 (fresh rollouts) its gradient is the REINFORCE gradient above, so on-policy that clip never
+    acts: the update is a single step from the sampling policy.
+
+    Fresh rollouts with ``previous_logp`` = (B, N) log pi_prev(a_t), the policy one update before the
+    sampling one: a trust region against that update. With q = pi(a_t) / pi_prev(a_t), a token whose
+    probability the previous update already moved past the clip in its advantage's direction (q > 1 +
+    clip_ratio with adv > 0, q < 1 - clip_ratio with adv < 0) gets no gradient, the others the REINFORCE
+    gradient: ``mean(-adv * logp * keep)``. It is the gradient of the stale case's clipped term with the
+    ratio's value set to 1 (the rows are the current policy's own samples, no importance weight) and its
+    clip taken from the previous policy, which is where a one-step-off update's clip stops a token.
     Stats: loss, pg_loss, kl, entropy, adv_mean, adv_std (plain floats; kl/entropy 0 when not given),
-    and with behaviour_logp: ratio_mean and clip_fraction (the share of tokens whose clipped term is
-    the smaller one, i.e. that carry no gradient).
+    with behaviour_logp or previous_logp: ratio_mean (r or q) and clip_fraction (the share of tokens
+    that carry no gradient).
     """
     m = mask.bool()
     a = adv.detach().float()  # (B, N)
     stats: dict[str, float] = {}
-    if behaviour_logp is None:
+    if behaviour_logp is None and previous_logp is None:
         pg = masked_mean(-a * logp.float(), m)
+    elif behaviour_logp is None:
+        assert previous_logp is not None
+        q = torch.exp(logp.detach().float() - previous_logp.float())  # (B, N)
+        stopped = ((a > 0) & (q > 1 + clip_ratio)) | ((a < 0) & (q < 1 - clip_ratio))  # (B, N)
+        pg = masked_mean(-a * logp.float() * (~stopped).float(), m)
+        stats.update(ratio_mean=float(masked_mean(q, m)), clip_fraction=float(masked_mean(stopped.float(), m)))
     else:
         ratio = torch.exp(logp.float() - behaviour_logp.detach().float())  # (B, N)
         unclipped, clipped = -a * ratio, -a * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)

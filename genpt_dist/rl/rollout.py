@@ -48,6 +48,8 @@ class WeightRefs(NamedTuple):
     policy: list  # [ObjectRef of a PackedState] or [] (nothing published: keep the initial weights)
     disc_version: int
     disc: list  # same for the discriminator
+    previous_version: int = -2  # the policy version published before `policy` (kept for the trust region)
+    previous: list | None = None  # [ObjectRef of its PackedState], or None when the group keeps none
 
 
 class _RolloutActor:
@@ -66,6 +68,8 @@ class _RolloutActor:
         policy = ray.get(weights.policy[0]) if weights.policy and weights.policy_version != have_p else None
         disc = ray.get(weights.disc[0]) if weights.disc and weights.disc_version != have_d else None
         self.worker.load(weights.policy_version, policy, weights.disc_version, disc)
+        if weights.previous and self.worker.lacks_previous(weights.previous_version):  # a restart, a resume
+            self.worker.load_previous(weights.previous_version, ray.get(weights.previous[0]))
         del policy, disc  # release the object-store buffers
         sync = time.perf_counter() - t0
         batch = self.worker.generate(request)
@@ -128,7 +132,10 @@ class RolloutGroup:
         ready_timeout_s: float = 300.0,
         rewards: RewardInputs | None = None,
         tokenizer_json: str | None = None,
+        keep_previous: bool = False,
     ) -> None:
+        """`keep_previous`: the actors keep the policy version before the latest one, and the group keeps it
+        published too (one more copy in the object store), so a restarted actor gets it back."""
         if num_actors < 1:
             raise UserError(f"num_actors must be >= 1, got {num_actors}")
         _check_fits(num_actors, cpus_per_actor, gpus_per_actor)
@@ -156,9 +163,11 @@ class RolloutGroup:
                 dtype=dtype,
                 rewards=rewards,
                 tokenizer_json=tokenizer_json,
+                keep_previous=keep_previous,
             )
             for i in range(num_actors)
         ]
+        self._keep_previous = keep_previous
         self._weights = WeightRefs(-1, [], -1, [])
         self._chunks: dict[Any, _Chunk] = {}
         self.reissued = 0  # chunks re-issued after an actor failure
@@ -190,6 +199,8 @@ class RolloutGroup:
         t0 = time.perf_counter()
         w = self._weights
         if policy_state is not None:
+            if self._keep_previous and int(policy_version) != w.policy_version:
+                w = w._replace(previous_version=w.policy_version, previous=w.policy)
             w = w._replace(policy_version=int(policy_version), policy=[ray.put(pack_state(policy_state))])
         if disc_state is not None:
             if disc_version is None:
@@ -197,6 +208,18 @@ class RolloutGroup:
             w = w._replace(disc_version=int(disc_version), disc=[ray.put(pack_state(disc_state))])
         self._weights = w
         return time.perf_counter() - t0
+
+    def previous_policy(self) -> tuple[int, Mapping[str, Any]] | None:
+        """(version, state dict) of the policy published before the latest one, if the group keeps one."""
+        w = self._weights
+        if not w.previous:
+            return None
+        return w.previous_version, unpack_state(ray.get(w.previous[0]))
+
+    def set_previous_policy(self, version: int, state: Mapping[str, Any]) -> None:
+        """Publish the policy of the version before the latest (a resumed run's, from its checkpoint)."""
+        if self._keep_previous:
+            self._weights = self._weights._replace(previous_version=int(version), previous=[ray.put(pack_state(state))])
 
     @property
     def versions(self) -> tuple[int, int]:

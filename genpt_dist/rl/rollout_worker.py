@@ -4,9 +4,13 @@ and the configured rewards.
 ``RolloutWorker`` holds the current policy, the frozen reference and the discriminator.
 ``generate(RolloutRequest) -> RolloutBatch`` samples with ``model.sampling.sample`` (KV cache), then
 computes reference log-probs and discriminator logits on the result and, when asked, the sampling
-policy's own log-probs at temperature 1 (the denominator of a stale update's importance ratio) and
-SeqGAN Monte Carlo token rewards (``rl.rewards.discriminator``). ``load`` takes new weights (plain or
-packed state dicts) with their versions. The Ray actor around it and the pool of actors are in
+policy's own log-probs at temperature 1 (the denominator of a stale update's importance ratio), the
+previous policy version's (an on-policy update's trust region, ``reinforce.clip_against_previous``: the
+worker made with ``keep_previous`` keeps the weights it replaces; where those are not the version just
+before, as after a restart or a resumed run's first load, the current policy's, which leaves that
+update without a trust region) and SeqGAN Monte Carlo token rewards
+(``rl.rewards.discriminator``). ``load`` takes new weights (plain or packed state dicts) with their
+versions. The Ray actor around it and the pool of actors are in
 ``rl.rollout``.
 
 Rewards (``rl.rewards.specs``; the specs and Python reward files as the driver read them, ``rl.inputs``):
@@ -67,6 +71,7 @@ class RolloutWorker:
         score_batch_size: int = 32,
         rewards: RewardInputs | None = None,
         tokenizer_json: str | None = None,
+        keep_previous: bool = False,
     ) -> None:
         if threads and torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -78,6 +83,8 @@ class RolloutWorker:
         self.reference.load_state_dict(unpack_state(reference_state))
         self.reference.to(self.device, self.dtype).eval().requires_grad_(False)
         self.policy = copy.deepcopy(self.reference)  # the starting policy is the pretrained model
+        self.previous = copy.deepcopy(self.reference) if keep_previous else None  # the weights load replaced
+        self.previous_version = -2  # their version (-2: none yet)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # every actor (and restart) starts from the same untrained D
             self.disc = Discriminator(DiscriminatorConfig(**disc_config))
@@ -110,11 +117,25 @@ class RolloutWorker:
     ) -> None:
         """Load new weights (plain or packed state dicts); a None state leaves that model and its version."""
         if policy_state is not None:
+            if self.previous is not None:
+                self.previous.load_state_dict(self.policy.state_dict())
+                self.previous_version = self.policy_version
             self.policy.load_state_dict(unpack_state(policy_state))
             self.policy_version = int(policy_version if policy_version is not None else self.policy_version + 1)
         if disc_state is not None:
             self.disc.load_state_dict(unpack_state(disc_state))
             self.disc_version = int(disc_version if disc_version is not None else self.disc_version + 1)
+
+    def lacks_previous(self, version: int) -> bool:
+        """Whether this worker keeps previous weights, and `version` is the one before its policy's but not
+        the one it holds (it was restarted, or the run resumed, after that version was published)."""
+        return self.previous is not None and version == self.policy_version - 1 != self.previous_version
+
+    def load_previous(self, version: int, state: Any) -> None:
+        """Set the previous policy's weights (plain or packed state dict) and version."""
+        assert self.previous is not None, "a worker made without keep_previous keeps no previous weights"
+        self.previous.load_state_dict(unpack_state(state))
+        self.previous_version = int(version)
 
     # ----------------------------------------------------------------------------------- sampling
 
@@ -163,11 +184,15 @@ class RolloutWorker:
         logprobs = torch.zeros(B, N)  # (B, N)
         for i, lp in enumerate(lps):
             logprobs[i, : lp.numel()] = lp
-        ref_logprobs = self._ref_logprobs(tokens, attn)[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)  # (B, N)
-        behaviour = None
+        ref_logprobs = self._token_logprobs(self.reference, tokens, attn, P)  # (B, N)
+        behaviour = previous = None
         if req.with_behaviour_logprobs:  # (B, N) log mu(a_t) for the importance ratio of a stale update
-            behaviour = self._score(lambda x, m: self.policy.token_logprobs(x, attention_mask=m), tokens, attn)
-            behaviour = behaviour[:, P - 1 :].masked_fill(gen_mask == 0, 0.0)
+            behaviour = self._token_logprobs(self.policy, tokens, attn, P)
+        if req.with_previous_logprobs:  # (B, N) the same under the version before: the update's trust region
+            if self.previous is None:
+                raise ValueError("previous log-probs need a worker made with keep_previous=True")
+            before = self.previous if self.previous_version == self.policy_version - 1 else self.policy
+            previous = self._token_logprobs(before, tokens, attn, P)
         uses_disc = self.specs is None or any(s.kind == "discriminator" for s in self.specs)
         d_logits = self._disc_logits(tokens, attn) if uses_disc else torch.zeros(len(tokens))  # (B,)
         rewards, components, names = self._rewards(req, gen, sequence_reward(d_logits, req.reward_kind))
@@ -199,6 +224,7 @@ class RolloutWorker:
             reward_components=components,
             reward_names=names,
             behaviour_logprobs=behaviour,
+            previous_logprobs=previous,
         )
 
     def _rewards(
@@ -247,9 +273,11 @@ class RolloutWorker:
                 out.append(fn(tokens[sl].to(self.device), attn[sl].to(self.device)).float().cpu())
         return torch.cat(out)
 
-    def _ref_logprobs(self, tokens: Tensor, attn: Tensor) -> Tensor:
-        """(B, T-1) log-probs of tokens[:, 1:] under the reference."""
-        return self._score(lambda x, m: self.reference.token_logprobs(x, attention_mask=m), tokens, attn)
+    def _token_logprobs(self, model: GPT, tokens: Tensor, attn: Tensor, P: int) -> Tensor:
+        """(B, N) log-probs of the generated tokens (after the P prompt columns) under `model`, 0 where
+        nothing was generated."""
+        logprobs = self._score(lambda x, m: model.token_logprobs(x, attention_mask=m), tokens, attn)
+        return logprobs[:, P - 1 :].masked_fill(attn[:, P:] == 0, 0.0)
 
     def _disc_logits(self, tokens: Tensor, attn: Tensor) -> Tensor:
         """(B,) discriminator logits."""

@@ -16,7 +16,9 @@ discriminator is a reward, its learner (`rl.disc_learner`):
    (`rl.inflight`; one-step-off at k = 1, as veRL's), so the actors sample while the workers
    update; a row then lags the policy by up to k versions (`version_lag`), and the update corrects
    with the clipped importance ratio to the sampling policy (`reinforce.reinforce_loss`; the actors
-   return its log-probs), logging `ratio_mean` and `clip_fraction`. A checkpoint records the prompt
+   return its log-probs), logging `ratio_mean` and `clip_fraction`. On-policy with
+   `reinforce.clip_against_previous` the actors also return the log-probs under the version before, and
+   tokens the last update already moved past the clip get no gradient (the same stats). A checkpoint records the prompt
    position of the first step not yet trained: a resumed run re-draws the steps that were in flight
    (real-text windows in flight are skipped: that stream is not rewound).
 2. Policy: sequence advantages over the whole step's rows (every rank computes the same ones) with
@@ -92,7 +94,8 @@ class RLWorker:
             disc = DiscriminatorLearner(
                 cfg, sec, disc_model_config(sec, tok.vocab_size, tok.pad_id, context), precision=engine.precision
             )
-        self.state = RLPart(disc)
+        keeps_previous = rank == 0 and sec.clips_against_previous
+        self.state = RLPart(disc, previous_source=group.previous_policy if keeps_previous else None)
         engine.parts.append(self.state)
         if resume is not None:
             engine.restore(resume)
@@ -215,6 +218,8 @@ class RLWorker:
         sec, engine, st = self.section, self.engine, self.state
         t_start = time.time()
         self.publish()
+        if st.previous is not None and engine.rank == 0:  # resumed: the actors get the version before back
+            self.group.set_previous_policy(*st.previous)
         if st.disc is not None:
             self.pretrain_discriminator()
         self.publish()

@@ -1,7 +1,9 @@
 """What the RL stage keeps in a checkpoint besides the policy engine.
 
 `RLPart` (a `train.engine.CheckpointPart`): the discriminator's engine when D is a reward, the
-advantage baseline's state and the version counters, in meta.json's `rl` record. `PromptSource` (the
+advantage baseline's state and the version counters, in meta.json's `rl` record, and (rank 0, when the
+update clips against the previous policy) that policy's weights in `previous_policy.safetensors`, so
+that a resumed run's first update has the same trust region as an uninterrupted one. `PromptSource` (the
 engine's `DataSource` when prompts come from a file): the prompt loader's position, and the real
 text's when a discriminator trains on it, in meta.json's `loader` record, so a resumed run continues
 with the same prompts in the same order.
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,21 +25,37 @@ from genpt_dist.rl.reinforce import BaselineState
 from genpt_dist.tokenizer import Tokenizer
 from genpt_dist.train.sources import Batch, ShardSource
 
+PREVIOUS_POLICY = "previous_policy.safetensors"  # the policy version before the checkpoint's, when kept
+
+PreviousPolicy = tuple[int, Mapping[str, Any]]  # (version, state dict)
+
 
 class RLPart:
-    """The RL stage's checkpoint part: D's engine (when D is a reward), the baseline and the counters."""
+    """The RL stage's checkpoint part: D's engine (when D is a reward), the baseline, the counters and the
+    previous policy (`previous_source`: where rank 0 reads it when saving; `previous`: what a restore read)."""
 
-    def __init__(self, disc: DiscriminatorLearner | None):
+    def __init__(
+        self, disc: DiscriminatorLearner | None, previous_source: Callable[[], PreviousPolicy | None] | None = None
+    ):
         self.disc = disc
         self.baseline = BaselineState()
         self.policy_version, self.disc_version, self.d_pretrained = 0, 0, 0
+        self.previous_source = previous_source
+        self.previous: PreviousPolicy | None = None
 
     def engines(self) -> list[Any]:
         return [self.disc.engine] if self.disc is not None else []
 
     def save(self, folder: Path, rank: int) -> None:
+        from safetensors.torch import save_file
+
         if self.disc is not None:
             self.disc.save(folder)
+        previous = self.previous_source() if self.previous_source is not None else None
+        if previous is not None:
+            version, state = previous
+            tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}  # tied weights apart
+            save_file(tensors, str(folder / PREVIOUS_POLICY), metadata={"version": str(version)})
 
     def load(self, folder: Path, meta: CheckpointMeta) -> None:
         if meta.rl is None:
@@ -47,6 +65,12 @@ class RLPart:
         self.d_pretrained = meta.rl.d_pretrained
         if self.disc is not None:
             self.disc.load(folder)
+        if (folder / PREVIOUS_POLICY).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(folder / PREVIOUS_POLICY), framework="pt") as f:
+                version = int((f.metadata() or {})["version"])
+                self.previous = version, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
 
     def meta_fields(self) -> dict[str, Any]:
         return {

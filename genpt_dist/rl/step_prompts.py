@@ -128,6 +128,7 @@ class StepPrompts:
             texts=[t for t in texts for _ in range(g)] if texts is not None else None,
             columns=[c for c in columns for _ in range(g)] if columns is not None else None,
             with_behaviour_logprobs=r.max_staleness > 0,
+            with_previous_logprobs=sec.clips_against_previous,
         )
 
     def held_out_request(self) -> RolloutRequest | None:

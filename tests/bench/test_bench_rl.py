@@ -196,7 +196,8 @@ def test_bench_rl_races_each_seed_in_a_folder_of_its_own_and_judges_the_means(ra
     result = rl.bench_rl(output=str(tmp_path), seeds=(0, 1, 2))
     assert roots == ["seed0", "seed1", "seed2"] and list(result["seeds"]) == ["0", "1", "2"]
     assert result["spec"]["seeds"] == (0, 1, 2) and result["skipped"] == {
-        "ours max_staleness=1": "config has no reinforce.rollout.max_staleness"
+        "ours max_staleness=1": "config has no reinforce.rollout.max_staleness",
+        "ours clip_against_previous=false": "config has no reinforce.clip_against_previous",
     }
     assert (tmp_path / "rl.png").read_bytes()[:4] == b"\x89PNG"
     summary = rl_stats.aggregate(races, NAMES)
@@ -208,7 +209,12 @@ def test_bench_rl_races_each_seed_in_a_folder_of_its_own_and_judges_the_means(ra
     per_seed = targets["bench_seconds_per_seed"]
     assert (per_seed["value"], per_seed["target"], per_seed["met"]) == (102.0, 900.0, True)
     assert per_seed["per_seed"] == {"0": 100.0, "1": 101.0, "2": 102.0}
-    assert [r["run"] for r in result["rows"]] == ["start", *NAMES, "ours max_staleness=1"]
+    assert [r["run"] for r in result["rows"]] == [
+        "start",
+        *NAMES,
+        "ours max_staleness=1",
+        "ours clip_against_previous=false",
+    ]
 
 
 @pytest.mark.parametrize("text, seeds", [("0,1,2", (0, 1, 2)), (" 3, 7 ", (3, 7)), ("5", (5,))])

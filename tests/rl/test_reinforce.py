@@ -251,7 +251,29 @@ def test_reinforce_loss_clips_stale_tokens_outside_the_trust_region():
     assert stats["clip_fraction"] == pytest.approx(0.5)
     assert stats["ratio_mean"] == pytest.approx(float(ratio.mean()))
     expected = -(torch.tensor([1.2, 1.1, -0.8, 0.5])).mean()
-    assert float(loss) == pytest.approx(float(expected), abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_fresh_tokens_the_previous_update_moved_past_the_clip_get_no_gradient():
+    previous = torch.log(torch.full((1, 5), 0.5))
+    # q = pi / pi_prev: 1.5 (adv > 0: stopped), 1.1 (inside), 0.5 (adv < 0: stopped), 0.5 (adv > 0: pushed
+    # back up, kept), 1.5 (adv < 0: pulled back down, kept)
+    logp = torch.log(torch.tensor([[0.75, 0.55, 0.25, 0.25, 0.75]])).requires_grad_(True)
+    adv, mask = torch.tensor([[1.0, 1.0, -1.0, 1.0, -1.0]]), torch.ones(1, 5)
+    loss, stats = reinforce_loss(logp, adv, mask, previous_logp=previous, clip_ratio=0.2)
+    loss.backward()
+    assert logp.grad is not None
+    close(logp.grad[0], torch.tensor([0.0, -1.0, 0.0, -1.0, 1.0]) / 5)  # the REINFORCE gradient where kept
+    assert stats["clip_fraction"] == pytest.approx(0.4)
+    assert stats["ratio_mean"] == pytest.approx(float(torch.tensor([1.5, 1.1, 0.5, 0.5, 1.5]).mean()))
+    # no move yet (previous = current): exactly the plain loss and gradient
+    plain_logp, gated_logp = logp.detach().clone().requires_grad_(True), logp.detach().clone().requires_grad_(True)
+    plain, _ = reinforce_loss(plain_logp, adv, mask)
+    gated, stats = reinforce_loss(gated_logp, adv, mask, previous_logp=logp.detach(), clip_ratio=0.2)
+    plain.backward()
+    gated.backward()
+    close(gated_logp.grad, plain_logp.grad)
+    assert float(gated.detach()) == float(plain.detach()) and stats["clip_fraction"] == 0.0
 
 
 def test_rollout_seed_deterministic_and_distinct():

@@ -117,6 +117,33 @@ def test_logprobs_are_those_of_the_filtered_distribution(worker, settings):
     torch.testing.assert_close(b.logprobs[gen], expect[gen], atol=1e-4, rtol=0)
 
 
+def _logprobs_under(state: dict[str, torch.Tensor], b: RolloutBatch) -> torch.Tensor:
+    """(B, N) the generated tokens' log-probs under a GPT of `state`, 0 where nothing was generated."""
+    model = GPT(GPTConfig(**MODEL))
+    model.load_state_dict(state)
+    with torch.no_grad():
+        lp = model.token_logprobs(b.tokens, attention_mask=b.attention_mask)[:, b.prompt_width - 1 :]
+    return lp.masked_fill(b.gen_mask == 0, 0.0)
+
+
+def test_previous_logprobs_are_the_version_just_before():
+    kept = make_worker(keep_previous=True)
+    b = kept.generate(request(with_previous_logprobs=True))  # nothing replaced yet: the current policy's
+    torch.testing.assert_close(b.previous_logprobs, _logprobs_under(gpt_state(0), b), atol=1e-5, rtol=0)
+    kept.load(0, gpt_state(1))
+    kept.load(1, pack_state(gpt_state(2)))
+    b = kept.generate(request(with_previous_logprobs=True))
+    assert b.policy_version == 1 and b.behaviour_logprobs is None
+    torch.testing.assert_close(b.previous_logprobs, _logprobs_under(gpt_state(1), b), atol=1e-5, rtol=0)
+    assert not torch.allclose(b.previous_logprobs, _logprobs_under(gpt_state(2), b), atol=1e-3)
+    kept.load(3, gpt_state(3))  # version 2 never arrived (a restart, a resume): no trust region this once
+    b = kept.generate(request(with_previous_logprobs=True))
+    torch.testing.assert_close(b.previous_logprobs, _logprobs_under(gpt_state(3), b), atol=1e-5, rtol=0)
+    assert kept.generate(request()).previous_logprobs is None  # only when asked
+    with pytest.raises(ValueError, match="keep_previous"):
+        make_worker().generate(request(with_previous_logprobs=True))
+
+
 def test_ref_logprobs_are_the_reference_model(worker):
     b = worker.generate(request())
     reference = GPT(GPTConfig(**MODEL))
@@ -232,6 +259,7 @@ def group(ray_session):
         pad_id=PAD,
         eos_id=EOS,
         threads=1,
+        keep_previous=True,
     )
     yield g
     g.shutdown()
@@ -255,9 +283,12 @@ def test_group_publish_and_generate(group):
 
 @pytest.mark.slow
 def test_group_survives_an_actor_killed_mid_request(group):
-    group.publish(5, gpt_state(3), 5, disc_state(3))
-    req = request(n_rows=16, max_new_tokens=24, top_k=None, rows_per_call=2)
+    group.publish(4, gpt_state(2), 5, disc_state(3))
+    group.publish(5, gpt_state(3))
+    assert group.previous_policy()[0] == 4
+    req = request(n_rows=16, max_new_tokens=24, top_k=None, rows_per_call=2, with_previous_logprobs=True)
     expected = group.generate(req)
+    torch.testing.assert_close(expected.previous_logprobs, _logprobs_under(gpt_state(2), expected), atol=1e-5, rtol=0)
     reissued = group.reissued
     refs = group.generate_refs(req)
     group.kill_actor(0)
@@ -268,8 +299,9 @@ def test_group_survives_an_actor_killed_mid_request(group):
     assert torch.equal(got.lengths, expected.lengths)
     torch.testing.assert_close(got.rewards, expected.rewards, atol=1e-5, rtol=0)
     assert group.actors_alive() == 2  # the killed actor was restarted
-    again = group.generate(req)  # the restarted actor catches up to version 5 by itself
+    again = group.generate(req)  # the restarted actor catches up to version 5, and gets version 4 back
     assert torch.equal(again.tokens, expected.tokens)
+    torch.testing.assert_close(again.previous_logprobs, expected.previous_logprobs, atol=1e-5, rtol=0)
     assert group.actor_versions() == [(5, 5), (5, 5)]
 
 
