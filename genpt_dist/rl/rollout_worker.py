@@ -117,8 +117,8 @@ class RolloutWorker:
     ) -> None:
         """Load new weights (plain or packed state dicts); a None state leaves that model and its version."""
         if policy_state is not None:
-            if self.previous is not None:
-                self.previous.load_state_dict(self.policy.state_dict())
+            if self.previous is not None:  # the replaced weights become the previous ones: swap, no copy
+                self.previous, self.policy = self.policy, self.previous
                 self.previous_version = self.policy_version
             self.policy.load_state_dict(unpack_state(policy_state))
             self.policy_version = int(policy_version if policy_version is not None else self.policy_version + 1)

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 from helpers import cli, save_classifier
+from safetensors import safe_open
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
 from genpt_dist.config import load_config
 from genpt_dist.errors import UserError
 from genpt_dist.rl.rewards.reward_model import DiscriminatorRewardModel, check_reward_model, load_reward_model
+from genpt_dist.rl.state import PREVIOUS_POLICY
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -111,6 +113,10 @@ def test_weighted_rewards_combine_and_resume_keeps_the_prompt_order(setup, tmp_p
         combined = 2 * parts[0] + 0.5 * parts[1] + 0.1 * parts[2]
         assert m["reward_mean"] == pytest.approx(combined, abs=1e-4) and "d_acc_real" in m
     assert list_checkpoints(split)[-1].meta.loader["prompts"] == list_checkpoints(straight)[-1].meta.loader["prompts"]
+    # The policy version before each checkpoint's is in it: the resumed run's first update clipped against it.
+    for ref in list_checkpoints(split):
+        with safe_open(str(Path(ref.url) / PREVIOUS_POLICY), framework="pt") as f:
+            assert int(f.metadata()["version"]) == ref.meta.rl.policy_version - 1 and f.keys()
     for x, y in zip(a[2:], b[2:]):  # after the resume: the same prompts, weights and seeds, so the same rewards
         assert y["reward/letter_share/mean"] == pytest.approx(x["reward/letter_share/mean"], abs=1e-4), (a, b)
         assert y["reward/model/mean"] == pytest.approx(x["reward/model/mean"], abs=1e-4), (a, b)
