@@ -126,10 +126,15 @@ class RolloutWorker:
             self.disc.load_state_dict(unpack_state(disc_state))
             self.disc_version = int(disc_version if disc_version is not None else self.disc_version + 1)
 
+    @property
+    def _holds_previous(self) -> bool:
+        """Whether the kept weights are the version just before the policy's."""
+        return self.previous is not None and self.previous_version == self.policy_version - 1
+
     def lacks_previous(self, version: int) -> bool:
         """Whether this worker keeps previous weights, and `version` is the one before its policy's but not
         the one it holds (it was restarted, or the run resumed, after that version was published)."""
-        return self.previous is not None and version == self.policy_version - 1 != self.previous_version
+        return self.previous is not None and version == self.policy_version - 1 and not self._holds_previous
 
     def load_previous(self, version: int, state: Any) -> None:
         """Set the previous policy's weights (plain or packed state dict) and version."""
@@ -191,7 +196,7 @@ class RolloutWorker:
         if req.with_previous_logprobs:  # (B, N) the same under the version before: the update's trust region
             if self.previous is None:
                 raise ValueError("previous log-probs need a worker made with keep_previous=True")
-            before = self.previous if self.previous_version == self.policy_version - 1 else self.policy
+            before = self.previous if self._holds_previous else self.policy
             previous = self._token_logprobs(before, tokens, attn, P)
         uses_disc = self.specs is None or any(s.kind == "discriminator" for s in self.specs)
         d_logits = self._disc_logits(tokens, attn) if uses_disc else torch.zeros(len(tokens))  # (B,)
