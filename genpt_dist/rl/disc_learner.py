@@ -51,9 +51,7 @@ class DiscriminatorLearner:
     """D's engine and its BCE update (built inside a worker, after the policy's engine)."""
 
     def __init__(self, cfg: Config, section: ReinforceConfig, model_cfg: DiscriminatorConfig, *, precision: str):
-        import deepspeed
-
-        from genpt_dist.train.deepspeed import build_ds_config
+        from genpt_dist.train.deepspeed import build_ds_config, build_engine
 
         self.config, self.pad_id = model_cfg, model_cfg.pad_id
         torch.manual_seed(section.train.seed + 1)
@@ -70,7 +68,7 @@ class DiscriminatorLearner:
             use_gpu=cfg.scaling.use_gpu,
         )
         opt = torch.optim.AdamW(disc.parameters(), lr=section.discriminator.lr, betas=(0.9, 0.99), weight_decay=0.01)
-        self.engine, _, _, _ = deepspeed.initialize(model=disc, optimizer=opt, config=ds, dist_init_required=False)
+        self.engine = build_engine(disc, ds, opt, None)
 
     def update(
         self, real: torch.Tensor, fake: torch.Tensor, fake_mask: torch.Tensor, step: bool = True

@@ -1,16 +1,62 @@
 """The one place distribution is applied: typed config -> DeepSpeed config -> engine.
 
-Imported only inside Ray Train workers (and by checkpoint consolidation), never by the model code.
+Imported only inside Ray Train workers (and by checkpoint consolidation and re-partitioning), never by the
+model code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from genpt_dist.config import DeepSpeedConfig, OptimConfig
+
+SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce, used by its inference all-reduce only
+# Imported by ZeRO's optimizer check to put Muon on its list of supported optimizers; the import builds
+# torch.compile's compiler (torch._inductor, about 1.8 s of each engine's start). The optimizer here is
+# always `build_optimizer`'s AdamW, on that list already.
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+@contextlib.contextmanager
+def _unimportable(*modules: str) -> Iterator[None]:
+    """Inside the block `import m` raises ImportError for each module m not imported yet, which is how the
+    libraries below skip an optional import; the modules are importable again after it."""
+    hidden = [m for m in modules if m not in sys.modules]
+    for m in hidden:
+        sys.modules[m] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for m in hidden:
+            if m in sys.modules and sys.modules[m] is None:
+                del sys.modules[m]
+
+
+def load_deepspeed():
+    """The `deepspeed` module; every import of DeepSpeed in the package goes through here. Its autotuner
+    imports MLflow at module level when MLflow is installed (about 1.2 s of each process's start; training
+    never autotunes), so `mlflow` is unimportable while DeepSpeed is imported (checked against deepspeed
+    0.19.8)."""
+    with _unimportable("mlflow"):
+        import deepspeed
+    return deepspeed
+
+
+def _without_shm_comm_op() -> None:
+    """Mark DeepSpeed's shared-memory all-reduce op unavailable before its torch backend starts: the backend
+    loads it on start, a JIT-compiled C++ extension (about 35 s the first time on a machine, a compiler
+    probe in each process after), for `inference_all_reduce` alone; training's collectives are
+    torch.distributed's. `deepspeed.ops.__compatible_ops__` is the table DeepSpeed keeps for such edits."""
+    import deepspeed.ops
+
+    if SHM_COMM_OP in deepspeed.ops.__compatible_ops__:
+        deepspeed.ops.__compatible_ops__[SHM_COMM_OP] = False
 
 
 def resolve_precision(ds: DeepSpeedConfig, use_gpu: bool) -> str:
@@ -97,17 +143,18 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, total_steps: int
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, scheduler):
     """Wrap a built model in a DeepSpeed engine (the process group already exists)."""
-    import deepspeed
-
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-    )
+    deepspeed = load_deepspeed()
+    _without_shm_comm_op()
+    with _unimportable(MUON_MODULE):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+        )
     return engine
 
 
 def gather_full_state_dict(engine) -> dict[str, torch.Tensor]:
     """Full fp32 weights on every rank (ZeRO-3 parameters are gathered; rank-local otherwise)."""
-    import deepspeed
+    deepspeed = load_deepspeed()
 
     module = engine.module
     params = list(module.parameters())

@@ -55,6 +55,9 @@ def zero_shard_folders(root: Path) -> list[Path]:
 
 def to_universal(tag_folder: Path) -> None:
     """Replace a sharded DeepSpeed tag folder by its universal form, in place (same path and tag)."""
+    from genpt_dist.train.deepspeed import load_deepspeed
+
+    load_deepspeed()
     from deepspeed.checkpoint import ds_to_universal
 
     sharded = tag_folder.with_name(tag_folder.name + ".sharded")

@@ -138,3 +138,37 @@ def test_the_recipe_dropouts_reach_the_model(data, tmp_path):
     cfg = load_config(TINY, [*ONE, "model.dropout=0.1", "model.attention_dropout=0"])
     job = pretrain_job(data, str(tmp_path / "run"), cfg)
     assert (job.model["dropout"], job.model["attention_dropout"]) == (0.1, 0.0)
+
+
+DEEPSPEED_LOAD = """
+import sys
+import torch
+from genpt_dist.config import DeepSpeedConfig
+from genpt_dist.train.collective import init_single_process_group
+from genpt_dist.train.deepspeed import MUON_MODULE, SHM_COMM_OP, build_ds_config, build_engine, load_deepspeed
+
+deepspeed = load_deepspeed()
+from deepspeed.autotuning import autotuner
+assert not autotuner.has_mlflow and "mlflow" not in sys.modules, "DeepSpeed imported MLflow"
+init_single_process_group()
+model = torch.nn.Linear(4, 4)
+ds = build_ds_config(DeepSpeedConfig(zero_stage=2), micro_batch_size=1, grad_accum=1, grad_clip=1.0, precision="fp32")
+engine = build_engine(model, ds, torch.optim.AdamW(model.parameters()), None)
+import deepspeed.ops
+assert deepspeed.ops.__compatible_ops__[SHM_COMM_OP] is False
+assert MUON_MODULE not in sys.modules, "ZeRO's optimizer check imported Muon"
+import mlflow  # importable again once DeepSpeed is in
+from deepspeed.runtime.zero.muon import muon_optimizer
+print("ok")
+"""
+
+
+def test_deepspeed_loads_without_mlflow_muon_or_the_shm_op():
+    """`load_deepspeed` / `build_engine` skip the imports and the C++ op training never uses (each costs
+    seconds of every worker's start), and leave MLflow and Muon importable after; in a process of its own,
+    since DeepSpeed imports once per process."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", DEEPSPEED_LOAD], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
