@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from genpt_dist.checkpoint import latest_checkpoint
-from genpt_dist.config import load_config
+from genpt_dist.config import Config, load_config
 from genpt_dist.export import ExportProvenance, write_export
 from genpt_dist.model.gpt import GPT, GPTConfig
 from genpt_dist.tokenizer import byte_tokenizer
+from genpt_dist.train.engine import LocalReporter
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"
@@ -54,6 +55,19 @@ def get_trained_run(tmp_path_factory: pytest.TempPathFactory, tiny_corpus: Path)
         ref = latest_checkpoint(run)
     assert ref is not None and ref.meta.zero_stage == 3 and ref.meta.world_size == 2
     return TrainedRun(data=data, run=run, checkpoint=ref.url)
+
+
+def local_pretrain(data: str, run: str, cfg: Config) -> LocalReporter:
+    """`pretrain` in this process on the Ray-free Engine (one rank, `LocalReporter` in Ray Train's place): the
+    base checkpoint a test starts from, without a worker group's start-up (Ray Train's own runs are tested
+    in tests/train/test_pretrain.py)."""
+    from genpt_dist.train.collective import init_single_process_group
+    from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
+
+    init_single_process_group()
+    reporter = LocalReporter(run, keep=cfg.train.keep_checkpoints)
+    pretrain_worker(pretrain_job(data, run, cfg), 0, 1, reporter)
+    return reporter
 
 
 def random_export(

@@ -176,11 +176,12 @@ def test_export_bad_input(case, trained_run, tmp_path):
 
 @pytest.mark.slow
 def test_export_zero0_single_worker_keeps_fp32_masters(trained_run, tmp_path):
-    """The other consolidation path: ZeRO-0 (one model file), world size 1, bf16 module + fp32 masters."""
-    from genpt_dist.train.pretrain import pretrain
+    """The other consolidation path: ZeRO-0 (one model file), world size 1, bf16 module + fp32 masters (the
+    run trained in this process)."""
+    from helpers import local_pretrain
 
     run = str(tmp_path / "run0")
-    pretrain(
+    local_pretrain(
         trained_run.data,
         run,
         load_config(

@@ -6,10 +6,8 @@ model code.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,34 +15,21 @@ import torch
 from genpt_dist.config import DeepSpeedConfig, OptimConfig
 
 SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce, used by its inference all-reduce only
-# Imported by ZeRO's optimizer check to put Muon on its list of supported optimizers; the import builds
-# torch.compile's compiler (torch._inductor, about 1.8 s of each engine's start). The optimizer here is
-# always `build_optimizer`'s AdamW, on that list already.
-MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-@contextlib.contextmanager
-def _unimportable(*modules: str) -> Iterator[None]:
-    """Inside the block `import m` raises ImportError for each module m not imported yet, which is how the
-    libraries below skip an optional import; the modules are importable again after it."""
-    hidden = [m for m in modules if m not in sys.modules]
-    for m in hidden:
-        sys.modules[m] = None  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        for m in hidden:
-            if m in sys.modules and sys.modules[m] is None:
-                del sys.modules[m]
 
 
 def load_deepspeed():
     """The `deepspeed` module; every import of DeepSpeed in the package goes through here. Its autotuner
     imports MLflow at module level when MLflow is installed (about 1.2 s of each process's start; training
-    never autotunes), so `mlflow` is unimportable while DeepSpeed is imported (checked against deepspeed
-    0.19.8)."""
-    with _unimportable("mlflow"):
+    never autotunes), so `mlflow` is unimportable while DeepSpeed is imported, and importable again after
+    (checked against deepspeed 0.19.8)."""
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError
+    try:
         import deepspeed
+    finally:
+        if hide and sys.modules.get("mlflow", "") is None:
+            del sys.modules["mlflow"]
     return deepspeed
 
 
@@ -145,10 +130,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optimizer, s
     """Wrap a built model in a DeepSpeed engine (the process group already exists)."""
     deepspeed = load_deepspeed()
     _without_shm_comm_op()
-    with _unimportable(MUON_MODULE):
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
-        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
     return engine
 
 

@@ -15,12 +15,12 @@ TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 @pytest.fixture(scope="session")
 def data_and_base(ray_session, shakespeare, tmp_path_factory) -> tuple[str, str]:
     """(data, base): the tiny recipe's dataset and a 3-step generator (its samples are easy to tell from
-    real text), shared by the adversarial and reinforce command tests."""
-    from genpt_dist.train.pretrain import pretrain
+    real text), shared by the adversarial and reinforce command tests; trained in this process."""
+    from helpers import local_pretrain
 
     root = tmp_path_factory.mktemp("rl-base")
     data = str(root / "data")
     prepare([str(shakespeare)], data, load_config(TINY).data)
     base = str(root / "base")
-    pretrain(data, base, load_config(TINY, ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"]))
+    local_pretrain(data, base, load_config(TINY, ["train.steps=3", "train.checkpoint_every=3", "train.eval_every=3"]))
     return data, base

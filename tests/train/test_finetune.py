@@ -50,12 +50,13 @@ def test_task_split_and_validation(tmp_path):
 
 @pytest.fixture(scope="module")
 def base_run(ray_session, tiny_corpus, tmp_path_factory) -> str:
-    from genpt_dist.train.pretrain import pretrain
+    """A 4-step base, trained in this process."""
+    from helpers import local_pretrain
 
     root = tmp_path_factory.mktemp("ft")
     prepare([str(tiny_corpus)], str(root / "data"), load_config(TINY).data)
     run = str(root / "base")
-    pretrain(
+    local_pretrain(
         str(root / "data"), run, load_config(TINY, ["train.steps=4", "train.checkpoint_every=4", "train.eval_every=4"])
     )
     return run

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import random_export
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import list_checkpoints
@@ -97,9 +98,8 @@ def test_killed_worker_and_resumed_run_match_an_uninterrupted_one(ray_session, t
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after resume"
 
 
-def test_init_with_another_tokenizer_is_refused(ray_session, tiny_data, tiny_corpus, tmp_path):
-    run = str(tmp_path / "src")
-    _pretrain(tiny_data, run, "train.steps=2", "train.checkpoint_every=2", "train.eval_every=2")
+def test_init_with_another_tokenizer_is_refused(tiny_corpus, tmp_path):
+    run = random_export(tmp_path / "src")  # the byte tokenizer
     bpe = str(tmp_path / "bpe")
     prepare([str(tiny_corpus)], bpe, load_config(TINY, ["data.tokenizer=bpe", "data.vocab_size=300"]).data)
     from genpt_dist.train.pretrain import pretrain

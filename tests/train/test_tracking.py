@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import ONE_WORKER
+from helpers import ONE_WORKER, local_pretrain
 
 from genpt_dist import storage
 from genpt_dist.checkpoint import latest_checkpoint
@@ -26,9 +26,7 @@ from genpt_dist.tracking import (
     flatten_params,
 )
 from genpt_dist.train.collective import init_single_process_group
-from genpt_dist.train.engine import LocalReporter
 from genpt_dist.train.metrics import MetricsLog
-from genpt_dist.train.pretrain import pretrain_job, pretrain_worker
 
 MlflowClient = pytest.importorskip("mlflow.tracking").MlflowClient
 
@@ -56,8 +54,7 @@ def _uri(tmp_path: Path) -> str:
 
 
 def _pretrain(data: str, run: str, uri: str, *overrides: str) -> None:
-    cfg = load_config(TINY, [*ONE, f"tracking.mlflow_uri={uri}", *overrides])
-    pretrain_worker(pretrain_job(data, run, cfg), 0, 1, LocalReporter(run, keep=cfg.train.keep_checkpoints))
+    local_pretrain(data, run, load_config(TINY, [*ONE, f"tracking.mlflow_uri={uri}", *overrides]))
 
 
 def _run_id(run: str) -> str:
