@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 
 RECIPE = "rl-bench"
 ROOT = Path(__file__).resolve().parents[2]
+# torch.distributed's env:// rendezvous: a bench run inside a process group (torchrun's, a test's one-rank
+# group) would hand its MASTER_PORT to TRL, whose accelerate then fails to bind a port that is taken.
+RENDEZVOUS_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 REQUIRED = ("ours", "trl")  # the race itself; a failure of another run is recorded and the bench goes on
 
 
@@ -174,6 +177,8 @@ def _cli(args: list[str], log_to: Path, timeout_s: float) -> tuple[dict[str, Any
 def _run(cmd: list[str], log_to: Path, timeout_s: float) -> tuple[dict[str, Any], float]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     env.pop("RAY_ADDRESS", None)  # each racer starts (and pays for) its own local Ray
+    for name in RENDEZVOUS_VARS:  # and is a process group of its own, whatever group the bench runs in
+        env.pop(name, None)
     with open(log_to, "w") as err:
         t0 = time.time()
         proc = subprocess.Popen(
