@@ -301,9 +301,6 @@ def consolidate_local(folder: str | Path, zero_stage: int, engine_dir: str = DS_
     # DeepSpeed prints its progress (and binds its logger, on first import) to stdout, which belongs
     # to the command's output (generate's text, the final JSON line): send it to stderr.
     with contextlib.redirect_stdout(sys.stderr):
-        from genpt_dist.train.deepspeed import load_deepspeed
-
-        load_deepspeed()
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         state = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=DS_TAG)

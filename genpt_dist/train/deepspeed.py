@@ -1,7 +1,6 @@
 """The one place distribution is applied: typed config -> DeepSpeed config -> engine.
 
-Imported only inside Ray Train workers (and by checkpoint consolidation and re-partitioning), never by the
-model code.
+Imported only inside Ray Train workers (and by re-partitioning), never by the model code.
 """
 
 from __future__ import annotations
@@ -18,7 +17,8 @@ SHM_COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's shared-memory all-reduce, used
 
 
 def load_deepspeed():
-    """The `deepspeed` module; every import of DeepSpeed in the package goes through here. Its autotuner
+    """The `deepspeed` module, as training imports it (a worker's engines, re-partitioning; the checkpoint
+    layer below reads ZeRO files with DeepSpeed's `zero_to_fp32` directly, once per command). Its autotuner
     imports MLflow at module level when MLflow is installed (about 1.2 s of each process's start; training
     never autotunes), so `mlflow` is unimportable while DeepSpeed is imported, and importable again after
     (checked against deepspeed 0.19.8)."""
